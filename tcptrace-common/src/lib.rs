@@ -1,0 +1,223 @@
+//! What the eBPF program and the loader must agree on: the ring buffer record, the load-time
+//! configuration, and the names of maps and globals.
+//!
+//! Only integers and byte arrays cross the kernel boundary: no `bool`, no enums. The loader decodes
+//! numbers into typed values and keeps unknown ones.
+#![no_std]
+
+/// Ring buffer carrying [`Event`] records to userspace.
+pub const EVENTS_MAP: &str = "EVENTS";
+/// Per-CPU counters of what the kernel side dropped, indexed by the `DROP_*` constants.
+pub const DROPS_MAP: &str = "DROPS";
+/// Per-socket state (owner, last transition time, retransmits), LRU, keyed by socket address.
+pub const SOCKETS_MAP: &str = "SOCKETS";
+/// Owners of listening sockets keyed by local port, so passively opened sockets inherit them.
+pub const LISTENERS_MAP: &str = "LISTENERS";
+/// Set of owner pids (tgid) to keep; consulted when `FILTER_PID` is set.
+pub const PID_FILTER_MAP: &str = "PID_FILTER";
+/// Ports to keep, with `PORT_LOCAL`/`PORT_REMOTE` bits saying which side may match.
+pub const PORT_FILTER_MAP: &str = "PORT_FILTER";
+/// The [`Config`] global.
+pub const CONFIG_GLOBAL: &str = "CONFIG";
+
+/// Ring buffer size when the user does not choose one.
+pub const DEFAULT_RING_BUFFER_BYTES: u32 = 4 << 20;
+/// Per-socket map capacity when the user does not choose one.
+pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;
+/// Listener map capacity.
+pub const MAX_LISTENERS: u32 = 4_096;
+/// Upper bound on the number of pids or ports a filter may hold.
+pub const MAX_FILTER_ENTRIES: u32 = 1_024;
+
+/// `DROPS` index: the ring buffer was full, the event is lost.
+pub const DROP_RINGBUF_FULL: u32 = 0;
+/// `DROPS` index: the per-socket map refused an insert (it evicts, so this is rare).
+pub const DROP_SOCKETS_FULL: u32 = 1;
+/// Number of `DROPS` slots.
+pub const DROP_SLOTS: u32 = 2;
+
+/// `Event::kind`: a state transition (`sock:inet_sock_set_state`).
+pub const KIND_STATE: u16 = 1;
+/// `Event::kind`: a retransmitted segment (`tcp:tcp_retransmit_skb`).
+pub const KIND_RETRANSMIT: u16 = 2;
+/// `Event::kind`: a retransmitted SYN-ACK (`tcp:tcp_retransmit_synack`).
+pub const KIND_RETRANSMIT_SYNACK: u16 = 3;
+
+/// `Event::flags`: `duration_ns` is meaningful (the previous transition was seen).
+pub const EVENT_HAS_DURATION: u16 = 1 << 0;
+/// `Event::flags`: the kernel gave the socket state (`tcp_retransmit_skb` has `state` since 4.20).
+pub const EVENT_HAS_STATE: u16 = 1 << 1;
+/// `Event::flags`: the kernel gave an error code (`tcp_retransmit_skb` has `err` since 2025).
+pub const EVENT_HAS_ERR: u16 = 1 << 2;
+
+/// `PORT_FILTER` value bit: the port may match the socket's local side.
+pub const PORT_LOCAL: u8 = 1 << 0;
+/// `PORT_FILTER` value bit: the port may match the socket's remote side.
+pub const PORT_REMOTE: u8 = 1 << 1;
+
+/// `Config::filters` bit: keep only owners in `PID_FILTER`.
+pub const FILTER_PID: u32 = 1 << 0;
+/// `Config::filters` bit: keep only sockets whose ports match `PORT_FILTER`.
+pub const FILTER_PORT: u32 = 1 << 1;
+/// `Config::filters` bit: keep only IPv4.
+pub const FILTER_IPV4: u32 = 1 << 2;
+/// `Config::filters` bit: keep only IPv6.
+pub const FILTER_IPV6: u32 = 1 << 3;
+/// `Config::filters` bit: trace state transitions.
+pub const TRACE_STATES: u32 = 1 << 4;
+/// `Config::filters` bit: trace retransmits.
+pub const TRACE_RETRANSMITS: u32 = 1 << 5;
+
+/// Linux address families as the tracepoints report them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+/// `IPPROTO_TCP`.
+pub const IPPROTO_TCP: u16 = 6;
+
+/// An offset value meaning "this kernel's tracepoint has no such field".
+pub const FIELD_ABSENT: u16 = u16::MAX;
+
+/// Where `sock:inet_sock_set_state` keeps each field on the running kernel, read from its tracefs
+/// `format` file.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateLayout {
+    pub skaddr: u16,
+    pub oldstate: u16,
+    pub newstate: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub protocol: u16,
+    /// Width of `protocol` in bytes: 1 before Linux 5.6, 2 since.
+    pub protocol_size: u16,
+    pub saddr: u16,
+    pub daddr: u16,
+    pub saddr_v6: u16,
+    pub daddr_v6: u16,
+}
+const _: () = assert!(size_of::<StateLayout>() == 24);
+
+/// Where `tcp:tcp_retransmit_skb` (or `tcp_retransmit_synack`) keeps each field. Optional fields
+/// hold [`FIELD_ABSENT`] on kernels that lack them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetransmitLayout {
+    pub skaddr: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr: u16,
+    pub daddr: u16,
+    pub saddr_v6: u16,
+    pub daddr_v6: u16,
+    /// Optional (4.20+).
+    pub state: u16,
+    /// Optional (5.12+); without it the family is inferred from the IPv6 addresses.
+    pub family: u16,
+    /// Optional (2025+).
+    pub err: u16,
+}
+const _: () = assert!(size_of::<RetransmitLayout>() == 20);
+
+/// Load-time settings of the eBPF program, set by the loader through `CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// `FILTER_*` and `TRACE_*` bits.
+    pub filters: u32,
+    /// Below this many unread bytes in the ring buffer the program does not wake the reader, which
+    /// drains on its own short timer instead; above it, every submit wakes the reader.
+    pub wakeup_bytes: u32,
+    pub state: StateLayout,
+    pub retransmit: RetransmitLayout,
+    pub synack: RetransmitLayout,
+}
+const _: () = assert!(size_of::<Config>() == 72);
+
+/// One record in the ring buffer: a state transition or a retransmit of one socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// `CLOCK_MONOTONIC` nanoseconds (`bpf_ktime_get_ns`).
+    pub ts_ns: u64,
+    /// Kernel address of the socket: joins the events of one socket.
+    pub skaddr: u64,
+    /// Time spent in `oldstate`, valid with `EVENT_HAS_DURATION`.
+    pub duration_ns: u64,
+    /// Local address: IPv4 in the first 4 bytes, network order.
+    pub saddr: [u8; 16],
+    /// Remote address.
+    pub daddr: [u8; 16],
+    /// Owner's command name, NUL-padded; all zero when the owner was never seen.
+    pub comm: [u8; 16],
+    /// Owner's process id (tgid); 0 when the owner was never seen.
+    pub pid: u32,
+    /// Retransmits seen for this socket while traced.
+    pub retransmits: u32,
+    /// Kernel error code of a retransmit, valid with `EVENT_HAS_ERR`.
+    pub err: i32,
+    /// `KIND_*`.
+    pub kind: u16,
+    /// `EVENT_*` bits.
+    pub flags: u16,
+    pub family: u16,
+    /// Local port, host order.
+    pub sport: u16,
+    /// Remote port, host order.
+    pub dport: u16,
+    /// State left (transitions) or current state (retransmits, valid with `EVENT_HAS_STATE`).
+    pub oldstate: u16,
+    /// State entered (transitions).
+    pub newstate: u16,
+    pub _pad: [u16; 3],
+}
+const _: () = assert!(size_of::<Event>() == 104);
+
+/// Per-socket state kept by the kernel side.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketState {
+    /// When the socket entered its current state (`CLOCK_MONOTONIC` ns); 0 when unknown.
+    pub since_ns: u64,
+    pub comm: [u8; 16],
+    pub pid: u32,
+    pub retransmits: u32,
+}
+const _: () = assert!(size_of::<SocketState>() == 32);
+
+/// Owner of a listening socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerOwner {
+    /// The listening socket, so only its own close removes the entry.
+    pub skaddr: u64,
+    pub comm: [u8; 16],
+    pub pid: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ListenerOwner>() == 32);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all of these are `repr(C)` plain integers and byte arrays with explicit padding.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::SocketState {}
+    unsafe impl aya::Pod for super::ListenerOwner {}
+}
+
+/// Kernel TCP state numbers (`include/net/tcp_states.h`); the eBPF side acts on a few of them.
+pub mod tcp_state {
+    pub const ESTABLISHED: u16 = 1;
+    pub const SYN_SENT: u16 = 2;
+    pub const SYN_RECV: u16 = 3;
+    pub const FIN_WAIT1: u16 = 4;
+    pub const FIN_WAIT2: u16 = 5;
+    pub const TIME_WAIT: u16 = 6;
+    pub const CLOSE: u16 = 7;
+    pub const CLOSE_WAIT: u16 = 8;
+    pub const LAST_ACK: u16 = 9;
+    pub const LISTEN: u16 = 10;
+    pub const CLOSING: u16 = 11;
+    pub const NEW_SYN_RECV: u16 = 12;
+}

@@ -1,0 +1,242 @@
+//! The command line: every flag, its validation and its documentation.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum, builder::RangedU64ValueParser};
+use tcptrace_common::MAX_FILTER_ENTRIES;
+
+/// Trace every TCP state transition and retransmit on this host, with the process that owns the
+/// socket.
+///
+/// Runs until Ctrl-C or SIGTERM, then prints a one-line summary on stderr and exits 0. Needs root
+/// (or CAP_BPF and CAP_PERFMON).
+#[derive(Debug, Parser)]
+#[command(name = "tcptrace", version, max_term_width = 100)]
+pub struct Cli {
+    /// Keep only sockets owned by these processes (pid, i.e. the thread group id). Matches the
+    /// owner, so transitions that run in softirq or timer context are kept too.
+    #[arg(short = 'p', long = "pid", value_name = "PID[,PID...]", value_delimiter = ',',
+          value_parser = RangedU64ValueParser::<u32>::new().range(1..=u64::from(u32::MAX)))]
+    pub pids: Vec<u32>,
+
+    /// Keep only sockets with this port on either side (local or remote).
+    #[arg(short = 'P', long = "port", value_name = "PORT[,PORT...]", value_delimiter = ',',
+          value_parser = port_parser())]
+    pub ports: Vec<u16>,
+
+    /// Keep only sockets with this local port. A connecting socket's local port is still 0 on
+    /// its CLOSE -> SYN_SENT transition, so that line cannot match.
+    #[arg(short = 'L', long = "local-port", value_name = "PORT[,PORT...]", value_delimiter = ',',
+          value_parser = port_parser())]
+    pub local_ports: Vec<u16>,
+
+    /// Keep only sockets with this remote port.
+    #[arg(short = 'D', long = "remote-port", value_name = "PORT[,PORT...]", value_delimiter = ',',
+          value_parser = port_parser())]
+    pub remote_ports: Vec<u16>,
+
+    /// Trace IPv4 sockets only.
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+
+    /// Trace IPv6 sockets only.
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+
+    /// Which events to trace.
+    #[arg(
+        long = "events",
+        value_name = "KIND[,KIND...]",
+        value_delimiter = ',',
+        default_value = "states,retransmits"
+    )]
+    pub events: Vec<EventKind>,
+
+    /// Output format: an aligned table, or one JSON object per line.
+    #[arg(
+        short = 'o',
+        long = "format",
+        value_name = "FORMAT",
+        default_value = "text"
+    )]
+    pub format: Format,
+
+    /// Text format: start each line with the event's wall-clock time (UTC, microseconds).
+    #[arg(short = 'T', long = "timestamp")]
+    pub timestamp: bool,
+
+    /// Size of the ring buffer carrying events from the kernel, in bytes (K, M and G suffixes
+    /// accepted). A power of two, at least 4K. A bigger buffer rides out longer bursts.
+    #[arg(long = "ring-buffer-size", value_name = "BYTES", default_value = "4M",
+          value_parser = parse_ring_buffer_size)]
+    pub ring_buffer_size: u32,
+
+    /// How many sockets the kernel side tracks at once (owner and time of last transition). When
+    /// full, the least recently active socket is forgotten: its later lines show pid 0 and no
+    /// duration, never a wrong owner.
+    #[arg(long = "max-sockets", value_name = "N", default_value = "65536",
+          value_parser = RangedU64ValueParser::<u32>::new().range(1024..=4_194_304))]
+    pub max_sockets: u32,
+
+    /// Append output to this file instead of stdout.
+    #[arg(long = "output", value_name = "PATH")]
+    pub output: Option<PathBuf>,
+}
+
+/// Kinds of events `--events` can select.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EventKind {
+    /// TCP state transitions (sock:inet_sock_set_state).
+    States,
+    /// Retransmitted segments, SYNs and SYN-ACKs (tcp:tcp_retransmit_skb, tcp:tcp_retransmit_synack).
+    Retransmits,
+}
+
+/// Output formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Aligned columns with a header.
+    Text,
+    /// One JSON object per line (see the README for the schema).
+    Json,
+}
+
+fn port_parser() -> RangedU64ValueParser<u16> {
+    RangedU64ValueParser::<u16>::new().range(1..=65535)
+}
+
+fn parse_ring_buffer_size(value: &str) -> Result<u32, String> {
+    let (digits, unit) = match value.as_bytes().last() {
+        Some(b'k' | b'K') => (&value[..value.len() - 1], 1u64 << 10),
+        Some(b'm' | b'M') => (&value[..value.len() - 1], 1 << 20),
+        Some(b'g' | b'G') => (&value[..value.len() - 1], 1 << 30),
+        _ => (value, 1),
+    };
+    let bytes = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| format!("`{value}` is not a size in bytes (for example 4M)"))?;
+    if !bytes.is_power_of_two() || !(4096..=1 << 30).contains(&bytes) {
+        return Err(format!("{bytes} is not a power of two between 4K and 1G"));
+    }
+    u32::try_from(bytes).map_err(|_| format!("{bytes} is too large"))
+}
+
+impl Cli {
+    /// Parses the command line; exits 2 with a message on bad input, before the kernel is touched.
+    pub fn parse_checked() -> Self {
+        let cli = Self::parse();
+        for (flag, len) in [
+            ("--pid", cli.pids.len()),
+            (
+                "--port, --local-port and --remote-port",
+                cli.ports.len() + cli.local_ports.len() + cli.remote_ports.len(),
+            ),
+        ] {
+            if len > MAX_FILTER_ENTRIES as usize {
+                let message = format!("{flag}: at most {MAX_FILTER_ENTRIES} values, got {len}");
+                <Self as clap::CommandFactory>::command()
+                    .error(clap::error::ErrorKind::TooManyValues, message)
+                    .exit();
+            }
+        }
+        cli
+    }
+
+    pub fn traces(&self, kind: EventKind) -> bool {
+        self.events.contains(&kind)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, error::ErrorKind};
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("tcptrace").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_trace_everything_as_text() {
+        let cli = parse(&[]).unwrap();
+        assert!(cli.pids.is_empty() && cli.ports.is_empty());
+        assert_eq!(cli.format, Format::Text);
+        assert_eq!(cli.events, [EventKind::States, EventKind::Retransmits]);
+        assert_eq!(cli.ring_buffer_size, 4 << 20);
+        assert_eq!(cli.max_sockets, 65536);
+    }
+
+    #[test]
+    fn lists_split_on_commas_and_repeat() {
+        let cli = parse(&[
+            "-p", "1,2", "--pid", "3", "-P", "80,443", "-L", "22", "-D", "53",
+        ])
+        .unwrap();
+        assert_eq!(cli.pids, [1, 2, 3]);
+        assert_eq!(cli.ports, [80, 443]);
+        assert_eq!(cli.local_ports, [22]);
+        assert_eq!(cli.remote_ports, [53]);
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        for args in [
+            &["--port", "70000"][..],
+            &["--port", "0"],
+            &["--port", "http"],
+            &["--pid", "x"],
+            &["--pid", "0"],
+            &["--pid", "-5"],
+            &["--format", "xml"],
+            &["--events", "drops"],
+            &["-4", "-6"],
+            &["--ring-buffer-size", "5000"],
+            &["--ring-buffer-size", "2G"],
+            &["--max-sockets", "10"],
+        ] {
+            let err = parse(args).expect_err(&format!("{args:?} must be refused"));
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn ring_buffer_sizes_take_suffixes() {
+        assert_eq!(parse_ring_buffer_size("64K"), Ok(65536));
+        assert_eq!(parse_ring_buffer_size("16m"), Ok(16 << 20));
+        assert_eq!(parse_ring_buffer_size("4096"), Ok(4096));
+        assert!(parse_ring_buffer_size("").is_err());
+        assert!(parse_ring_buffer_size("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn help_documents_every_flag() {
+        let help = Cli::command().render_long_help().to_string();
+        for flag in Cli::command().get_arguments() {
+            if let Some(long) = flag.get_long() {
+                assert!(
+                    help.contains(&format!("--{long}")),
+                    "--{long} missing from help"
+                );
+            }
+            assert!(
+                flag.get_help().is_some() || flag.get_long_help().is_some(),
+                "{:?} undocumented",
+                flag.get_id()
+            );
+        }
+    }
+
+    #[test]
+    fn command_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn error_kind_for_too_many_values_exits_2() {
+        let err = Cli::command().error(ErrorKind::TooManyValues, "x");
+        assert_eq!(err.exit_code(), 2);
+    }
+}

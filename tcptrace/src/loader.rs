@@ -1,0 +1,232 @@
+//! Every aya call in one place: load the eBPF object with this kernel's tracepoint layouts and the
+//! filters, attach the programs, hand back the maps userspace reads.
+
+use std::path::Path;
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use tcptrace_common::{
+    CONFIG_GLOBAL, Config, DROP_RINGBUF_FULL, DROPS_MAP, EVENTS_MAP, PID_FILTER_MAP,
+    PORT_FILTER_MAP, SOCKETS_MAP, TRACE_RETRANSMITS, TRACE_STATES,
+};
+
+use crate::{filter::Filters, tracefs};
+
+/// The compiled eBPF object, built by `build.rs`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
+
+/// What the rest of tcptrace needs from the loaded program.
+pub struct Loaded {
+    pub events: RingBuf<MapData>,
+    pub attached: Attached,
+}
+
+/// The loaded programs, attached while this lives, and their counters.
+pub struct Attached {
+    /// Owns the programs and their links: dropping it detaches everything.
+    _ebpf: Ebpf,
+    drops: PerCpuArray<MapData, u64>,
+}
+
+impl Attached {
+    /// Events the kernel side dropped because the ring buffer was full, since load.
+    pub fn lost(&self) -> anyhow::Result<u64> {
+        let per_cpu = self
+            .drops
+            .get(&DROP_RINGBUF_FULL, 0)
+            .context("failed to read the drop counters")?;
+        Ok(per_cpu.iter().sum())
+    }
+}
+
+/// Load-time settings.
+pub struct Settings<'a> {
+    pub tracefs: &'a Path,
+    pub filters: &'a Filters,
+    pub ring_buffer_bytes: u32,
+    pub max_sockets: u32,
+}
+
+/// Linux capabilities tracing needs (`include/uapi/linux/capability.h`).
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Refuses early, with the fix in the message, when the process cannot load BPF programs.
+pub fn check_privileges() -> anyhow::Result<()> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("failed to read /proc/self/status")?;
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .ok_or_else(|| anyhow!("no CapEff line in /proc/self/status"))?;
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return Ok(());
+    }
+    bail!(
+        "permission denied: tracing needs root, or the capabilities CAP_BPF and CAP_PERFMON; run it with sudo"
+    );
+}
+
+pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
+    let Settings {
+        tracefs,
+        filters,
+        ring_buffer_bytes,
+        max_sockets,
+    } = *settings;
+    let states = filters.bits & TRACE_STATES != 0;
+    let retransmits = filters.bits & TRACE_RETRANSMITS != 0;
+
+    let mut config = Config {
+        filters: filters.bits,
+        // Wake the reader only once a quarter of the buffer waits; it drains on a timer otherwise.
+        wakeup_bytes: ring_buffer_bytes / 4,
+        ..Config::default()
+    };
+    if states {
+        config.state = layout(
+            tracefs,
+            "sock",
+            "inet_sock_set_state",
+            tracefs::Format::state_layout,
+        )?;
+    }
+    let mut synack_present = false;
+    if retransmits {
+        config.retransmit = layout(
+            tracefs,
+            "tcp",
+            "tcp_retransmit_skb",
+            tracefs::Format::retransmit_layout,
+        )?;
+        match layout(
+            tracefs,
+            "tcp",
+            "tcp_retransmit_synack",
+            tracefs::Format::retransmit_layout,
+        ) {
+            Ok(synack) => {
+                config.synack = synack;
+                synack_present = true;
+            }
+            Err(e) => eprintln!("tcptrace: warning: SYN-ACK retransmits not traced: {e:#}"),
+        }
+    }
+
+    raise_memlock_limit();
+    let mut ebpf = EbpfLoader::new()
+        .override_global(CONFIG_GLOBAL, &config, true)
+        .map_max_entries(EVENTS_MAP, ring_buffer_bytes)
+        .map_max_entries(SOCKETS_MAP, max_sockets)
+        .load(EBPF_OBJECT)
+        .context("failed to load the eBPF program")?;
+
+    let mut pid_filter: HashMap<_, u32, u8> =
+        HashMap::try_from(map_mut(&mut ebpf, PID_FILTER_MAP)?)?;
+    for &pid in &filters.pids {
+        pid_filter
+            .insert(pid, 1, 0)
+            .with_context(|| format!("failed to add pid {pid} to the filter"))?;
+    }
+    let mut port_filter: HashMap<_, u16, u8> =
+        HashMap::try_from(map_mut(&mut ebpf, PORT_FILTER_MAP)?)?;
+    for (&port, &sides) in &filters.ports {
+        port_filter
+            .insert(port, sides, 0)
+            .with_context(|| format!("failed to add port {port} to the filter"))?;
+    }
+
+    let mut attach = |program: &str, category: &str| -> anyhow::Result<()> {
+        let tracepoint: &mut TracePoint = ebpf
+            .program_mut(program)
+            .ok_or_else(|| anyhow!("the eBPF object has no program {program}"))?
+            .try_into()?;
+        tracepoint
+            .load()
+            .with_context(|| format!("the kernel refused the program for {category}:{program}"))?;
+        tracepoint
+            .attach(category, program)
+            .with_context(|| format!("failed to attach {category}:{program}"))?;
+        Ok(())
+    };
+    if states {
+        attach("inet_sock_set_state", "sock")?;
+    }
+    if retransmits {
+        attach("tcp_retransmit_skb", "tcp")?;
+        if synack_present {
+            attach("tcp_retransmit_synack", "tcp")?;
+        }
+    }
+
+    let events = RingBuf::try_from(take_map(&mut ebpf, EVENTS_MAP)?)?;
+    let drops = PerCpuArray::try_from(take_map(&mut ebpf, DROPS_MAP)?)?;
+    Ok(Loaded {
+        events,
+        attached: Attached { _ebpf: ebpf, drops },
+    })
+}
+
+fn layout<T>(
+    tracefs: &Path,
+    category: &str,
+    name: &str,
+    parse: impl FnOnce(&tracefs::Format) -> Result<T, tracefs::FormatError>,
+) -> anyhow::Result<T> {
+    let format = tracefs::read_format(tracefs, category, name)?;
+    parse(&format).with_context(|| format!("unsupported layout of tracepoint {category}:{name}"))
+}
+
+fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
+    ebpf.map_mut(name)
+        .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones to the memory cgroup.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid resource and a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 && kernel_before(5, 11) {
+        eprintln!(
+            "tcptrace: warning: could not raise RLIMIT_MEMLOCK ({}); loading may fail on this kernel",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+fn kernel_before(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (a, b) < (major, minor)
+}
+
+/// The oldest kernel tcptrace runs on: BPF ring buffers arrived in 5.8.
+pub fn check_kernel() -> anyhow::Result<()> {
+    if kernel_before(5, 8) {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        bail!(
+            "this kernel ({}) is too old: tcptrace needs Linux 5.8 or newer (BPF ring buffer)",
+            release.trim()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! tcptrace: every TCP state transition and retransmit on this host, with the process that owns
+//! the socket. `main` only wires the pipeline: cli -> tracefs -> loader -> tracer -> output.
+
+mod cli;
+mod event;
+mod filter;
+mod loader;
+mod output;
+mod tracefs;
+mod tracer;
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+
+use crate::{
+    cli::{Cli, Format},
+    filter::Filters,
+    output::{Destination, Formatter, text::Text},
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_checked();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the runtime");
+    match runtime.and_then(|runtime| runtime.block_on(run(cli))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tcptrace: {}", one_line(&format!("{e:#}")));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    loader::check_kernel()?;
+    loader::check_privileges()?;
+    let filters = Filters::from_cli(&cli);
+    let destination = match &cli.output {
+        Some(path) => Destination::file(path)?,
+        None => Destination::stdout(),
+    };
+    let formatter = match cli.format {
+        Format::Text => Formatter::Text(Text::new(cli.timestamp, cli.ipv4)),
+        Format::Json => Formatter::Json,
+    };
+    let tracefs = tracefs::ensure_mounted()?;
+    let loaded = loader::load(&loader::Settings {
+        tracefs: &tracefs,
+        filters: &filters,
+        ring_buffer_bytes: cli.ring_buffer_size,
+        max_sockets: cli.max_sockets,
+    })?;
+    let summary = tracer::run(loaded, formatter, destination).await?;
+    if !summary.reader_gone {
+        let malformed = match summary.malformed {
+            0 => String::new(),
+            n => format!(", {n} malformed records skipped"),
+        };
+        eprintln!(
+            "tcptrace: {} events written, {} events lost{malformed}",
+            summary.written, summary.lost
+        );
+    }
+    Ok(())
+}
+
+/// Errors end up on one line: the kernel's verifier log and similar multi-line causes are joined.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}

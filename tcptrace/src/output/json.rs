@@ -1,0 +1,229 @@
+//! JSON lines: one object per event, the schema documented in the README and
+//! `schema/tcptrace-events.schema.json`.
+
+use std::io::Write as _;
+
+use super::Utc;
+use crate::event::{Kind, TcpEvent, TcpState};
+
+pub fn event(out: &mut Vec<u8>, event: &TcpEvent, wall_ns: u64) {
+    let TcpEvent {
+        ts_ns: _,
+        skaddr,
+        pid,
+        comm: _,
+        saddr,
+        sport,
+        daddr,
+        dport,
+        kind,
+        retransmits,
+    } = *event;
+    out.extend_from_slice(match kind {
+        Kind::State { .. } => b"{\"type\":\"state\",\"time\":",
+        Kind::Retransmit { .. } | Kind::RetransmitSynack => b"{\"type\":\"retransmit\",\"time\":",
+    });
+    time(out, wall_ns);
+    let _ = write!(out, ",\"pid\":{pid},\"comm\":");
+    string(out, &String::from_utf8_lossy(event.comm_bytes()));
+    let family = if event.is_ipv6() { "ipv6" } else { "ipv4" };
+    let _ = write!(
+        out,
+        ",\"family\":\"{family}\",\"saddr\":\"{saddr}\",\"sport\":{sport},\"daddr\":\"{daddr}\",\"dport\":{dport}"
+    );
+    match kind {
+        Kind::State {
+            old,
+            new,
+            duration_ns,
+        } => {
+            out.extend_from_slice(b",\"oldstate\":");
+            state(out, old);
+            out.extend_from_slice(b",\"newstate\":");
+            state(out, new);
+            match duration_ns {
+                Some(ns) => {
+                    let _ = write!(out, ",\"duration_ns\":{ns}");
+                }
+                None => out.extend_from_slice(b",\"duration_ns\":null"),
+            }
+            if new == TcpState::Close {
+                let _ = write!(out, ",\"retransmits\":{retransmits}");
+            }
+        }
+        Kind::Retransmit {
+            state: socket_state,
+            err,
+        } => {
+            // A field the kernel does not give is left out, never guessed.
+            if let Some(socket_state) = socket_state {
+                out.extend_from_slice(b",\"state\":");
+                state(out, socket_state);
+            }
+            if let Some(err) = err {
+                let _ = write!(out, ",\"err\":{err}");
+            }
+            out.extend_from_slice(b",\"synack\":false");
+        }
+        Kind::RetransmitSynack => {
+            out.extend_from_slice(b",\"state\":\"SYN_RECV\",\"synack\":true");
+        }
+    }
+    let _ = writeln!(out, ",\"skaddr\":\"{skaddr:#x}\"}}");
+}
+
+pub fn lost(out: &mut Vec<u8>, wall_ns: u64, count: u64) {
+    out.extend_from_slice(b"{\"type\":\"lost\",\"time\":");
+    time(out, wall_ns);
+    let _ = writeln!(out, ",\"count\":{count}}}");
+}
+
+fn state(out: &mut Vec<u8>, state: TcpState) {
+    let _ = write!(out, "\"{state}\"");
+}
+
+/// RFC 3339, UTC, nanoseconds: `"2026-11-25T13:45:07.000000042Z"`.
+fn time(out: &mut Vec<u8>, wall_ns: u64) {
+    let Utc {
+        year,
+        month,
+        day,
+        hour,
+        minute,
+        second,
+        nanos,
+    } = Utc::from_unix_ns(wall_ns);
+    let _ = write!(
+        out,
+        "\"{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{nanos:09}Z\""
+    );
+}
+
+/// A JSON string: quotes, backslashes and control characters escaped.
+fn string(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    for c in s.chars() {
+        match c {
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
+            '\n' => out.extend_from_slice(b"\\n"),
+            '\r' => out.extend_from_slice(b"\\r"),
+            '\t' => out.extend_from_slice(b"\\t"),
+            c if u32::from(c) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => {
+                let mut buf = [0; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            }
+        }
+    }
+    out.push(b'"');
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+    use tcptrace_common::{
+        AF_INET6, EVENT_HAS_STATE, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, tcp_state,
+    };
+
+    use super::*;
+    use crate::event::{
+        decode,
+        tests::{bytes, raw_state},
+    };
+
+    const WALL: u64 = 1_795_614_307_000_000_042;
+
+    fn line(raw: &tcptrace_common::Event) -> String {
+        let mut out = Vec::new();
+        event(&mut out, &decode(&bytes(raw)).unwrap(), WALL);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn state_line_golden() {
+        assert_eq!(
+            line(&raw_state(tcp_state::SYN_SENT, tcp_state::ESTABLISHED)),
+            "{\"type\":\"state\",\"time\":\"2026-11-25T13:45:07.000000042Z\",\"pid\":4242,\"comm\":\"curl\",\
+             \"family\":\"ipv4\",\"saddr\":\"127.0.0.1\",\"sport\":40000,\"daddr\":\"127.0.0.2\",\"dport\":80,\
+             \"oldstate\":\"SYN_SENT\",\"newstate\":\"ESTABLISHED\",\"duration_ns\":1500000,\
+             \"skaddr\":\"0xffff888012345678\"}\n"
+        );
+    }
+
+    #[test]
+    fn close_lines_carry_retransmits_and_unknown_durations_are_null() {
+        let mut raw = raw_state(tcp_state::FIN_WAIT2, tcp_state::CLOSE);
+        raw.retransmits = 3;
+        raw.flags = 0;
+        let v: Value = serde_json::from_str(&line(&raw)).unwrap();
+        assert_eq!(v["retransmits"], 3);
+        assert!(v["duration_ns"].is_null());
+        assert_eq!(v["newstate"], "CLOSE");
+    }
+
+    #[test]
+    fn retransmit_lines() {
+        let mut raw = raw_state(tcp_state::SYN_SENT, 0);
+        raw.kind = KIND_RETRANSMIT;
+        raw.flags = EVENT_HAS_STATE;
+        raw.family = AF_INET6;
+        raw.saddr = std::net::Ipv6Addr::LOCALHOST.octets();
+        raw.daddr = "fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let v: Value = serde_json::from_str(&line(&raw)).unwrap();
+        assert_eq!(v["type"], "retransmit");
+        assert_eq!(v["state"], "SYN_SENT");
+        assert_eq!(v["family"], "ipv6");
+        assert_eq!(v["daddr"], "fd00::2");
+        assert!(
+            v.get("err").is_none(),
+            "err must be absent when the kernel lacks it"
+        );
+        assert_eq!(v["synack"], false);
+        raw.kind = KIND_RETRANSMIT_SYNACK;
+        let v: Value = serde_json::from_str(&line(&raw)).unwrap();
+        assert_eq!(
+            (v["state"].as_str(), v["synack"].as_bool()),
+            (Some("SYN_RECV"), Some(true))
+        );
+    }
+
+    #[test]
+    fn any_comm_gives_exactly_one_valid_line() {
+        let hostile: [&[u8]; 6] = [
+            b"a\"b\\c\nd\re\tf",
+            b"\x01\x02\x1b[31m\x7f",
+            b"\xff\xfe\xc3\x28",
+            b"}{\",\"pid\":1,",
+            "\u{2028}日本".as_bytes(),
+            b"\0hidden",
+        ];
+        for comm in hostile {
+            let mut raw = raw_state(tcp_state::ESTABLISHED, tcp_state::FIN_WAIT1);
+            raw.comm = [0; 16];
+            raw.comm[..comm.len().min(16)].copy_from_slice(&comm[..comm.len().min(16)]);
+            let text = line(&raw);
+            assert_eq!(text.matches('\n').count(), 1, "{text:?}");
+            assert!(text.ends_with('\n'));
+            let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            assert_eq!(v["pid"], 4242);
+            let expected = String::from_utf8_lossy(
+                &comm[..comm.iter().position(|&b| b == 0).unwrap_or(comm.len())],
+            )
+            .into_owned();
+            assert_eq!(v["comm"], expected.as_str());
+        }
+    }
+
+    #[test]
+    fn lost_line() {
+        let mut out = Vec::new();
+        lost(&mut out, WALL, 17);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "{\"type\":\"lost\",\"time\":\"2026-11-25T13:45:07.000000042Z\",\"count\":17}\n"
+        );
+    }
+}

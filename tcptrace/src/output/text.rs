@@ -1,0 +1,174 @@
+//! The aligned table, in the tcpstates tradition.
+
+use std::io::Write as _;
+
+use super::Utc;
+use crate::event::{Kind, TcpEvent};
+
+/// Table settings.
+pub struct Text {
+    /// Lead each line with the wall-clock time of day (UTC).
+    pub timestamp: bool,
+    /// Width of the address columns: 15 when only IPv4 is traced, 39 (any IPv6 address) otherwise.
+    pub addr_width: usize,
+}
+
+impl Text {
+    pub fn new(timestamp: bool, ipv4_only: bool) -> Self {
+        Self {
+            timestamp,
+            addr_width: if ipv4_only { 15 } else { 39 },
+        }
+    }
+
+    pub fn header(&self, out: &mut Vec<u8>) {
+        if self.timestamp {
+            out.extend_from_slice(b"TIME            ");
+        }
+        let w = self.addr_width;
+        let _ = writeln!(
+            out,
+            "{:<7} {:<16} {:<w$} {:<5} {:<w$} {:<5} {:<12}    {:<12} {}",
+            "PID", "COMM", "LADDR", "LPORT", "RADDR", "RPORT", "OLDSTATE", "NEWSTATE", "MS"
+        );
+    }
+
+    pub fn event(&self, out: &mut Vec<u8>, event: &TcpEvent, wall_ns: u64) {
+        if self.timestamp {
+            let Utc {
+                hour,
+                minute,
+                second,
+                nanos,
+                ..
+            } = Utc::from_unix_ns(wall_ns);
+            let _ = write!(
+                out,
+                "{hour:02}:{minute:02}:{second:02}.{:06} ",
+                nanos / 1000
+            );
+        }
+        let _ = write!(out, "{:<7} ", event.pid);
+        comm(out, event.comm_bytes());
+        let w = self.addr_width;
+        let _ = write!(
+            out,
+            " {:<w$} {:<5} {:<w$} {:<5} ",
+            event.saddr.to_string(),
+            event.sport,
+            event.daddr.to_string(),
+            event.dport
+        );
+        let _ = match event.kind {
+            Kind::State {
+                old,
+                new,
+                duration_ns: Some(ns),
+            } => {
+                writeln!(
+                    out,
+                    "{old:<12} -> {new:<12} {}.{:03}",
+                    ns / 1_000_000,
+                    ns / 1000 % 1000
+                )
+            }
+            Kind::State {
+                old,
+                new,
+                duration_ns: None,
+            } => writeln!(out, "{old:<12} -> {new:<12} -"),
+            Kind::Retransmit {
+                state: Some(state), ..
+            } => writeln!(out, "{state:<12} !! {:<12} -", "RETRANS"),
+            Kind::Retransmit { state: None, .. } => {
+                writeln!(out, "{:<12} !! {:<12} -", "-", "RETRANS")
+            }
+            Kind::RetransmitSynack => writeln!(out, "{:<12} !! {:<12} -", "SYN_RECV", "RETRANS"),
+        };
+    }
+}
+
+/// The comm padded to 16 columns, with anything that could break the line or the columns
+/// (control characters, whitespace) shown as `?`.
+fn comm(out: &mut Vec<u8>, raw: &[u8]) {
+    let mut width = 0;
+    for c in String::from_utf8_lossy(raw).chars() {
+        let c = if c.is_control() || c.is_whitespace() {
+            '?'
+        } else {
+            c
+        };
+        let mut buf = [0; 4];
+        out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+        width += 1;
+    }
+    out.resize(out.len() + 16usize.saturating_sub(width), b' ');
+}
+
+#[cfg(test)]
+mod tests {
+    use tcptrace_common::{EVENT_HAS_STATE, KIND_RETRANSMIT, tcp_state};
+
+    use super::*;
+    use crate::event::{
+        decode,
+        tests::{bytes, raw_state},
+    };
+
+    const WALL: u64 = 1_795_614_307_123_456_789;
+
+    fn line(text: &Text, raw: &tcptrace_common::Event) -> String {
+        let mut out = Vec::new();
+        text.event(&mut out, &decode(&bytes(raw)).unwrap(), WALL);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn golden_lines_align_with_the_header() {
+        let text = Text::new(true, true);
+        let mut header = Vec::new();
+        text.header(&mut header);
+        let header = String::from_utf8(header).unwrap();
+        assert_eq!(
+            header,
+            "TIME            PID     COMM             LADDR           LPORT RADDR           RPORT OLDSTATE        NEWSTATE     MS\n"
+        );
+        let state = line(
+            &text,
+            &raw_state(tcp_state::SYN_SENT, tcp_state::ESTABLISHED),
+        );
+        assert_eq!(
+            state,
+            "13:45:07.123456 4242    curl             127.0.0.1       40000 127.0.0.2       80    SYN_SENT     -> ESTABLISHED  1.500\n"
+        );
+        assert_eq!(header.find("MS"), state.find("1.500"));
+        assert_eq!(header.find("NEWSTATE"), state.find("ESTABLISHED"));
+    }
+
+    #[test]
+    fn retransmits_are_marked_and_unknown_durations_dashed() {
+        let text = Text::new(false, false);
+        let mut raw = raw_state(tcp_state::ESTABLISHED, 0);
+        raw.kind = KIND_RETRANSMIT;
+        raw.flags = EVENT_HAS_STATE;
+        let out = line(&text, &raw);
+        assert!(out.contains("ESTABLISHED  !! RETRANS      -\n"), "{out:?}");
+        let mut raw = raw_state(tcp_state::CLOSE, tcp_state::SYN_SENT);
+        raw.flags = 0;
+        assert!(line(&text, &raw).ends_with("CLOSE        -> SYN_SENT     -\n"));
+    }
+
+    #[test]
+    fn hostile_comm_keeps_one_line_and_the_columns() {
+        let text = Text::new(false, true);
+        let mut raw = raw_state(tcp_state::ESTABLISHED, tcp_state::FIN_WAIT1);
+        raw.comm = *b"a b\nc\td\x1b\xff\xfe  zz\0\0";
+        let out = line(&text, &raw);
+        assert_eq!(out.matches('\n').count(), 1);
+        assert_eq!(out.split_whitespace().count(), 10, "{out:?}");
+        assert!(
+            out.starts_with("4242    a?b?c?d?\u{fffd}\u{fffd}??zz "),
+            "{out:?}"
+        );
+    }
+}

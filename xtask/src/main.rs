@@ -1,0 +1,117 @@
+//! Developer tasks that are not a build: `setup` installs what building and testing need on a fresh
+//! machine, `test` runs every test, `run` builds and runs the tracer.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "tcptrace's developer tasks")]
+struct Args {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need: nightly rust-src, bpf-linker, Debian packages.
+    /// Idempotent: a second run only checks.
+    Setup,
+    /// Set up, then run every test: unit tests and the end-to-end tests against the real kernel
+    /// (as root; they fail, never skip, without it).
+    Test {
+        /// Extra arguments for `cargo test` (for example a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build the release binary and run it with these arguments.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let root = workspace_root();
+    match args.task {
+        Task::Setup => setup::setup(),
+        Task::Test { args } => {
+            setup::setup()?;
+            require_root("the end-to-end tests load eBPF programs")?;
+            cargo(&root, &["build", "--release", "--package", "tcptrace"])?;
+            let mut test = vec![
+                "test",
+                "--release",
+                "--package",
+                "tcptrace",
+                "--package",
+                "tcptrace-common",
+            ];
+            test.extend(args.iter().map(String::as_str));
+            cargo(&root, &test)
+        }
+        Task::Run { args } => {
+            setup::setup()?;
+            cargo(&root, &["build", "--release", "--package", "tcptrace"])?;
+            let status = Command::new(root.join("target/release/tcptrace"))
+                .args(&args)
+                .status()
+                .context("failed to start target/release/tcptrace")?;
+            if !status.success() {
+                bail!("tcptrace exited with {status}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn require_root(why: &str) -> anyhow::Result<()> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("failed to read /proc/self/status")?;
+    let root = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|uids| uids.split_whitespace().nth(1))
+        == Some("0");
+    if !root {
+        bail!("{why}: run as root (for example `sudo -E cargo xtask test`)");
+    }
+    Ok(())
+}
+
+/// Runs cargo in the workspace, failing on a non-zero exit.
+pub fn cargo(root: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(args)
+        .current_dir(root)
+        .status()
+        .with_context(|| format!("failed to run cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
