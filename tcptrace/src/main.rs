@@ -53,6 +53,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ring_buffer_bytes: cli.ring_buffer_size,
         max_sockets: cli.max_sockets,
     })?;
+    eprintln!("tcptrace: tracing; Ctrl-C to stop");
     let summary = tracer::run(loaded, formatter, destination).await?;
     if !summary.reader_gone {
         let malformed = match summary.malformed {

@@ -37,10 +37,10 @@ fn rust_src() -> anyhow::Result<()> {
 /// LLVM that does not match. Link it against the nightly toolchain's own libLLVM, through a
 /// directory that outlives the install (the binary keeps an rpath to it).
 fn bpf_linker() -> anyhow::Result<()> {
-    if let Ok(version) = output(Command::new("bpf-linker").arg("--version")) {
-        if version.contains(BPF_LINKER_VERSION) {
-            return Ok(());
-        }
+    if let Ok(version) = output(Command::new("bpf-linker").arg("--version"))
+        && version.contains(BPF_LINKER_VERSION)
+    {
+        return Ok(());
     }
     let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
     let libdir = PathBuf::from(sysroot.trim()).join("lib");

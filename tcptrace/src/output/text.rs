@@ -28,8 +28,8 @@ impl Text {
         let w = self.addr_width;
         let _ = writeln!(
             out,
-            "{:<7} {:<16} {:<w$} {:<5} {:<w$} {:<5} {:<12}    {:<12} {}",
-            "PID", "COMM", "LADDR", "LPORT", "RADDR", "RPORT", "OLDSTATE", "NEWSTATE", "MS"
+            "{:<7} {:<16} {:<w$} {:<5} {:<w$} {:<5} {:<12}    {:<12} MS",
+            "PID", "COMM", "LADDR", "LPORT", "RADDR", "RPORT", "OLDSTATE", "NEWSTATE"
         );
     }
 

@@ -1,0 +1,194 @@
+//! A TCP endpoint that the end-to-end tests drive step by step, so each state is entered and left
+//! at a moment the test knows. One process per role, so server and client have their own pid and
+//! comm.
+//!
+//! `tcp_workload server ADDR COMM` binds ADDR (port 0 picks one) and prints `bound PORT`;
+//! `tcp_workload client COMM` waits for `connect ADDR`. Then each stdin line is one step, answered
+//! with `ok` once done: `listen`, `accept`, `connect ADDR`, `echo` (read a byte, write it back),
+//! `send` (write a byte, read the reply), `close` (the connection), `wait-eof`, `close-listener`,
+//! `exit`.
+
+use std::{
+    io::{BufRead as _, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::{AsRawFd as _, FromRawFd as _},
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (role, comm) = match args.as_slice() {
+        [_, role, _, comm] if role == "server" => (role.as_str(), comm),
+        [_, role, comm] if role == "client" => (role.as_str(), comm),
+        _ => fail("usage: tcp_workload server ADDR COMM | tcp_workload client COMM"),
+    };
+    set_comm(comm);
+    let mut listener = None;
+    let mut socket: Option<std::os::fd::OwnedFd> = None;
+    let mut conn: Option<TcpStream> = None;
+    if role == "server" {
+        // Bind without listening: binding is no state transition, so the test can learn the port
+        // (for its filters) before tracing starts, and still see CLOSE -> LISTEN.
+        let addr: SocketAddr = args[2]
+            .parse()
+            .unwrap_or_else(|e| fail(&format!("bad address: {e}")));
+        let fd = bound_socket(addr);
+        let port = local_port(&fd);
+        socket = Some(fd);
+        say(&format!("bound {port}"));
+    }
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let line = line.unwrap_or_else(|e| fail(&format!("stdin: {e}")));
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("listen"), _) => {
+                let fd = socket
+                    .take()
+                    .unwrap_or_else(|| fail("listen: nothing bound"));
+                // SAFETY: `fd` is a bound TCP socket we own.
+                if unsafe { libc::listen(fd.as_raw_fd(), 16) } != 0 {
+                    fail(&format!("listen: {}", std::io::Error::last_os_error()));
+                }
+                listener = Some(TcpListener::from(fd));
+            }
+            (Some("accept"), _) => {
+                let l = listener
+                    .as_ref()
+                    .unwrap_or_else(|| fail("accept: not listening"));
+                conn = Some(
+                    l.accept()
+                        .unwrap_or_else(|e| fail(&format!("accept: {e}")))
+                        .0,
+                );
+            }
+            (Some("connect"), Some(addr)) => {
+                let addr: SocketAddr = addr
+                    .parse()
+                    .unwrap_or_else(|e| fail(&format!("bad address: {e}")));
+                conn = Some(
+                    TcpStream::connect(addr).unwrap_or_else(|e| fail(&format!("connect: {e}"))),
+                );
+            }
+            (Some("echo"), _) => {
+                let c = conn.as_mut().unwrap_or_else(|| fail("echo: no connection"));
+                let mut byte = [0];
+                c.read_exact(&mut byte)
+                    .and_then(|()| c.write_all(&byte))
+                    .unwrap_or_else(|e| fail(&format!("echo: {e}")));
+            }
+            (Some("send"), _) => {
+                let c = conn.as_mut().unwrap_or_else(|| fail("send: no connection"));
+                let mut byte = [b'x'];
+                c.write_all(&byte)
+                    .and_then(|()| c.read_exact(&mut byte))
+                    .unwrap_or_else(|e| fail(&format!("send: {e}")));
+            }
+            (Some("wait-eof"), _) => {
+                let c = conn
+                    .as_mut()
+                    .unwrap_or_else(|| fail("wait-eof: no connection"));
+                let mut rest = Vec::new();
+                c.read_to_end(&mut rest)
+                    .unwrap_or_else(|e| fail(&format!("wait-eof: {e}")));
+            }
+            (Some("close"), _) => drop(conn.take()),
+            (Some("close-listener"), _) => drop(listener.take()),
+            (Some("exit"), _) => return,
+            _ => fail(&format!("unknown step `{line}`")),
+        }
+        say("ok");
+    }
+}
+
+fn bound_socket(addr: SocketAddr) -> std::os::fd::OwnedFd {
+    let family = if addr.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    };
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        fail(&format!("socket: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh descriptor we own.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let (storage, len) = sockaddr(addr);
+    // SAFETY: `storage` holds a valid sockaddr of `len` bytes.
+    if unsafe { libc::bind(fd.as_raw_fd(), (&raw const storage).cast(), len) } != 0 {
+        fail(&format!("bind {addr}: {}", std::io::Error::last_os_error()));
+    }
+    fd
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in and suitably aligned.
+            unsafe { (&raw mut storage).cast::<libc::sockaddr_in>().write(sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: as above.
+            unsafe { (&raw mut storage).cast::<libc::sockaddr_in6>().write(sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+fn local_port(fd: &std::os::fd::OwnedFd) -> u16 {
+    // SAFETY: all-zero is valid; getsockname fills at most `len` bytes.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    if unsafe { libc::getsockname(fd.as_raw_fd(), (&raw mut storage).cast(), &mut len) } != 0 {
+        fail(&format!("getsockname: {}", std::io::Error::last_os_error()));
+    }
+    // sin_port and sin6_port sit at the same offset, right after the family.
+    // SAFETY: storage is initialised and at least 4 bytes long.
+    let port = unsafe {
+        (&raw const storage)
+            .cast::<u8>()
+            .add(2)
+            .cast::<u16>()
+            .read_unaligned()
+    };
+    u16::from_be(port)
+}
+
+fn set_comm(comm: &str) {
+    let mut name = [0u8; 16];
+    let len = comm.len().min(15);
+    name[..len].copy_from_slice(&comm.as_bytes()[..len]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+}
+
+fn fail(message: &str) -> ! {
+    eprintln!("tcp_workload: {message}");
+    std::process::exit(1)
+}

@@ -1,0 +1,398 @@
+//! Shared pieces of the privileged end-to-end tests: running the real tcptrace binary, and driving
+//! real TCP endpoints (separate processes) step by step.
+//!
+//! These tests need root and fail loudly without it: they never skip.
+
+#![allow(dead_code, reason = "each test file uses a different subset")]
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Write as _},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub const TCPTRACE: &str = env!("CARGO_BIN_EXE_tcptrace");
+
+/// Panics unless running as root: a privileged test must fail, not skip, where it cannot run.
+pub fn require_root() {
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the end-to-end tests load eBPF programs and must run as root (cargo xtask test)"
+    );
+}
+
+/// A running tcptrace, its stdout collected line by line.
+pub struct Tracer {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    stdout_reader: Option<thread::JoinHandle<()>>,
+    stderr: Arc<Mutex<String>>,
+    stderr_reader: Option<thread::JoinHandle<()>>,
+}
+
+/// What a stopped tcptrace printed.
+pub struct Output {
+    pub status: ExitStatus,
+    pub lines: Vec<String>,
+    pub stderr: String,
+}
+
+impl Output {
+    /// Every stdout line parsed as JSON; panics on a line that is not.
+    pub fn json(&self) -> Vec<Value> {
+        self.lines
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+            .collect()
+    }
+}
+
+impl Tracer {
+    /// Starts tcptrace with `args` and waits until it says it is tracing.
+    pub fn start(args: &[&str]) -> Self {
+        require_root();
+        let mut child = Command::new(TCPTRACE)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("failed to start {TCPTRACE}: {e}"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let sink = Arc::clone(&lines);
+        let stdout_reader = thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let stderr_text = Arc::new(Mutex::new(String::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = Arc::clone(&stderr_text);
+        let stderr_reader = thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line == "tcptrace: tracing; Ctrl-C to stop" {
+                    let _ = ready_tx.send(());
+                }
+                let mut text = sink.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+        let mut tracer = Self {
+            child,
+            lines,
+            stdout_reader: Some(stdout_reader),
+            stderr: stderr_text,
+            stderr_reader: Some(stderr_reader),
+        };
+        if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
+            let status = tracer.child.try_wait().ok().flatten();
+            panic!(
+                "tcptrace {args:?} did not start tracing (exit: {status:?}); stderr:\n{}",
+                tracer.stderr.lock().unwrap()
+            );
+        }
+        tracer
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Lines printed so far.
+    pub fn lines_so_far(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits until `predicate` holds for the lines printed so far (or panics after `timeout`).
+    pub fn wait_for(&self, timeout: Duration, what: &str, predicate: impl Fn(&[String]) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !predicate(&self.lines.lock().unwrap()) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; stderr:\n{}",
+                self.stderr.lock().unwrap()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+    }
+
+    /// Sends SIGINT, as Ctrl-C would, and collects everything it printed.
+    pub fn stop(self) -> Output {
+        // Everything the kernel produced reaches the output within the drain interval.
+        thread::sleep(Duration::from_millis(300));
+        self.signal(libc::SIGINT);
+        self.finish(Duration::from_secs(5))
+    }
+
+    /// Waits for tcptrace to exit by itself and collects its output.
+    pub fn finish(mut self, timeout: Duration) -> Output {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "tcptrace did not exit within {timeout:?}; stderr:\n{}",
+                    self.stderr.lock().unwrap()
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        if let Some(reader) = self.stdout_reader.take() {
+            reader.join().expect("stdout reader");
+        }
+        if let Some(reader) = self.stderr_reader.take() {
+            reader.join().expect("stderr reader");
+        }
+        Output {
+            status,
+            lines: std::mem::take(&mut *self.lines.lock().unwrap()),
+            stderr: std::mem::take(&mut *self.stderr.lock().unwrap()),
+        }
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The workload example, built by `cargo test` next to the test binaries.
+fn workload_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/examples/tcp_workload
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join("examples/tcp_workload");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo test` (it builds examples)",
+        path.display()
+    );
+    path
+}
+
+/// One TCP endpoint in its own process, driven step by step.
+pub struct Endpoint {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pub comm: String,
+    /// The server's bound port.
+    pub port: u16,
+}
+
+impl Endpoint {
+    /// A server bound to `ip` (port chosen by the kernel), not yet listening.
+    pub fn server(ip: &str, comm: &str) -> Self {
+        let addr = if ip.contains(':') {
+            format!("[{ip}]:0")
+        } else {
+            format!("{ip}:0")
+        };
+        let mut endpoint = Self::spawn(&["server", &addr, comm], comm);
+        let bound = endpoint.read_line();
+        endpoint.port = bound
+            .strip_prefix("bound ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("server said {bound:?}"));
+        endpoint
+    }
+
+    pub fn client(comm: &str) -> Self {
+        Self::spawn(&["client", comm], comm)
+    }
+
+    /// Like [`Endpoint::client`], but the process runs inside network namespace `netns`.
+    pub fn client_in(netns: &str, comm: &str) -> Self {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", netns])
+            .arg(workload_binary())
+            .args(["client", comm]);
+        Self::spawn_command(command, comm)
+    }
+
+    /// Like [`Endpoint::server`], inside network namespace `netns`.
+    pub fn server_in(netns: &str, ip: &str, comm: &str) -> Self {
+        let addr = if ip.contains(':') {
+            format!("[{ip}]:0")
+        } else {
+            format!("{ip}:0")
+        };
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", netns])
+            .arg(workload_binary())
+            .args(["server", &addr, comm]);
+        let mut endpoint = Self::spawn_command(command, comm);
+        let bound = endpoint.read_line();
+        endpoint.port = bound
+            .strip_prefix("bound ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("server said {bound:?}"));
+        endpoint
+    }
+
+    fn spawn(args: &[&str], comm: &str) -> Self {
+        let mut command = Command::new(workload_binary());
+        command.args(args);
+        Self::spawn_command(command, comm)
+    }
+
+    fn spawn_command(mut command: Command, comm: &str) -> Self {
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("failed to start the workload: {e}"));
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        Self {
+            child,
+            stdin,
+            stdout,
+            comm: comm.to_owned(),
+            port: 0,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a step without waiting for it to finish.
+    pub fn send(&mut self, step: &str) {
+        writeln!(self.stdin, "{step}")
+            .and_then(|()| self.stdin.flush())
+            .unwrap_or_else(|e| panic!("{}: {step}: {e}", self.comm));
+    }
+
+    /// Waits for the acknowledgement of a step sent earlier.
+    pub fn ack(&mut self) {
+        let line = self.read_line();
+        assert_eq!(line, "ok", "{} answered {line:?}", self.comm);
+    }
+
+    /// Runs a step and waits for it; returns when it was sent and when it was done.
+    pub fn step(&mut self, step: &str) -> Window {
+        let start = Instant::now();
+        self.send(step);
+        self.ack();
+        Window {
+            start,
+            end: Instant::now(),
+        }
+    }
+
+    fn read_line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .unwrap_or_else(|e| panic!("{}: {e}", self.comm));
+        assert!(!line.is_empty(), "{} exited early", self.comm);
+        line.trim_end().to_owned()
+    }
+
+    /// Ends the process and waits for it.
+    pub fn exit(mut self) {
+        self.send("exit");
+        let status = self.child.wait().expect("wait");
+        assert!(status.success(), "{} exited with {status}", self.comm);
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// When a step was sent and when it was acknowledged: the transition it causes lies inside.
+#[derive(Clone, Copy, Debug)]
+pub struct Window {
+    pub start: Instant,
+    pub end: Instant,
+}
+
+impl Window {
+    pub fn between(start: Instant, end: Instant) -> Self {
+        Self { start, end }
+    }
+
+    /// Bounds of the time from a transition inside `self` to one inside `later`, in nanoseconds.
+    pub fn until(&self, later: &Window) -> (u64, u64) {
+        let lo = later.start.saturating_duration_since(self.end);
+        let hi = later.end.saturating_duration_since(self.start);
+        (lo.as_nanos() as u64, hi.as_nanos() as u64)
+    }
+}
+
+/// Groups JSON state lines by socket (`skaddr`), in output order.
+pub fn by_socket<'a>(
+    lines: impl IntoIterator<Item = &'a Value>,
+) -> BTreeMap<String, Vec<&'a Value>> {
+    let mut sockets: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
+    for line in lines {
+        let skaddr = line["skaddr"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no skaddr: {line}"))
+            .to_owned();
+        sockets.entry(skaddr).or_default().push(line);
+    }
+    sockets
+}
+
+/// `OLD->NEW` of each state line.
+pub fn transitions(lines: &[&Value]) -> Vec<String> {
+    lines
+        .iter()
+        .filter(|l| l["type"] == "state")
+        .map(|l| {
+            format!(
+                "{}->{}",
+                l["oldstate"].as_str().unwrap(),
+                l["newstate"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+/// Whether a line belongs to a socket with `port` on either side.
+pub fn touches_port(line: &Value, port: u16) -> bool {
+    line["sport"] == port || line["dport"] == port
+}
+
+pub fn socket_addr(ip: &str, port: u16) -> SocketAddr {
+    let ip: std::net::IpAddr = ip.parse().expect("ip");
+    SocketAddr::new(ip, port)
+}
