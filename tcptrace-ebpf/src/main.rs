@@ -183,9 +183,6 @@ fn emit(config: &Config, fill: impl FnOnce(&mut Event)) {
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), ()> {
     let config = CONFIG.load();
     let filters = config.filters;
-    if filters & TRACE_STATES == 0 {
-        return Ok(());
-    }
     let layout = &config.state;
     // Cheapest checks first: SCTP, MPTCP and others fire this tracepoint too.
     let protocol = if layout.protocol_size == 1 {
@@ -285,7 +282,8 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), ()> {
         }
     }
 
-    if !tracked || !ports_wanted(filters, sport, dport) {
+    // With only retransmits traced this program still runs: it keeps the owners they need.
+    if filters & TRACE_STATES == 0 || !tracked || !ports_wanted(filters, sport, dport) {
         return Ok(());
     }
     let ends = read_endpoints(

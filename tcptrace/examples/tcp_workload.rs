@@ -5,7 +5,8 @@
 //! `tcp_workload server ADDR COMM` binds ADDR (port 0 picks one) and prints `bound PORT`;
 //! `tcp_workload client COMM` waits for `connect ADDR`. Then each stdin line is one step, answered
 //! with `ok` once done: `listen`, `accept`, `connect ADDR`, `echo` (read a byte, write it back),
-//! `send` (write a byte, read the reply), `close` (the connection), `wait-eof`, `close-listener`,
+//! `send` (write a byte, read the reply), `write` (a byte),
+//! `close` (the connection), `wait-eof`, `close-listener`,
 //! `exit`.
 
 use std::{
@@ -82,6 +83,13 @@ fn main() {
                 c.write_all(&byte)
                     .and_then(|()| c.read_exact(&mut byte))
                     .unwrap_or_else(|e| fail(&format!("send: {e}")));
+            }
+            (Some("write"), _) => {
+                let c = conn
+                    .as_mut()
+                    .unwrap_or_else(|| fail("write: no connection"));
+                c.write_all(b"x")
+                    .unwrap_or_else(|e| fail(&format!("write: {e}")));
             }
             (Some("wait-eof"), _) => {
                 let c = conn

@@ -11,7 +11,7 @@ use aya::{
 };
 use tcptrace_common::{
     CONFIG_GLOBAL, Config, DROP_RINGBUF_FULL, DROPS_MAP, EVENTS_MAP, PID_FILTER_MAP,
-    PORT_FILTER_MAP, SOCKETS_MAP, TRACE_RETRANSMITS, TRACE_STATES,
+    PORT_FILTER_MAP, SOCKETS_MAP, TRACE_RETRANSMITS,
 };
 
 use crate::{filter::Filters, tracefs};
@@ -81,7 +81,6 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
         ring_buffer_bytes,
         max_sockets,
     } = *settings;
-    let states = filters.bits & TRACE_STATES != 0;
     let retransmits = filters.bits & TRACE_RETRANSMITS != 0;
 
     let mut config = Config {
@@ -90,14 +89,13 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
         wakeup_bytes: ring_buffer_bytes / 4,
         ..Config::default()
     };
-    if states {
-        config.state = layout(
-            tracefs,
-            "sock",
-            "inet_sock_set_state",
-            tracefs::Format::state_layout,
-        )?;
-    }
+    // Always needed: the state program keeps the socket owners that retransmit lines carry.
+    config.state = layout(
+        tracefs,
+        "sock",
+        "inet_sock_set_state",
+        tracefs::Format::state_layout,
+    )?;
     let mut synack_present = false;
     if retransmits {
         config.retransmit = layout(
@@ -156,9 +154,7 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
             .with_context(|| format!("failed to attach {category}:{program}"))?;
         Ok(())
     };
-    if states {
-        attach("inet_sock_set_state", "sock")?;
-    }
+    attach("inet_sock_set_state", "sock")?;
     if retransmits {
         attach("tcp_retransmit_skb", "tcp")?;
         if synack_present {

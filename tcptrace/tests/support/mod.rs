@@ -396,3 +396,93 @@ pub fn socket_addr(ip: &str, port: u16) -> SocketAddr {
     let ip: std::net::IpAddr = ip.parse().expect("ip");
     SocketAddr::new(ip, port)
 }
+
+/// Runs a command that must succeed.
+pub fn sh(program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace of the test's own, joined to the host by a veth pair: the host end has
+/// `host_ip`, the namespace end `ns_ip`. Removed (with the veth pair and any iptables rules
+/// inside) when dropped, also when the test fails.
+pub struct Netns {
+    pub name: String,
+    pub host_ip: String,
+    pub ns_ip: String,
+}
+
+impl Netns {
+    /// `index` keeps concurrent tests apart (names and subnet).
+    pub fn new(index: u8) -> Self {
+        require_root();
+        let id = format!("{}{index}", std::process::id() % 100_000);
+        let name = format!("tcptrace-test-{id}");
+        let netns = Self {
+            name: name.clone(),
+            host_ip: format!("10.213.{index}.1"),
+            ns_ip: format!("10.213.{index}.2"),
+        };
+        // Leftovers of an earlier run killed before its cleanup would collide.
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let (host_if, ns_if) = (format!("tth{id}"), format!("ttn{id}"));
+        let _ = Command::new("ip").args(["link", "del", &host_if]).output();
+        sh("ip", &["netns", "add", &name]);
+        sh(
+            "ip",
+            &[
+                "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if, "netns", &name,
+            ],
+        );
+        sh(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", netns.host_ip),
+                "dev",
+                &host_if,
+            ],
+        );
+        sh("ip", &["link", "set", &host_if, "up"]);
+        sh(
+            "ip",
+            &[
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("{}/24", netns.ns_ip),
+                "dev",
+                &ns_if,
+            ],
+        );
+        sh("ip", &["-n", &name, "link", "set", &ns_if, "up"]);
+        sh("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        netns
+    }
+
+    /// Runs iptables inside the namespace.
+    pub fn iptables(&self, args: &[&str]) {
+        let mut full = vec!["netns", "exec", &self.name, "iptables"];
+        full.extend_from_slice(args);
+        sh("ip", &full);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace removes its veth end, and with it the host end.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}

@@ -1,0 +1,321 @@
+//! Real retransmits: a server in a network namespace of the test's own, a client process outside,
+//! and iptables inside the namespace dropping the flow's packets. Root required.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::{Endpoint, Netns, Tracer, socket_addr};
+
+const WAIT: Duration = Duration::from_secs(8);
+
+fn json(lines: &[String]) -> Vec<Value> {
+    lines
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn retransmits_to(lines: &[String], port: u16) -> usize {
+    json(lines)
+        .iter()
+        .filter(|l| l["type"] == "retransmit" && (l["dport"] == port || l["sport"] == port))
+        .count()
+}
+
+/// Checks a retransmit line: owner, orientation, family, state.
+fn check_line(
+    line: &Value,
+    owner: &Endpoint,
+    state: &str,
+    local: (&str, Option<u16>),
+    remote: (&str, u16),
+) {
+    assert_eq!(line["type"], "retransmit", "{line}");
+    assert_eq!(line["pid"], owner.pid(), "retransmit owner pid: {line}");
+    assert_eq!(
+        line["comm"],
+        owner.comm.as_str(),
+        "retransmit owner comm: {line}"
+    );
+    assert_eq!(line["state"], state, "{line}");
+    assert_eq!(line["family"], "ipv4", "{line}");
+    assert_eq!(line["saddr"], local.0, "{line}");
+    if let Some(port) = local.1 {
+        assert_eq!(line["sport"], port, "{line}");
+    }
+    assert_eq!(
+        (line["daddr"].as_str(), line["dport"].as_u64()),
+        (Some(remote.0), Some(remote.1.into())),
+        "{line}"
+    );
+    assert!(
+        line["skaddr"].as_str().is_some_and(|s| s.starts_with("0x")),
+        "{line}"
+    );
+    // This kernel's tcp_retransmit_skb has `err`; the SYN-ACK tracepoint has none.
+    assert_eq!(line.get("err").is_some(), line["synack"] == false, "{line}");
+}
+
+#[test]
+fn data_syn_and_synack_retransmits_with_their_owners_and_filters() {
+    let netns = Netns::new(1);
+    let mut data_server = Endpoint::server_in(&netns.name, &netns.ns_ip, "tt-rtx-dsrv");
+    let mut data_client = Endpoint::client("tt-rtx-dcli");
+    let mut syn_server = Endpoint::server_in(&netns.name, &netns.ns_ip, "tt-rtx-ssrv");
+    let mut syn_client = Endpoint::client("tt-rtx-scli");
+    let mut synack_server = Endpoint::server_in(&netns.name, &netns.ns_ip, "tt-rtx-asrv");
+    let mut synack_client = Endpoint::client("tt-rtx-acli");
+    let (dport, sport, aport) = (data_server.port, syn_server.port, synack_server.port);
+
+    let all = Tracer::start(&["--format", "json"]);
+    let by_pid = Tracer::start(&[
+        "--format",
+        "json",
+        "--events",
+        "retransmits",
+        "--pid",
+        &data_client.pid().to_string(),
+    ]);
+    let by_port = Tracer::start(&[
+        "--format",
+        "json",
+        "--events",
+        "retransmits",
+        "--port",
+        &aport.to_string(),
+    ]);
+
+    // Data: drop what the client sends once the connection is up.
+    data_server.step("listen");
+    data_server.send("accept");
+    data_client.step(&format!("connect {}", socket_addr(&netns.ns_ip, dport)));
+    data_server.ack();
+    netns.iptables(&[
+        "-A",
+        "INPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        &dport.to_string(),
+        "-j",
+        "DROP",
+    ]);
+    data_server.send("echo");
+    data_client.send("send");
+    all.wait_for(WAIT, "data retransmits", |l| retransmits_to(l, dport) >= 2);
+    netns.iptables(&[
+        "-D",
+        "INPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        &dport.to_string(),
+        "-j",
+        "DROP",
+    ]);
+    data_client.ack();
+    data_server.ack();
+    data_client.step("close");
+    data_server.step("wait-eof");
+    data_server.step("close");
+
+    // SYN: drop the client's SYNs until one retransmit was seen.
+    syn_server.step("listen");
+    let drop_syn = [
+        "INPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        &sport.to_string(),
+        "--syn",
+        "-j",
+        "DROP",
+    ];
+    netns.iptables(&[&["-A"], &drop_syn[..]].concat());
+    syn_client.send(&format!("connect {}", socket_addr(&netns.ns_ip, sport)));
+    syn_server.send("accept");
+    all.wait_for(WAIT, "a SYN retransmit", |l| retransmits_to(l, sport) >= 1);
+    netns.iptables(&[&["-D"], &drop_syn[..]].concat());
+    syn_client.ack();
+    syn_server.ack();
+    syn_client.step("close");
+    syn_server.step("wait-eof");
+    syn_server.step("close");
+
+    // SYN-ACK: drop the client's pure ACKs, so the handshake's last ACK never arrives.
+    synack_server.step("listen");
+    let drop_ack = [
+        "INPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        &aport.to_string(),
+        "--tcp-flags",
+        "ALL",
+        "ACK",
+        "-j",
+        "DROP",
+    ];
+    netns.iptables(&[&["-A"], &drop_ack[..]].concat());
+    synack_server.send("accept");
+    synack_client.step(&format!("connect {}", socket_addr(&netns.ns_ip, aport)));
+    all.wait_for(WAIT, "a SYN-ACK retransmit", |l| {
+        retransmits_to(l, aport) >= 1
+    });
+    netns.iptables(&[&["-D"], &drop_ack[..]].concat());
+    // Data carries the ACK the server waits for.
+    synack_client.send("send");
+    synack_server.ack();
+    synack_server.step("echo");
+    synack_client.ack();
+    synack_client.step("close");
+    synack_server.step("wait-eof");
+    synack_server.step("close");
+
+    let everything = all.stop().json();
+    let pid_lines = by_pid.stop().json();
+    let port_lines = by_port.stop().json();
+
+    // Data retransmits: the client owns them, state ESTABLISHED, and its CLOSE line counts them.
+    let data: Vec<&Value> = everything
+        .iter()
+        .filter(|l| l["type"] == "retransmit" && l["dport"] == dport)
+        .collect();
+    assert!(data.len() >= 2, "{everything:?}");
+    let client_port = data[0]["sport"].as_u64().unwrap() as u16;
+    for line in &data {
+        check_line(
+            line,
+            &data_client,
+            "ESTABLISHED",
+            (&netns.host_ip, Some(client_port)),
+            (&netns.ns_ip, dport),
+        );
+    }
+    let skaddr = &data[0]["skaddr"];
+    let close = everything
+        .iter()
+        .find(|l| l["type"] == "state" && l["skaddr"] == *skaddr && l["newstate"] == "CLOSE")
+        .unwrap_or_else(|| panic!("no CLOSE line for the lossy socket: {everything:?}"));
+    assert_eq!(
+        close["retransmits"],
+        data.iter().filter(|l| l["skaddr"] == *skaddr).count(),
+        "{close}"
+    );
+    assert_eq!(close["pid"], data_client.pid());
+
+    // SYN retransmits: state SYN_SENT, owner the process that called connect().
+    let syn: Vec<&Value> = everything
+        .iter()
+        .filter(|l| l["type"] == "retransmit" && l["dport"] == sport)
+        .collect();
+    assert!(!syn.is_empty(), "{everything:?}");
+    for line in &syn {
+        check_line(
+            line,
+            &syn_client,
+            "SYN_SENT",
+            (&netns.host_ip, None),
+            (&netns.ns_ip, sport),
+        );
+        assert_eq!(line["synack"], false);
+    }
+    let syn_close = everything
+        .iter()
+        .find(|l| {
+            l["type"] == "state" && l["skaddr"] == syn[0]["skaddr"] && l["newstate"] == "CLOSE"
+        })
+        .expect("CLOSE line of the SYN-retransmitting socket");
+    assert_eq!(syn_close["retransmits"], syn.len(), "{syn_close}");
+
+    // SYN-ACK retransmits: attributed to the server that listens, local side the server's.
+    let synack: Vec<&Value> = everything
+        .iter()
+        .filter(|l| l["type"] == "retransmit" && l["sport"] == aport)
+        .collect();
+    assert!(!synack.is_empty(), "{everything:?}");
+    for line in &synack {
+        check_line(
+            line,
+            &synack_server,
+            "SYN_RECV",
+            (&netns.ns_ip, Some(aport)),
+            (&netns.host_ip, line["dport"].as_u64().unwrap() as u16),
+        );
+        assert_eq!(line["synack"], true);
+    }
+
+    // --events retransmits --pid CLIENT: only that client's retransmits.
+    assert!(!pid_lines.is_empty());
+    for line in &pid_lines {
+        assert_eq!(line["type"], "retransmit", "{line}");
+        assert_eq!(line["pid"], data_client.pid(), "{line}");
+    }
+    assert_eq!(pid_lines.len(), data.len());
+
+    // --events retransmits --port P: the SYN-ACK retransmits of P and nothing else.
+    assert!(!port_lines.is_empty());
+    for line in &port_lines {
+        assert_eq!(
+            (line["type"].as_str(), line["sport"].as_u64()),
+            (Some("retransmit"), Some(aport.into())),
+            "{line}"
+        );
+    }
+    assert_eq!(port_lines.len(), synack.len());
+
+    for endpoint in [
+        data_server,
+        data_client,
+        syn_server,
+        syn_client,
+        synack_server,
+        synack_client,
+    ] {
+        endpoint.exit();
+    }
+}
+
+#[test]
+fn states_only_leaves_retransmits_out() {
+    let netns = Netns::new(2);
+    let mut server = Endpoint::server_in(&netns.name, &netns.ns_ip, "tt-rtx-only");
+    let mut client = Endpoint::client("tt-rtx-onlyc");
+    let port = server.port;
+    let states = Tracer::start(&[
+        "--format",
+        "json",
+        "--events",
+        "states",
+        "--port",
+        &port.to_string(),
+    ]);
+    let both = Tracer::start(&["--format", "json", "--port", &port.to_string()]);
+    server.step("listen");
+    let drop_syn = [
+        "INPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        &port.to_string(),
+        "--syn",
+        "-j",
+        "DROP",
+    ];
+    netns.iptables(&[&["-A"], &drop_syn[..]].concat());
+    client.send(&format!("connect {}", socket_addr(&netns.ns_ip, port)));
+    server.send("accept");
+    both.wait_for(WAIT, "a SYN retransmit", |l| retransmits_to(l, port) >= 1);
+    netns.iptables(&[&["-D"], &drop_syn[..]].concat());
+    client.ack();
+    server.ack();
+    let states = states.stop().json();
+    let both = both.stop().json();
+    assert!(states.iter().all(|l| l["type"] == "state"), "{states:?}");
+    assert!(states.iter().any(|l| l["newstate"] == "ESTABLISHED"));
+    assert!(both.iter().any(|l| l["type"] == "retransmit"));
+    server.exit();
+    client.exit();
+}
