@@ -24,6 +24,21 @@ fn retransmits_to(lines: &[String], port: u16) -> usize {
         .count()
 }
 
+/// The CLOSE line of the socket that retransmitted `first`: the next one with its address (an
+/// address is reused once its socket is gone, so earlier lines may belong to another socket).
+fn close_after<'a>(lines: &'a [Value], first: &Value) -> &'a Value {
+    let start = lines
+        .iter()
+        .position(|l| l == first)
+        .expect("line in output");
+    lines[start..]
+        .iter()
+        .find(|l| {
+            l["type"] == "state" && l["skaddr"] == first["skaddr"] && l["newstate"] == "CLOSE"
+        })
+        .unwrap_or_else(|| panic!("no CLOSE line after {first}"))
+}
+
 /// Checks a retransmit line: owner, orientation, family, state.
 fn check_line(
     line: &Value,
@@ -195,10 +210,7 @@ fn data_syn_and_synack_retransmits_with_their_owners_and_filters() {
         );
     }
     let skaddr = &data[0]["skaddr"];
-    let close = everything
-        .iter()
-        .find(|l| l["type"] == "state" && l["skaddr"] == *skaddr && l["newstate"] == "CLOSE")
-        .unwrap_or_else(|| panic!("no CLOSE line for the lossy socket: {everything:?}"));
+    let close = close_after(&everything, data[0]);
     assert_eq!(
         close["retransmits"],
         data.iter().filter(|l| l["skaddr"] == *skaddr).count(),
@@ -222,12 +234,8 @@ fn data_syn_and_synack_retransmits_with_their_owners_and_filters() {
         );
         assert_eq!(line["synack"], false);
     }
-    let syn_close = everything
-        .iter()
-        .find(|l| {
-            l["type"] == "state" && l["skaddr"] == syn[0]["skaddr"] && l["newstate"] == "CLOSE"
-        })
-        .expect("CLOSE line of the SYN-retransmitting socket");
+    let syn_close = close_after(&everything, syn[0]);
+    assert_eq!(syn_close["pid"], syn_client.pid());
     assert_eq!(syn_close["retransmits"], syn.len(), "{syn_close}");
 
     // SYN-ACK retransmits: attributed to the server that listens, local side the server's.
