@@ -1,22 +1,15 @@
 //! tcptrace: every TCP state transition and retransmit on this host, with the process that owns
 //! the socket. `main` only wires the pipeline: cli -> tracefs -> loader -> tracer -> output.
 
-mod cli;
-mod event;
-mod filter;
-mod loader;
-mod output;
-mod tracefs;
-mod tracer;
-
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-
-use crate::{
+use tcptrace::{
     cli::{Cli, Format},
     filter::Filters,
+    loader,
     output::{Destination, Formatter, text::Text},
+    tracefs, tracer,
 };
 
 fn main() -> ExitCode {

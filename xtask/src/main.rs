@@ -1,6 +1,7 @@
 //! Developer tasks that are not a build: `setup` installs what building and testing need on a fresh
 //! machine, `test` runs every test, `run` builds and runs the tracer.
 
+mod bench;
 mod setup;
 
 use std::{
@@ -29,6 +30,18 @@ enum Task {
         /// Extra arguments for `cargo test` (for example a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Measure what tracing costs: loopback connection churn untraced vs traced (as root).
+    Bench {
+        /// Untraced/traced pairs to run.
+        #[arg(long, default_value_t = 5)]
+        pairs: usize,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 4.0)]
+        seconds: f64,
+        /// A short smoke run (one pair of one second) that checks every event is accounted for.
+        #[arg(long)]
+        quick: bool,
     },
     /// Set up, build the release binary and run it with these arguments.
     Run {
@@ -65,6 +78,28 @@ fn run(args: Args) -> anyhow::Result<()> {
             ];
             test.extend(args.iter().map(String::as_str));
             cargo(&root, &test)
+        }
+        Task::Bench {
+            pairs,
+            seconds,
+            quick,
+        } => {
+            setup::setup()?;
+            require_root("the benchmark loads eBPF programs")?;
+            let options = if quick {
+                bench::Options {
+                    pairs: 1,
+                    seconds: 1.0,
+                    quick,
+                }
+            } else {
+                bench::Options {
+                    pairs: pairs.max(1),
+                    seconds,
+                    quick,
+                }
+            };
+            bench::bench(&root, &options)
         }
         Task::Run { args } => {
             setup::setup()?;

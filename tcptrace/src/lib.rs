@@ -1,0 +1,11 @@
+//! tcptrace's pipeline, one module per step: tracefs (layouts) -> loader (eBPF) -> tracer (ring
+//! buffer) -> event (decode) -> output (formats). The binary wires them; the benchmark drives the
+//! decode and format steps directly.
+
+pub mod cli;
+pub mod event;
+pub mod filter;
+pub mod loader;
+pub mod output;
+pub mod tracefs;
+pub mod tracer;

@@ -1,0 +1,332 @@
+//! `cargo xtask bench`: what tracing costs the host. Loopback connection churn (connect, 1-byte
+//! request, 1-byte reply, close) from one client thread to one server thread, run untraced and
+//! traced (tcptrace writing every event as JSON lines to a file) in alternation, and the median
+//! of the per-pair ratios reported. Also: events written against expected, events lost,
+//! tcptrace's CPU time per event and peak RSS, and the consumer's decode+format throughput.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+
+/// State transitions per connection: five on each side.
+const EVENTS_PER_CONNECTION: u64 = 10;
+
+pub struct Options {
+    pub pairs: usize,
+    pub seconds: f64,
+    /// A short smoke run for CI: checks that every event is accounted for, not speed.
+    pub quick: bool,
+}
+
+/// One traced run.
+struct Traced {
+    connections: u64,
+    seconds: f64,
+    written: u64,
+    lost: u64,
+    cpu_seconds: f64,
+    peak_rss_kib: u64,
+}
+
+pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
+    crate::cargo(
+        root,
+        &[
+            "build",
+            "--release",
+            "--package",
+            "tcptrace",
+            "--bins",
+            "--examples",
+        ],
+    )?;
+    let tcptrace = root.join("target/release/tcptrace");
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    let window = Duration::from_secs_f64(options.seconds);
+
+    // Warm up: the first connections of a fresh run pay for port allocation and caches.
+    churn(Duration::from_millis(500))?;
+    let mut ratios = Vec::new();
+    let mut traced_runs = Vec::new();
+    for pair in 0..options.pairs {
+        let (base_conns, base_secs) = churn(window)?;
+        let untraced = base_conns as f64 / base_secs;
+        let run = traced(&tcptrace, &dir.join(format!("events-{pair}.json")), window)?;
+        let traced_rate = run.connections as f64 / run.seconds;
+        eprintln!(
+            "xtask: pair {}: untraced {untraced:.0} conn/s, traced {traced_rate:.0} conn/s, ratio {:.3}",
+            pair + 1,
+            traced_rate / untraced
+        );
+        ratios.push(traced_rate / untraced);
+        traced_runs.push(run);
+    }
+    ratios.sort_by(f64::total_cmp);
+    let median = if ratios.len() % 2 == 1 {
+        ratios[ratios.len() / 2]
+    } else {
+        (ratios[ratios.len() / 2 - 1] + ratios[ratios.len() / 2]) / 2.0
+    };
+
+    let connections: u64 = traced_runs.iter().map(|r| r.connections).sum();
+    let written: u64 = traced_runs.iter().map(|r| r.written).sum();
+    let lost: u64 = traced_runs.iter().map(|r| r.lost).sum();
+    let cpu: f64 = traced_runs.iter().map(|r| r.cpu_seconds).sum();
+    let peak_rss = traced_runs
+        .iter()
+        .map(|r| r.peak_rss_kib)
+        .max()
+        .unwrap_or(0);
+    let expected = connections * EVENTS_PER_CONNECTION;
+    let consumer = consumer_throughput(root, if options.quick { 200_000 } else { 5_000_000 })?;
+
+    println!(
+        "tcptrace bench: {} pairs of {:.1} s, loopback churn, JSON lines to a file",
+        options.pairs, options.seconds
+    );
+    println!(
+        "{:<44} {}",
+        "traced/untraced connections per second",
+        format!(
+            "{median:.3} (median; pairs: {})",
+            ratios
+                .iter()
+                .map(|r| format!("{r:.3}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
+    );
+    println!("{:<44} {written} of {expected} expected", "events written");
+    println!("{:<44} {lost}", "events lost");
+    println!(
+        "{:<44} {:.2} us",
+        "tcptrace CPU time per event",
+        cpu * 1e6 / written.max(1) as f64
+    );
+    println!(
+        "{:<44} {:.1} MiB",
+        "tcptrace peak RSS",
+        peak_rss as f64 / 1024.0
+    );
+    println!(
+        "{:<44} {:.0} events/s",
+        "consumer (decode + JSON, one core)", consumer
+    );
+
+    ensure!(
+        written == expected,
+        "tcptrace wrote {written} events for {connections} connections ({expected} expected)"
+    );
+    ensure!(lost == 0, "tcptrace lost {lost} events");
+    Ok(())
+}
+
+/// Runs the churn for `window` and returns (connections completed, seconds taken).
+fn churn(window: Duration) -> anyhow::Result<(u64, f64)> {
+    churn_on(window, |_| {})
+}
+
+fn churn_on(window: Duration, on_port: impl FnOnce(u16)) -> anyhow::Result<(u64, f64)> {
+    let listener =
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("failed to bind the bench server")?;
+    let addr = listener.local_addr()?;
+    on_port(addr.port());
+    let listener_fd = listener.as_raw_fd();
+    let stop = Arc::new(AtomicBool::new(false));
+    let server_stop = Arc::clone(&stop);
+    let server = thread::spawn(move || {
+        pin_to_cpu(1);
+        serve(&listener, &server_stop)
+    });
+    pin_to_cpu(0);
+    let start = Instant::now();
+    let mut connections = 0;
+    let result = loop {
+        if start.elapsed() >= window {
+            break Ok(());
+        }
+        if let Err(e) = one_connection(addr) {
+            break Err(e);
+        }
+        connections += 1;
+    };
+    let seconds = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    // Wake the server out of accept() without a connection of its own: on Linux, shutting a
+    // listening socket down makes accept() fail.
+    // SAFETY: the listener is open until the server thread, joined below, returns.
+    unsafe { libc::shutdown(listener_fd, libc::SHUT_RDWR) };
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("bench server panicked"))??;
+    result?;
+    Ok((connections, seconds))
+}
+
+/// Keeps the client and the server on their own CPU, so runs differ by tracing, not by where the
+/// scheduler happened to put the two threads.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET stays within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu % num_cpus(), &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn num_cpus() -> usize {
+    thread::available_parallelism().map_or(1, usize::from)
+}
+
+fn one_connection(addr: SocketAddr) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect(addr).context("bench connect failed")?;
+    let mut byte = [b'q'];
+    stream.write_all(&byte)?;
+    stream.read_exact(&mut byte)?;
+    // The server closes first, so TIME_WAIT lands on its side: the client's ephemeral ports never
+    // run out, and the churn is bound by CPU rather than by port reuse.
+    while stream.read(&mut byte)? > 0 {}
+    Ok(())
+}
+
+fn serve(listener: &TcpListener, stop: &AtomicBool) -> anyhow::Result<()> {
+    loop {
+        let (mut stream, _) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(_) if stop.load(Ordering::Relaxed) => return Ok(()),
+            Err(e) => return Err(e).context("bench accept failed"),
+        };
+        let mut byte = [0];
+        stream.read_exact(&mut byte)?;
+        stream.write_all(&byte)?;
+    }
+}
+
+/// One churn window with tcptrace running as users run it.
+fn traced(tcptrace: &Path, output: &PathBuf, window: Duration) -> anyhow::Result<Traced> {
+    let _ = std::fs::remove_file(output);
+    let mut child = Command::new(tcptrace)
+        .args(["--format", "json", "--output"])
+        .arg(output)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("failed to start {}", tcptrace.display()))?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let (tx, rx) = mpsc::channel();
+    let reader = thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line == "tcptrace: tracing; Ctrl-C to stop" {
+                let _ = tx.send(());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    if rx.recv_timeout(Duration::from_secs(20)).is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!(
+            "tcptrace did not start: {}",
+            reader.join().unwrap_or_default().join("; ")
+        );
+    }
+    let mut port = 0;
+    let (connections, seconds) = churn_on(window, |p| port = p)?;
+    thread::sleep(Duration::from_millis(200));
+    // tcptrace's own high-water mark (wait4's ru_maxrss would also count the image it was
+    // spawned from).
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    let peak_rss_kib = status
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmHWM:")?
+                .trim()
+                .strip_suffix(" kB")?
+                .parse()
+                .ok()
+        })
+        .context("no VmHWM in tcptrace's /proc status")?;
+    // SAFETY: signalling our own child by its pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let mut status = 0;
+    // SAFETY: all-zero is a valid rusage; wait4 fills it for our child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    ensure!(pid > 0, "wait4 failed: {}", std::io::Error::last_os_error());
+    let stderr = reader.join().unwrap_or_default();
+    ensure!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "tcptrace failed: {}",
+        stderr.join("; ")
+    );
+    let lost = stderr
+        .iter()
+        .rev()
+        .find_map(|l| {
+            l.split(", ")
+                .nth(1)?
+                .strip_suffix(" events lost")?
+                .parse()
+                .ok()
+        })
+        .with_context(|| format!("no summary from tcptrace: {}", stderr.join("; ")))?;
+    // Count the bench's own connections: other traffic on the host is traced too.
+    let file = std::fs::File::open(output)
+        .with_context(|| format!("failed to read {}", output.display()))?;
+    let (sport, dport) = (format!("\"sport\":{port},"), format!("\"dport\":{port},"));
+    let written = BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .filter(|l| {
+            l.starts_with("{\"type\":\"state\"") && (l.contains(&sport) || l.contains(&dport))
+        })
+        // The listener's own CLOSE -> LISTEN and LISTEN -> CLOSE are not the connections'.
+        .filter(|l| {
+            !l.contains("\"newstate\":\"LISTEN\"")
+                && !l.contains("\"oldstate\":\"LISTEN\",\"newstate\":\"CLOSE\"")
+        })
+        .count() as u64;
+    let cpu = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok(Traced {
+        connections,
+        seconds,
+        written,
+        lost,
+        cpu_seconds: cpu(usage.ru_utime) + cpu(usage.ru_stime),
+        peak_rss_kib,
+    })
+}
+
+fn consumer_throughput(root: &Path, events: u64) -> anyhow::Result<f64> {
+    let out = Command::new(root.join("target/release/examples/consumer_throughput"))
+        .arg(events.to_string())
+        .output()
+        .context("failed to run the consumer benchmark")?;
+    ensure!(
+        out.status.success(),
+        "consumer benchmark failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("events_per_second ")?.parse().ok())
+        .context("consumer benchmark printed no figure")
+}
