@@ -19,6 +19,12 @@ pub const PID_FILTER_MAP: &str = "PID_FILTER";
 pub const PORT_FILTER_MAP: &str = "PORT_FILTER";
 /// The [`Config`] global.
 pub const CONFIG_GLOBAL: &str = "CONFIG";
+/// The [`StateLayout`] global.
+pub const STATE_LAYOUT_GLOBAL: &str = "STATE_LAYOUT";
+/// The [`RetransmitLayout`] global for `tcp_retransmit_skb`.
+pub const RETRANSMIT_LAYOUT_GLOBAL: &str = "RETRANSMIT_LAYOUT";
+/// The [`RetransmitLayout`] global for `tcp_retransmit_synack`.
+pub const SYNACK_LAYOUT_GLOBAL: &str = "SYNACK_LAYOUT";
 
 /// Ring buffer size when the user does not choose one.
 pub const DEFAULT_RING_BUFFER_BYTES: u32 = 4 << 20;
@@ -74,6 +80,11 @@ pub const AF_INET6: u16 = 10;
 /// `IPPROTO_TCP`.
 pub const IPPROTO_TCP: u16 = 6;
 
+/// Tracepoint fields the eBPF side can read start at this offset (after the common header)...
+pub const RECORD_START: usize = 8;
+/// ...and end within this many bytes of it (a power of two).
+pub const RECORD_WINDOW: usize = 128;
+
 /// An offset value meaning "this kernel's tracepoint has no such field".
 pub const FIELD_ABSENT: u16 = u16::MAX;
 
@@ -95,8 +106,11 @@ pub struct StateLayout {
     pub daddr: u16,
     pub saddr_v6: u16,
     pub daddr_v6: u16,
+    /// Bytes from `RECORD_START` to the end of the last field used.
+    pub record_size: u16,
+    pub _pad: u16,
 }
-const _: () = assert!(size_of::<StateLayout>() == 24);
+const _: () = assert!(size_of::<StateLayout>() == 28);
 
 /// Where `tcp:tcp_retransmit_skb` (or `tcp_retransmit_synack`) keeps each field. Optional fields
 /// hold [`FIELD_ABSENT`] on kernels that lack them.
@@ -116,10 +130,14 @@ pub struct RetransmitLayout {
     pub family: u16,
     /// Optional (2025+).
     pub err: u16,
+    /// Bytes from `RECORD_START` to the end of the last field used.
+    pub record_size: u16,
+    pub _pad: u16,
 }
-const _: () = assert!(size_of::<RetransmitLayout>() == 20);
+const _: () = assert!(size_of::<RetransmitLayout>() == 24);
 
-/// Load-time settings of the eBPF program, set by the loader through `CONFIG`.
+/// Load-time settings of the eBPF program, set by the loader through `CONFIG`. The tracepoint
+/// layouts are globals of their own, so each program loads only what it reads.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
@@ -128,11 +146,8 @@ pub struct Config {
     /// Below this many unread bytes in the ring buffer the program does not wake the reader, which
     /// drains on its own short timer instead; above it, every submit wakes the reader.
     pub wakeup_bytes: u32,
-    pub state: StateLayout,
-    pub retransmit: RetransmitLayout,
-    pub synack: RetransmitLayout,
 }
-const _: () = assert!(size_of::<Config>() == 72);
+const _: () = assert!(size_of::<Config>() == 8);
 
 /// One record in the ring buffer: a state transition or a retransmit of one socket.
 #[repr(C)]
@@ -201,6 +216,8 @@ const _: () = assert!(size_of::<ListenerOwner>() == 32);
 mod user {
     // SAFETY: all of these are `repr(C)` plain integers and byte arrays with explicit padding.
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::StateLayout {}
+    unsafe impl aya::Pod for super::RetransmitLayout {}
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::SocketState {}
     unsafe impl aya::Pod for super::ListenerOwner {}

@@ -2,10 +2,12 @@
 //! `tcp:tcp_retransmit_synack` that attribute each event to the process owning the socket, filter
 //! it, and hand it to userspace through one ring buffer.
 //!
-//! Field offsets come from the running kernel's tracefs `format` files through the `CONFIG` global,
+//! Field offsets come from the running kernel's tracefs `format` files through the `*_LAYOUT` globals,
 //! so the same object works on kernels whose tracepoint layouts differ.
 #![no_std]
 #![no_main]
+
+mod record;
 
 use aya_ebpf::{
     Global,
@@ -15,17 +17,30 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
+use record::Record;
 use tcptrace_common::{
     AF_INET, AF_INET6, Config, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BUFFER_BYTES, DROP_RINGBUF_FULL,
     DROP_SLOTS, DROP_SOCKETS_FULL, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, Event,
     FIELD_ABSENT, FILTER_IPV4, FILTER_IPV6, FILTER_PID, FILTER_PORT, IPPROTO_TCP, KIND_RETRANSMIT,
     KIND_RETRANSMIT_SYNACK, KIND_STATE, ListenerOwner, MAX_FILTER_ENTRIES, MAX_LISTENERS,
-    PORT_LOCAL, PORT_REMOTE, RetransmitLayout, SocketState, TRACE_RETRANSMITS, TRACE_STATES,
-    tcp_state,
+    PORT_LOCAL, PORT_REMOTE, RetransmitLayout, SocketState, StateLayout, TRACE_RETRANSMITS,
+    TRACE_STATES, tcp_state,
 };
 
 #[unsafe(no_mangle)]
-static CONFIG: Global<Config> = Global::new(unsafe { core::mem::zeroed() });
+static CONFIG: Global<Config> = Global::new(Config {
+    filters: 0,
+    wakeup_bytes: 0,
+});
+
+#[unsafe(no_mangle)]
+static STATE_LAYOUT: Global<StateLayout> = Global::new(unsafe { core::mem::zeroed() });
+
+#[unsafe(no_mangle)]
+static RETRANSMIT_LAYOUT: Global<RetransmitLayout> = Global::new(unsafe { core::mem::zeroed() });
+
+#[unsafe(no_mangle)]
+static SYNACK_LAYOUT: Global<RetransmitLayout> = Global::new(unsafe { core::mem::zeroed() });
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
@@ -57,15 +72,6 @@ const UNKNOWN_OWNER: Owner = Owner {
     comm: [0; 16],
 };
 
-/// The addresses and ports of one event, local side first.
-struct Endpoints {
-    family: u16,
-    sport: u16,
-    dport: u16,
-    saddr: [u8; 16],
-    daddr: [u8; 16],
-}
-
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     match try_inet_sock_set_state(&ctx) {
@@ -75,24 +81,16 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
-    let config = CONFIG.load();
-    match try_retransmit(&ctx, &config, &config.retransmit, KIND_RETRANSMIT) {
+    match try_retransmit(&ctx, &RETRANSMIT_LAYOUT.load(), KIND_RETRANSMIT) {
         Ok(()) | Err(()) => 0,
     }
 }
 
 #[tracepoint]
 pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
-    let config = CONFIG.load();
-    match try_retransmit(&ctx, &config, &config.synack, KIND_RETRANSMIT_SYNACK) {
+    match try_retransmit(&ctx, &SYNACK_LAYOUT.load(), KIND_RETRANSMIT_SYNACK) {
         Ok(()) | Err(()) => 0,
     }
-}
-
-#[inline(always)]
-fn read<T>(ctx: &TracePointContext, offset: u16) -> Result<T, ()> {
-    // SAFETY: the offset comes from the tracepoint's own format file; the helper checks the read.
-    unsafe { ctx.read_at::<T>(usize::from(offset)) }.map_err(|_| ())
 }
 
 #[inline(always)]
@@ -135,43 +133,29 @@ fn count_drop(slot: u32) {
     }
 }
 
+/// Local and remote address of an event, IPv4 in the first four bytes.
 #[inline(always)]
-fn read_endpoints(
-    ctx: &TracePointContext,
-    family: u16,
-    sport: u16,
-    dport: u16,
-    v4: (u16, u16),
-    v6: (u16, u16),
-) -> Result<Endpoints, ()> {
-    let mut saddr = [0u8; 16];
-    let mut daddr = [0u8; 16];
+fn addresses(record: &Record, family: u16, v4: (u16, u16), v6: (u16, u16)) -> ([u8; 16], [u8; 16]) {
     if family == AF_INET {
-        saddr[..4].copy_from_slice(&read::<[u8; 4]>(ctx, v4.0)?);
-        daddr[..4].copy_from_slice(&read::<[u8; 4]>(ctx, v4.1)?);
+        let mut saddr = [0u8; 16];
+        let mut daddr = [0u8; 16];
+        saddr[..4].copy_from_slice(&record.get::<[u8; 4]>(v4.0));
+        daddr[..4].copy_from_slice(&record.get::<[u8; 4]>(v4.1));
+        (saddr, daddr)
     } else {
-        saddr = read(ctx, v6.0)?;
-        daddr = read(ctx, v6.1)?;
+        (record.get(v6.0), record.get(v6.1))
     }
-    Ok(Endpoints {
-        family,
-        sport,
-        dport,
-        saddr,
-        daddr,
-    })
 }
 
 /// Reserves, fills and submits one record. The reader is woken only once enough is waiting; it
 /// drains on a short timer otherwise, which keeps wakeups (and their cost) off the hot path.
 #[inline(always)]
-fn emit(config: &Config, fill: impl FnOnce(&mut Event)) {
+fn emit(config: &Config, event: Event) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count_drop(DROP_RINGBUF_FULL);
         return;
     };
-    let event = entry.write(Event::default());
-    fill(event);
+    entry.write(event);
     let wake = if EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= u64::from(config.wakeup_bytes) {
         BPF_RB_FORCE_WAKEUP
     } else {
@@ -183,25 +167,26 @@ fn emit(config: &Config, fill: impl FnOnce(&mut Event)) {
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), ()> {
     let config = CONFIG.load();
     let filters = config.filters;
-    let layout = &config.state;
+    let layout = &STATE_LAYOUT.load();
+    let record = Record::copy(ctx, layout.record_size)?;
     // Cheapest checks first: SCTP, MPTCP and others fire this tracepoint too.
     let protocol = if layout.protocol_size == 1 {
-        u16::from(read::<u8>(ctx, layout.protocol)?)
+        u16::from(record.get::<u8>(layout.protocol))
     } else {
-        read::<u16>(ctx, layout.protocol)?
+        record.get::<u16>(layout.protocol)
     };
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    let family: u16 = read(ctx, layout.family)?;
+    let family: u16 = record.get(layout.family);
     if !family_wanted(filters, family) {
         return Ok(());
     }
-    let skaddr: u64 = read(ctx, layout.skaddr)?;
-    let oldstate = read::<i32>(ctx, layout.oldstate)? as u16;
-    let newstate = read::<i32>(ctx, layout.newstate)? as u16;
-    let sport: u16 = read(ctx, layout.sport)?;
-    let dport: u16 = read(ctx, layout.dport)?;
+    let skaddr: u64 = record.get(layout.skaddr);
+    let oldstate = record.get::<i32>(layout.oldstate) as u16;
+    let newstate = record.get::<i32>(layout.newstate) as u16;
+    let sport: u16 = record.get(layout.sport);
+    let dport: u16 = record.get(layout.dport);
     let now = unsafe { bpf_ktime_get_ns() };
 
     // The owner. Only connect() and listen() run in the owner's context for sure; everything else
@@ -286,58 +271,51 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), ()> {
     if filters & TRACE_STATES == 0 || !tracked || !ports_wanted(filters, sport, dport) {
         return Ok(());
     }
-    let ends = read_endpoints(
-        ctx,
+    let (saddr, daddr) = addresses(
+        &record,
         family,
-        sport,
-        dport,
         (layout.saddr, layout.daddr),
         (layout.saddr_v6, layout.daddr_v6),
-    )?;
-    emit(&config, |event| {
-        fill_common(event, now, skaddr, &owner, &ends);
-        event.kind = KIND_STATE;
-        event.oldstate = oldstate;
-        event.newstate = newstate;
-        event.retransmits = retransmits;
-        if since_ns != 0 {
-            event.duration_ns = now.saturating_sub(since_ns);
-            event.flags |= EVENT_HAS_DURATION;
-        }
-    });
+    );
+    emit(
+        &config,
+        Event {
+            ts_ns: now,
+            skaddr,
+            duration_ns: now.saturating_sub(since_ns),
+            saddr,
+            daddr,
+            comm: owner.comm,
+            pid: owner.pid,
+            retransmits,
+            err: 0,
+            kind: KIND_STATE,
+            flags: if since_ns != 0 { EVENT_HAS_DURATION } else { 0 },
+            family,
+            sport,
+            dport,
+            oldstate,
+            newstate,
+            _pad: [0; 3],
+        },
+    );
     Ok(())
 }
 
 #[inline(always)]
-fn fill_common(event: &mut Event, now: u64, skaddr: u64, owner: &Owner, ends: &Endpoints) {
-    event.ts_ns = now;
-    event.skaddr = skaddr;
-    event.pid = owner.pid;
-    event.comm = owner.comm;
-    event.family = ends.family;
-    event.sport = ends.sport;
-    event.dport = ends.dport;
-    event.saddr = ends.saddr;
-    event.daddr = ends.daddr;
-}
-
-#[inline(always)]
-fn try_retransmit(
-    ctx: &TracePointContext,
-    config: &Config,
-    layout: &RetransmitLayout,
-    kind: u16,
-) -> Result<(), ()> {
+fn try_retransmit(ctx: &TracePointContext, layout: &RetransmitLayout, kind: u16) -> Result<(), ()> {
+    let config = CONFIG.load();
     let filters = config.filters;
     if filters & TRACE_RETRANSMITS == 0 {
         return Ok(());
     }
-    let skaddr: u64 = read(ctx, layout.skaddr)?;
+    let record = Record::copy(ctx, layout.record_size)?;
+    let skaddr: u64 = record.get(layout.skaddr);
     let family = if layout.family != FIELD_ABSENT {
-        read(ctx, layout.family)?
+        record.get(layout.family)
     } else {
         // Before 5.12 the tracepoint had no family: an IPv4 socket shows a v4-mapped IPv6 address.
-        let v6: [u8; 16] = read(ctx, layout.saddr_v6)?;
+        let v6: [u8; 16] = record.get(layout.saddr_v6);
         if v6[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] {
             AF_INET
         } else {
@@ -347,8 +325,8 @@ fn try_retransmit(
     if !family_wanted(filters, family) {
         return Ok(());
     }
-    let sport: u16 = read(ctx, layout.sport)?;
-    let dport: u16 = read(ctx, layout.dport)?;
+    let sport: u16 = record.get(layout.sport);
+    let dport: u16 = record.get(layout.dport);
 
     // Retransmits fire from the kernel's timers, where "current" is unrelated to the socket: the
     // owner comes from the per-socket state, or for a SYN-ACK from the listener.
@@ -376,37 +354,45 @@ fn try_retransmit(
     let state = if kind == KIND_RETRANSMIT_SYNACK {
         Some(tcp_state::SYN_RECV)
     } else if layout.state != FIELD_ABSENT {
-        Some(read::<i32>(ctx, layout.state)? as u16)
+        Some(record.get::<i32>(layout.state) as u16)
     } else {
         None
     };
     let err = if layout.err != FIELD_ABSENT {
-        Some(read::<i32>(ctx, layout.err)?)
+        Some(record.get::<i32>(layout.err))
     } else {
         None
     };
-    let ends = read_endpoints(
-        ctx,
+    let (saddr, daddr) = addresses(
+        &record,
         family,
-        sport,
-        dport,
         (layout.saddr, layout.daddr),
         (layout.saddr_v6, layout.daddr_v6),
-    )?;
+    );
     let now = unsafe { bpf_ktime_get_ns() };
-    emit(config, |event| {
-        fill_common(event, now, skaddr, &owner, &ends);
-        event.kind = kind;
-        event.retransmits = retransmits;
-        if let Some(state) = state {
-            event.oldstate = state;
-            event.flags |= EVENT_HAS_STATE;
-        }
-        if let Some(err) = err {
-            event.err = err;
-            event.flags |= EVENT_HAS_ERR;
-        }
-    });
+    emit(
+        &config,
+        Event {
+            ts_ns: now,
+            skaddr,
+            duration_ns: 0,
+            saddr,
+            daddr,
+            comm: owner.comm,
+            pid: owner.pid,
+            retransmits,
+            err: err.unwrap_or(0),
+            kind,
+            flags: if state.is_some() { EVENT_HAS_STATE } else { 0 }
+                | if err.is_some() { EVENT_HAS_ERR } else { 0 },
+            family,
+            sport,
+            dport,
+            oldstate: state.unwrap_or(0),
+            newstate: 0,
+            _pad: [0; 3],
+        },
+    );
     Ok(())
 }
 

@@ -11,7 +11,8 @@ use aya::{
 };
 use tcptrace_common::{
     CONFIG_GLOBAL, Config, DROP_RINGBUF_FULL, DROPS_MAP, EVENTS_MAP, PID_FILTER_MAP,
-    PORT_FILTER_MAP, SOCKETS_MAP, TRACE_RETRANSMITS,
+    PORT_FILTER_MAP, RETRANSMIT_LAYOUT_GLOBAL, RetransmitLayout, SOCKETS_MAP, STATE_LAYOUT_GLOBAL,
+    SYNACK_LAYOUT_GLOBAL, TRACE_RETRANSMITS,
 };
 
 use crate::{filter::Filters, tracefs};
@@ -83,22 +84,23 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
     } = *settings;
     let retransmits = filters.bits & TRACE_RETRANSMITS != 0;
 
-    let mut config = Config {
+    let config = Config {
         filters: filters.bits,
         // Wake the reader only once a quarter of the buffer waits; it drains on a timer otherwise.
         wakeup_bytes: ring_buffer_bytes / 4,
-        ..Config::default()
     };
     // Always needed: the state program keeps the socket owners that retransmit lines carry.
-    config.state = layout(
+    let state_layout = layout(
         tracefs,
         "sock",
         "inet_sock_set_state",
         tracefs::Format::state_layout,
     )?;
+    let mut retransmit_layout = RetransmitLayout::default();
+    let mut synack_layout = RetransmitLayout::default();
     let mut synack_present = false;
     if retransmits {
-        config.retransmit = layout(
+        retransmit_layout = layout(
             tracefs,
             "tcp",
             "tcp_retransmit_skb",
@@ -111,7 +113,7 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
             tracefs::Format::retransmit_layout,
         ) {
             Ok(synack) => {
-                config.synack = synack;
+                synack_layout = synack;
                 synack_present = true;
             }
             Err(e) => eprintln!("tcptrace: warning: SYN-ACK retransmits not traced: {e:#}"),
@@ -121,6 +123,9 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
     raise_memlock_limit();
     let mut ebpf = EbpfLoader::new()
         .override_global(CONFIG_GLOBAL, &config, true)
+        .override_global(STATE_LAYOUT_GLOBAL, &state_layout, true)
+        .override_global(RETRANSMIT_LAYOUT_GLOBAL, &retransmit_layout, true)
+        .override_global(SYNACK_LAYOUT_GLOBAL, &synack_layout, true)
         .map_max_entries(EVENTS_MAP, ring_buffer_bytes)
         .map_max_entries(SOCKETS_MAP, max_sockets)
         .load(EBPF_OBJECT)

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use tcptrace_common::{FIELD_ABSENT, RetransmitLayout, StateLayout};
+use tcptrace_common::{FIELD_ABSENT, RECORD_START, RECORD_WINDOW, RetransmitLayout, StateLayout};
 
 /// Where tracefs is mounted on current systems, and where aya looks for it first.
 const TRACEFS: &str = "/sys/kernel/tracing";
@@ -65,6 +65,14 @@ pub fn read_format(tracefs: &Path, category: &str, name: &str) -> anyhow::Result
     Format::parse(&text).with_context(|| format!("failed to parse {}", path.display()))
 }
 
+const STATE_FIELDS: [&str; 11] = [
+    "skaddr", "oldstate", "newstate", "sport", "dport", "family", "protocol", "saddr", "daddr",
+    "saddr_v6", "daddr_v6",
+];
+const RETRANSMIT_FIELDS: [&str; 10] = [
+    "skaddr", "sport", "dport", "saddr", "daddr", "saddr_v6", "daddr_v6", "state", "family", "err",
+];
+
 /// One field of a tracepoint record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Field {
@@ -94,8 +102,8 @@ pub enum FormatError {
         size: usize,
         expected: &'static str,
     },
-    #[error("field `{0}` lies beyond the offsets the loader can express")]
-    OffsetTooLarge(&'static str),
+    #[error("field `{0}` lies outside the first {end} bytes of the record, which is all tcptrace reads", end = RECORD_START + RECORD_WINDOW)]
+    OutOfWindow(&'static str),
 }
 
 impl Format {
@@ -170,10 +178,23 @@ impl Format {
                 expected,
             });
         }
-        match u16::try_from(field.offset) {
-            Ok(offset) if offset != FIELD_ABSENT => Ok(Some(offset)),
-            _ => Err(FormatError::OffsetTooLarge(name)),
+        // The eBPF side reads a window of the record; a field outside it cannot be read.
+        if field.offset < RECORD_START || field.offset + field.size > RECORD_START + RECORD_WINDOW {
+            return Err(FormatError::OutOfWindow(name));
         }
+        Ok(Some(field.offset as u16))
+    }
+
+    /// Bytes from `RECORD_START` to the end of the last of `names` this format has.
+    fn record_size(&self, names: &[&str]) -> u16 {
+        let end = names
+            .iter()
+            .filter_map(|name| self.field(name))
+            .map(|field| field.offset + field.size)
+            .max()
+            .unwrap_or(RECORD_START);
+        // In range: every field used was checked against the window.
+        (end.saturating_sub(RECORD_START)) as u16
     }
 
     /// The layout of `sock:inet_sock_set_state`.
@@ -192,6 +213,8 @@ impl Format {
             daddr: self.offset("daddr", &[4], "4")?,
             saddr_v6: self.offset("saddr_v6", &[16], "16")?,
             daddr_v6: self.offset("daddr_v6", &[16], "16")?,
+            record_size: self.record_size(&STATE_FIELDS),
+            _pad: 0,
         })
     }
 
@@ -213,6 +236,8 @@ impl Format {
             state: optional("state", &[4], "4")?,
             family: optional("family", &[2], "2")?,
             err: optional("err", &[4], "4")?,
+            record_size: self.record_size(&RETRANSMIT_FIELDS),
+            _pad: 0,
         })
     }
 }
@@ -250,6 +275,8 @@ mod tests {
                 daddr: 36,
                 saddr_v6: 40,
                 daddr_v6: 56,
+                record_size: 64,
+                _pad: 0,
             }
         );
     }
@@ -338,6 +365,27 @@ mod tests {
             Err(FormatError::Malformed { line: 1 })
         );
         let far = "\tfield:const void * skaddr;\toffset:99999;\tsize:8;\n";
-        assert!(Format::parse(far).unwrap().field("skaddr").is_some());
+        assert_eq!(
+            Format::parse(far).unwrap().retransmit_layout(),
+            Err(FormatError::OutOfWindow("skaddr"))
+        );
+        let header = "\tfield:const void * skaddr;\toffset:4;\tsize:8;\n";
+        assert_eq!(
+            Format::parse(header).unwrap().retransmit_layout(),
+            Err(FormatError::OutOfWindow("skaddr"))
+        );
+    }
+
+    #[test]
+    fn record_sizes_cover_the_last_field_used() {
+        let size = |name| fixture(name).retransmit_layout().unwrap().record_size;
+        assert_eq!(size("tcp_retransmit_skb-6.18.format"), 80 - 8);
+        assert_eq!(size("tcp_retransmit_skb-6.1.format"), 74 - 8);
+        assert_eq!(size("tcp_retransmit_skb-4.19.format"), 68 - 8);
+        assert_eq!(size("tcp_retransmit_synack-6.18.format"), 70 - 8);
+        let state = fixture("inet_sock_set_state-5.4.format")
+            .state_layout()
+            .unwrap();
+        assert_eq!(state.record_size, 71 - 8);
     }
 }
