@@ -88,6 +88,16 @@ pub const RECORD_WINDOW: usize = 128;
 /// An offset value meaning "this kernel's tracepoint has no such field".
 pub const FIELD_ABSENT: u16 = u16::MAX;
 
+/// Sixteen bytes (an address, a command name), 8-byte aligned so that both sides copy them as
+/// two words: the eBPF target otherwise copies byte by byte.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bytes16(pub [u8; 16]);
+
+impl Bytes16 {
+    pub const ZERO: Self = Self([0; 16]);
+}
+
 /// Where `sock:inet_sock_set_state` keeps each field on the running kernel, read from its tracefs
 /// `format` file.
 #[repr(C)]
@@ -160,11 +170,11 @@ pub struct Event {
     /// Time spent in `oldstate`, valid with `EVENT_HAS_DURATION`.
     pub duration_ns: u64,
     /// Local address: IPv4 in the first 4 bytes, network order.
-    pub saddr: [u8; 16],
+    pub saddr: Bytes16,
     /// Remote address.
-    pub daddr: [u8; 16],
+    pub daddr: Bytes16,
     /// Owner's command name, NUL-padded; all zero when the owner was never seen.
-    pub comm: [u8; 16],
+    pub comm: Bytes16,
     /// Owner's process id (tgid); 0 when the owner was never seen.
     pub pid: u32,
     /// Retransmits seen for this socket while traced.
@@ -180,11 +190,11 @@ pub struct Event {
     pub sport: u16,
     /// Remote port, host order.
     pub dport: u16,
+    pub _pad: u16,
     /// State left (transitions) or current state (retransmits, valid with `EVENT_HAS_STATE`).
-    pub oldstate: u16,
+    pub oldstate: u32,
     /// State entered (transitions).
-    pub newstate: u16,
-    pub _pad: [u16; 3],
+    pub newstate: u32,
 }
 const _: () = assert!(size_of::<Event>() == 104);
 
@@ -194,7 +204,7 @@ const _: () = assert!(size_of::<Event>() == 104);
 pub struct SocketState {
     /// When the socket entered its current state (`CLOCK_MONOTONIC` ns); 0 when unknown.
     pub since_ns: u64,
-    pub comm: [u8; 16],
+    pub comm: Bytes16,
     pub pid: u32,
     pub retransmits: u32,
 }
@@ -206,7 +216,7 @@ const _: () = assert!(size_of::<SocketState>() == 32);
 pub struct ListenerOwner {
     /// The listening socket, so only its own close removes the entry.
     pub skaddr: u64,
-    pub comm: [u8; 16],
+    pub comm: Bytes16,
     pub pid: u32,
     pub _pad: u32,
 }
@@ -225,16 +235,16 @@ mod user {
 
 /// Kernel TCP state numbers (`include/net/tcp_states.h`); the eBPF side acts on a few of them.
 pub mod tcp_state {
-    pub const ESTABLISHED: u16 = 1;
-    pub const SYN_SENT: u16 = 2;
-    pub const SYN_RECV: u16 = 3;
-    pub const FIN_WAIT1: u16 = 4;
-    pub const FIN_WAIT2: u16 = 5;
-    pub const TIME_WAIT: u16 = 6;
-    pub const CLOSE: u16 = 7;
-    pub const CLOSE_WAIT: u16 = 8;
-    pub const LAST_ACK: u16 = 9;
-    pub const LISTEN: u16 = 10;
-    pub const CLOSING: u16 = 11;
-    pub const NEW_SYN_RECV: u16 = 12;
+    pub const ESTABLISHED: u32 = 1;
+    pub const SYN_SENT: u32 = 2;
+    pub const SYN_RECV: u32 = 3;
+    pub const FIN_WAIT1: u32 = 4;
+    pub const FIN_WAIT2: u32 = 5;
+    pub const TIME_WAIT: u32 = 6;
+    pub const CLOSE: u32 = 7;
+    pub const CLOSE_WAIT: u32 = 8;
+    pub const LAST_ACK: u32 = 9;
+    pub const LISTEN: u32 = 10;
+    pub const CLOSING: u32 = 11;
+    pub const NEW_SYN_RECV: u32 = 12;
 }

@@ -12,19 +12,19 @@ mod record;
 use aya_ebpf::{
     Global,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated as gen_helpers},
     macros::{map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use record::Record;
 use tcptrace_common::{
-    AF_INET, AF_INET6, Config, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BUFFER_BYTES, DROP_RINGBUF_FULL,
-    DROP_SLOTS, DROP_SOCKETS_FULL, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, Event,
-    FIELD_ABSENT, FILTER_IPV4, FILTER_IPV6, FILTER_PID, FILTER_PORT, IPPROTO_TCP, KIND_RETRANSMIT,
-    KIND_RETRANSMIT_SYNACK, KIND_STATE, ListenerOwner, MAX_FILTER_ENTRIES, MAX_LISTENERS,
-    PORT_LOCAL, PORT_REMOTE, RetransmitLayout, SocketState, StateLayout, TRACE_RETRANSMITS,
-    TRACE_STATES, tcp_state,
+    AF_INET, AF_INET6, Bytes16, Config, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BUFFER_BYTES,
+    DROP_RINGBUF_FULL, DROP_SLOTS, DROP_SOCKETS_FULL, EVENT_HAS_DURATION, EVENT_HAS_ERR,
+    EVENT_HAS_STATE, Event, FIELD_ABSENT, FILTER_IPV4, FILTER_IPV6, FILTER_PID, FILTER_PORT,
+    IPPROTO_TCP, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_STATE, ListenerOwner,
+    MAX_FILTER_ENTRIES, MAX_LISTENERS, PORT_LOCAL, PORT_REMOTE, RetransmitLayout, SocketState,
+    StateLayout, TRACE_RETRANSMITS, TRACE_STATES, tcp_state,
 };
 
 #[unsafe(no_mangle)]
@@ -64,12 +64,12 @@ static PORT_FILTER: HashMap<u16, u8> = HashMap::with_max_entries(MAX_FILTER_ENTR
 #[derive(Clone, Copy)]
 struct Owner {
     pid: u32,
-    comm: [u8; 16],
+    comm: Bytes16,
 }
 
 const UNKNOWN_OWNER: Owner = Owner {
     pid: 0,
-    comm: [0; 16],
+    comm: Bytes16::ZERO,
 };
 
 #[tracepoint]
@@ -121,8 +121,18 @@ fn owner_wanted(filters: u32, pid: u32) -> bool {
 fn current_owner() -> Owner {
     Owner {
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        comm: current_comm(),
     }
+}
+
+/// The current task's comm, written straight into an aligned buffer (the generic helper
+/// zeroes a byte array first, a byte loop on this target).
+#[inline(always)]
+fn current_comm() -> Bytes16 {
+    let mut comm = Bytes16::ZERO;
+    // SAFETY: the buffer holds 16 bytes; on failure the helper zeroes it.
+    unsafe { gen_helpers::bpf_get_current_comm(comm.0.as_mut_ptr().cast(), 16) };
+    comm
 }
 
 #[inline(always)]
@@ -135,15 +145,18 @@ fn count_drop(slot: u32) {
 
 /// Local and remote address of an event, IPv4 in the first four bytes.
 #[inline(always)]
-fn addresses(record: &Record, family: u16, v4: (u16, u16), v6: (u16, u16)) -> ([u8; 16], [u8; 16]) {
+fn addresses(record: &Record, family: u16, v4: (u16, u16), v6: (u16, u16)) -> (Bytes16, Bytes16) {
     if family == AF_INET {
-        let mut saddr = [0u8; 16];
-        let mut daddr = [0u8; 16];
-        saddr[..4].copy_from_slice(&record.get::<[u8; 4]>(v4.0));
-        daddr[..4].copy_from_slice(&record.get::<[u8; 4]>(v4.1));
-        (saddr, daddr)
+        // Built from words: the address bytes stay in network order whatever the endianness.
+        let word = |offset| {
+            // SAFETY: any 16 bytes are a valid Bytes16.
+            unsafe {
+                core::mem::transmute::<[u32; 4], Bytes16>([record.get::<u32>(offset), 0, 0, 0])
+            }
+        };
+        (word(v4.0), word(v4.1))
     } else {
-        (record.get(v6.0), record.get(v6.1))
+        (Bytes16(record.get(v6.0)), Bytes16(record.get(v6.1)))
     }
 }
 
@@ -168,7 +181,8 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), ()> {
     let config = CONFIG.load();
     let filters = config.filters;
     let layout = &STATE_LAYOUT.load();
-    let record = Record::copy(ctx, layout.record_size)?;
+    let mut record = Record::uninit();
+    record.fill(ctx, layout.record_size)?;
     // Cheapest checks first: SCTP, MPTCP and others fire this tracepoint too.
     let protocol = if layout.protocol_size == 1 {
         u16::from(record.get::<u8>(layout.protocol))
@@ -183,8 +197,8 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), ()> {
         return Ok(());
     }
     let skaddr: u64 = record.get(layout.skaddr);
-    let oldstate = record.get::<i32>(layout.oldstate) as u16;
-    let newstate = record.get::<i32>(layout.newstate) as u16;
+    let oldstate = record.get::<i32>(layout.oldstate) as u32;
+    let newstate = record.get::<i32>(layout.newstate) as u32;
     let sport: u16 = record.get(layout.sport);
     let dport: u16 = record.get(layout.dport);
     let now = unsafe { bpf_ktime_get_ns() };
@@ -296,7 +310,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), ()> {
             dport,
             oldstate,
             newstate,
-            _pad: [0; 3],
+            _pad: 0,
         },
     );
     Ok(())
@@ -309,7 +323,8 @@ fn try_retransmit(ctx: &TracePointContext, layout: &RetransmitLayout, kind: u16)
     if filters & TRACE_RETRANSMITS == 0 {
         return Ok(());
     }
-    let record = Record::copy(ctx, layout.record_size)?;
+    let mut record = Record::uninit();
+    record.fill(ctx, layout.record_size)?;
     let skaddr: u64 = record.get(layout.skaddr);
     let family = if layout.family != FIELD_ABSENT {
         record.get(layout.family)
@@ -354,7 +369,7 @@ fn try_retransmit(ctx: &TracePointContext, layout: &RetransmitLayout, kind: u16)
     let state = if kind == KIND_RETRANSMIT_SYNACK {
         Some(tcp_state::SYN_RECV)
     } else if layout.state != FIELD_ABSENT {
-        Some(record.get::<i32>(layout.state) as u16)
+        Some(record.get::<i32>(layout.state) as u32)
     } else {
         None
     };
@@ -390,7 +405,7 @@ fn try_retransmit(ctx: &TracePointContext, layout: &RetransmitLayout, kind: u16)
             dport,
             oldstate: state.unwrap_or(0),
             newstate: 0,
-            _pad: [0; 3],
+            _pad: 0,
         },
     );
     Ok(())

@@ -8,7 +8,7 @@ use tcptrace::{
     event::{WallClock, decode},
     output::Formatter,
 };
-use tcptrace_common::{AF_INET, AF_INET6, EVENT_HAS_DURATION, Event, KIND_STATE};
+use tcptrace_common::{AF_INET, AF_INET6, Bytes16, EVENT_HAS_DURATION, Event, KIND_STATE};
 
 fn main() {
     let events: u64 = std::env::args()
@@ -23,29 +23,33 @@ fn main() {
                 ts_ns: 1_000_000_000 + u64::from(i) * 1_000,
                 skaddr: 0xffff_8881_0698_0000 + u64::from(i) * 0x40,
                 duration_ns: 12_345 * u64::from(i),
-                comm: *b"nginx-worker\0\0\0\0",
+                comm: Bytes16(*b"nginx-worker\0\0\0\0"),
                 pid: 31_337,
                 kind: KIND_STATE,
                 flags: EVENT_HAS_DURATION,
                 family: if v6 { AF_INET6 } else { AF_INET },
                 sport: 40_000 + i,
                 dport: 443,
-                oldstate: 1 + i % 11,
-                newstate: 1 + (i + 1) % 11,
+                oldstate: 1 + u32::from(i % 11),
+                newstate: 1 + u32::from((i + 1) % 11),
                 ..Event::default()
             };
             if v6 {
-                raw.saddr = "2001:db8::1"
-                    .parse::<std::net::Ipv6Addr>()
-                    .unwrap()
-                    .octets();
-                raw.daddr = "2001:db8::beef"
-                    .parse::<std::net::Ipv6Addr>()
-                    .unwrap()
-                    .octets();
+                raw.saddr = Bytes16(
+                    "2001:db8::1"
+                        .parse::<std::net::Ipv6Addr>()
+                        .unwrap()
+                        .octets(),
+                );
+                raw.daddr = Bytes16(
+                    "2001:db8::beef"
+                        .parse::<std::net::Ipv6Addr>()
+                        .unwrap()
+                        .octets(),
+                );
             } else {
-                raw.saddr[..4].copy_from_slice(&[10, 1, 2, 3]);
-                raw.daddr[..4].copy_from_slice(&[192, 168, 100, 200]);
+                raw.saddr.0[..4].copy_from_slice(&[10, 1, 2, 3]);
+                raw.daddr.0[..4].copy_from_slice(&[192, 168, 100, 200]);
             }
             // SAFETY: plain data viewed as bytes.
             unsafe { std::slice::from_raw_parts((&raw const raw).cast::<u8>(), size_of::<Event>()) }

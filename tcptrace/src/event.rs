@@ -6,8 +6,8 @@ use std::{
 };
 
 use tcptrace_common::{
-    AF_INET, AF_INET6, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, Event, KIND_RETRANSMIT,
-    KIND_RETRANSMIT_SYNACK, KIND_STATE, tcp_state,
+    AF_INET, AF_INET6, Bytes16, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, Event,
+    KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_STATE, tcp_state,
 };
 
 /// A kernel TCP state; numbers this build does not know are kept as `Unknown`.
@@ -25,11 +25,11 @@ pub enum TcpState {
     Listen,
     Closing,
     NewSynRecv,
-    Unknown(u16),
+    Unknown(u32),
 }
 
-impl From<u16> for TcpState {
-    fn from(n: u16) -> Self {
+impl From<u32> for TcpState {
+    fn from(n: u32) -> Self {
         match n {
             tcp_state::ESTABLISHED => Self::Established,
             tcp_state::SYN_SENT => Self::SynSent,
@@ -171,9 +171,9 @@ pub fn decode(bytes: &[u8]) -> Result<TcpEvent, DecodeError> {
         ts_ns,
         skaddr,
         duration_ns,
-        saddr,
-        daddr,
-        comm,
+        saddr: Bytes16(saddr),
+        daddr: Bytes16(daddr),
+        comm: Bytes16(comm),
         pid,
         retransmits,
         err,
@@ -274,14 +274,14 @@ pub mod tests {
     use super::*;
 
     /// A raw record as the kernel side would write it.
-    pub fn raw_state(old: u16, new: u16) -> Event {
+    pub fn raw_state(old: u32, new: u32) -> Event {
         Event {
             ts_ns: 5_000_000_000,
             skaddr: 0xffff_8880_1234_5678,
             duration_ns: 1_500_000,
-            saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            daddr: [127, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+            saddr: Bytes16([127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            daddr: Bytes16([127, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            comm: Bytes16(*b"curl\0\0\0\0\0\0\0\0\0\0\0\0"),
             pid: 4242,
             kind: KIND_STATE,
             flags: EVENT_HAS_DURATION,
@@ -338,7 +338,7 @@ pub mod tests {
     fn decodes_ipv6_and_unknown_states() {
         let mut raw = raw_state(99, tcp_state::CLOSE);
         raw.family = AF_INET6;
-        raw.saddr = Ipv6Addr::LOCALHOST.octets();
+        raw.saddr = Bytes16(Ipv6Addr::LOCALHOST.octets());
         let event = decode(&bytes(&raw)).unwrap();
         assert_eq!(event.saddr.to_string(), "::1");
         let Kind::State { old, .. } = event.kind else {

@@ -98,17 +98,14 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
         "tcptrace bench: {} pairs of {:.1} s, loopback churn, JSON lines to a file",
         options.pairs, options.seconds
     );
+    let pairs = ratios
+        .iter()
+        .map(|r| format!("{r:.3}"))
+        .collect::<Vec<_>>()
+        .join(" ");
     println!(
-        "{:<44} {}",
-        "traced/untraced connections per second",
-        format!(
-            "{median:.3} (median; pairs: {})",
-            ratios
-                .iter()
-                .map(|r| format!("{r:.3}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        )
+        "{:<44} {median:.3} (median; pairs: {pairs})",
+        "traced/untraced connections per second"
     );
     println!("{:<44} {written} of {expected} expected", "events written");
     println!("{:<44} {lost}", "events lost");

@@ -125,7 +125,7 @@ fn string(out: &mut Vec<u8>, s: &str) {
 mod tests {
     use serde_json::Value;
     use tcptrace_common::{
-        AF_INET6, EVENT_HAS_STATE, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, tcp_state,
+        AF_INET6, Bytes16, EVENT_HAS_STATE, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, tcp_state,
     };
 
     use super::*;
@@ -170,8 +170,8 @@ mod tests {
         raw.kind = KIND_RETRANSMIT;
         raw.flags = EVENT_HAS_STATE;
         raw.family = AF_INET6;
-        raw.saddr = std::net::Ipv6Addr::LOCALHOST.octets();
-        raw.daddr = "fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        raw.saddr = Bytes16(std::net::Ipv6Addr::LOCALHOST.octets());
+        raw.daddr = Bytes16("fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets());
         let v: Value = serde_json::from_str(&line(&raw)).unwrap();
         assert_eq!(v["type"], "retransmit");
         assert_eq!(v["state"], "SYN_SENT");
@@ -202,8 +202,8 @@ mod tests {
         ];
         for comm in hostile {
             let mut raw = raw_state(tcp_state::ESTABLISHED, tcp_state::FIN_WAIT1);
-            raw.comm = [0; 16];
-            raw.comm[..comm.len().min(16)].copy_from_slice(&comm[..comm.len().min(16)]);
+            raw.comm = Bytes16::ZERO;
+            raw.comm.0[..comm.len().min(16)].copy_from_slice(&comm[..comm.len().min(16)]);
             let text = line(&raw);
             assert_eq!(text.matches('\n').count(), 1, "{text:?}");
             assert!(text.ends_with('\n'));

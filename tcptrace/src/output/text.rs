@@ -162,7 +162,7 @@ mod tests {
     fn hostile_comm_keeps_one_line_and_the_columns() {
         let text = Text::new(false, true);
         let mut raw = raw_state(tcp_state::ESTABLISHED, tcp_state::FIN_WAIT1);
-        raw.comm = *b"a b\nc\td\x1b\xff\xfe  zz\0\0";
+        raw.comm = tcptrace_common::Bytes16(*b"a b\nc\td\x1b\xff\xfe  zz\0\0");
         let out = line(&text, &raw);
         assert_eq!(out.matches('\n').count(), 1);
         assert_eq!(out.split_whitespace().count(), 10, "{out:?}");
