@@ -3,7 +3,7 @@
 
 use std::io::Write as _;
 
-use super::Utc;
+use super::write;
 use crate::event::{Kind, TcpEvent, TcpState};
 
 pub fn event(out: &mut Vec<u8>, event: &TcpEvent, wall_ns: u64) {
@@ -24,13 +24,22 @@ pub fn event(out: &mut Vec<u8>, event: &TcpEvent, wall_ns: u64) {
         Kind::Retransmit { .. } | Kind::RetransmitSynack => b"{\"type\":\"retransmit\",\"time\":",
     });
     time(out, wall_ns);
-    let _ = write!(out, ",\"pid\":{pid},\"comm\":");
+    out.extend_from_slice(b",\"pid\":");
+    write::uint(out, pid);
+    out.extend_from_slice(b",\"comm\":");
     string(out, &String::from_utf8_lossy(event.comm_bytes()));
-    let family = if event.is_ipv6() { "ipv6" } else { "ipv4" };
-    let _ = write!(
-        out,
-        ",\"family\":\"{family}\",\"saddr\":\"{saddr}\",\"sport\":{sport},\"daddr\":\"{daddr}\",\"dport\":{dport}"
-    );
+    out.extend_from_slice(if event.is_ipv6() {
+        b",\"family\":\"ipv6\",\"saddr\":\""
+    } else {
+        b",\"family\":\"ipv4\",\"saddr\":\""
+    });
+    write::ip(out, saddr);
+    out.extend_from_slice(b"\",\"sport\":");
+    write::uint(out, sport);
+    out.extend_from_slice(b",\"daddr\":\"");
+    write::ip(out, daddr);
+    out.extend_from_slice(b"\",\"dport\":");
+    write::uint(out, dport);
     match kind {
         Kind::State {
             old,
@@ -43,12 +52,14 @@ pub fn event(out: &mut Vec<u8>, event: &TcpEvent, wall_ns: u64) {
             state(out, new);
             match duration_ns {
                 Some(ns) => {
-                    let _ = write!(out, ",\"duration_ns\":{ns}");
+                    out.extend_from_slice(b",\"duration_ns\":");
+                    write::uint(out, ns);
                 }
                 None => out.extend_from_slice(b",\"duration_ns\":null"),
             }
             if new == TcpState::Close {
-                let _ = write!(out, ",\"retransmits\":{retransmits}");
+                out.extend_from_slice(b",\"retransmits\":");
+                write::uint(out, retransmits);
             }
         }
         Kind::Retransmit {
@@ -61,7 +72,8 @@ pub fn event(out: &mut Vec<u8>, event: &TcpEvent, wall_ns: u64) {
                 state(out, socket_state);
             }
             if let Some(err) = err {
-                let _ = write!(out, ",\"err\":{err}");
+                out.extend_from_slice(b",\"err\":");
+                write::uint(out, err);
             }
             out.extend_from_slice(b",\"synack\":false");
         }
@@ -69,39 +81,49 @@ pub fn event(out: &mut Vec<u8>, event: &TcpEvent, wall_ns: u64) {
             out.extend_from_slice(b",\"state\":\"SYN_RECV\",\"synack\":true");
         }
     }
-    let _ = writeln!(out, ",\"skaddr\":\"{skaddr:#x}\"}}");
+    out.extend_from_slice(b",\"skaddr\":\"");
+    write::hex(out, skaddr);
+    out.extend_from_slice(b"\"}\n");
 }
 
 pub fn lost(out: &mut Vec<u8>, wall_ns: u64, count: u64) {
     out.extend_from_slice(b"{\"type\":\"lost\",\"time\":");
     time(out, wall_ns);
-    let _ = writeln!(out, ",\"count\":{count}}}");
+    out.extend_from_slice(b",\"count\":");
+    write::uint(out, count);
+    out.extend_from_slice(b"}\n");
 }
 
 fn state(out: &mut Vec<u8>, state: TcpState) {
-    let _ = write!(out, "\"{state}\"");
+    match state.name() {
+        Some(name) => {
+            out.push(b'"');
+            out.extend_from_slice(name.as_bytes());
+            out.push(b'"');
+        }
+        None => {
+            let _ = write!(out, "\"{state}\"");
+        }
+    }
 }
 
-/// RFC 3339, UTC, nanoseconds: `"2026-11-25T13:45:07.000000042Z"`.
 fn time(out: &mut Vec<u8>, wall_ns: u64) {
-    let Utc {
-        year,
-        month,
-        day,
-        hour,
-        minute,
-        second,
-        nanos,
-    } = Utc::from_unix_ns(wall_ns);
-    let _ = write!(
-        out,
-        "\"{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{nanos:09}Z\""
-    );
+    out.push(b'"');
+    write::rfc3339(out, wall_ns);
+    out.push(b'"');
 }
 
 /// A JSON string: quotes, backslashes and control characters escaped.
 fn string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
+    // The usual comm needs no escaping: copy it whole.
+    if s.bytes()
+        .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b != 0x7f)
+    {
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.extend_from_slice(b"\\\""),

@@ -3,6 +3,7 @@
 mod destination;
 pub mod json;
 pub mod text;
+mod write;
 
 pub use destination::Destination;
 
