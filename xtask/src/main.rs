@@ -42,6 +42,10 @@ enum Task {
         /// A short smoke run (one pair of one second) that checks every event is accounted for.
         #[arg(long)]
         quick: bool,
+        /// Leave the client and server threads unpinned (by default they are pinned to CPUs 0
+        /// and 1, so that the workload keeps every core busy).
+        #[arg(long)]
+        no_pin: bool,
     },
     /// Set up, build the release binary and run it with these arguments.
     Run {
@@ -77,26 +81,32 @@ fn run(args: Args) -> anyhow::Result<()> {
                 "tcptrace-common",
             ];
             test.extend(args.iter().map(String::as_str));
-            cargo(&root, &test)
+            cargo(&root, &test)?;
+            if args.is_empty() {
+                // The benchmark's smoke run: it runs, and every event is accounted for.
+                bench::bench(&root, &bench::Options::QUICK)?;
+            }
+            Ok(())
         }
         Task::Bench {
             pairs,
             seconds,
             quick,
+            no_pin,
         } => {
             setup::setup()?;
             require_root("the benchmark loads eBPF programs")?;
             let options = if quick {
                 bench::Options {
-                    pairs: 1,
-                    seconds: 1.0,
-                    quick,
+                    pin: !no_pin,
+                    ..bench::Options::QUICK
                 }
             } else {
                 bench::Options {
                     pairs: pairs.max(1),
                     seconds,
                     quick,
+                    pin: !no_pin,
                 }
             };
             bench::bench(&root, &options)
