@@ -7,8 +7,8 @@
 
 /// Ring buffer carrying [`Event`] records to userspace.
 pub const EVENTS_MAP: &str = "EVENTS";
-/// Per-CPU counters of what the kernel side dropped, indexed by the `DROP_*` constants.
-pub const DROPS_MAP: &str = "DROPS";
+/// Per-CPU counters of the kernel side, indexed by the `COUNTER_*` constants.
+pub const COUNTERS_MAP: &str = "COUNTERS";
 /// Per-socket state (owner, last transition time, retransmits), LRU, keyed by socket address.
 pub const SOCKETS_MAP: &str = "SOCKETS";
 /// Owners of listening sockets keyed by local port, so passively opened sockets inherit them.
@@ -35,12 +35,16 @@ pub const MAX_LISTENERS: u32 = 4_096;
 /// Upper bound on the number of pids or ports a filter may hold.
 pub const MAX_FILTER_ENTRIES: u32 = 1_024;
 
-/// `DROPS` index: the ring buffer was full, the event is lost.
-pub const DROP_RINGBUF_FULL: u32 = 0;
-/// `DROPS` index: the per-socket map refused an insert (it evicts, so this is rare).
-pub const DROP_SOCKETS_FULL: u32 = 1;
-/// Number of `DROPS` slots.
-pub const DROP_SLOTS: u32 = 2;
+/// `COUNTERS` slot: events lost because the ring buffer was full.
+pub const COUNTER_RINGBUF_FULL: u32 = 0;
+/// `COUNTERS` slot: inserts the per-socket map refused (it evicts, so this is rare).
+pub const COUNTER_SOCKETS_FULL: u32 = 1;
+/// `COUNTERS` slot: sockets added to the per-socket map.
+pub const COUNTER_SOCKETS_ADDED: u32 = 2;
+/// `COUNTERS` slot: sockets removed from it at CLOSE.
+pub const COUNTER_SOCKETS_REMOVED: u32 = 3;
+/// Number of `COUNTERS` slots.
+pub const COUNTER_SLOTS: u32 = 4;
 
 /// `Event::kind`: a state transition (`sock:inet_sock_set_state`).
 pub const KIND_STATE: u16 = 1;

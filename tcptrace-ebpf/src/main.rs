@@ -19,12 +19,13 @@ use aya_ebpf::{
 };
 use record::Record;
 use tcptrace_common::{
-    AF_INET, AF_INET6, Bytes16, Config, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BUFFER_BYTES,
-    DROP_RINGBUF_FULL, DROP_SLOTS, DROP_SOCKETS_FULL, EVENT_HAS_DURATION, EVENT_HAS_ERR,
-    EVENT_HAS_STATE, Event, FIELD_ABSENT, FILTER_IPV4, FILTER_IPV6, FILTER_PID, FILTER_PORT,
-    IPPROTO_TCP, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_STATE, ListenerOwner,
-    MAX_FILTER_ENTRIES, MAX_LISTENERS, PORT_LOCAL, PORT_REMOTE, RetransmitLayout, SocketState,
-    StateLayout, TRACE_RETRANSMITS, TRACE_STATES, tcp_state,
+    AF_INET, AF_INET6, Bytes16, COUNTER_RINGBUF_FULL, COUNTER_SLOTS, COUNTER_SOCKETS_ADDED,
+    COUNTER_SOCKETS_FULL, COUNTER_SOCKETS_REMOVED, Config, DEFAULT_MAX_SOCKETS,
+    DEFAULT_RING_BUFFER_BYTES, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, Event,
+    FIELD_ABSENT, FILTER_IPV4, FILTER_IPV6, FILTER_PID, FILTER_PORT, IPPROTO_TCP, KIND_RETRANSMIT,
+    KIND_RETRANSMIT_SYNACK, KIND_STATE, ListenerOwner, MAX_FILTER_ENTRIES, MAX_LISTENERS,
+    PORT_LOCAL, PORT_REMOTE, RetransmitLayout, SocketState, StateLayout, TRACE_RETRANSMITS,
+    TRACE_STATES, tcp_state,
 };
 
 #[unsafe(no_mangle)]
@@ -46,7 +47,7 @@ static SYNACK_LAYOUT: Global<RetransmitLayout> = Global::new(unsafe { core::mem:
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
 
 #[map]
-static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_SLOTS, 0);
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
 #[map]
 static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
@@ -136,8 +137,8 @@ fn current_comm() -> Bytes16 {
 }
 
 #[inline(always)]
-fn count_drop(slot: u32) {
-    if let Some(counter) = DROPS.get_ptr_mut(slot) {
+fn count(slot: u32) {
+    if let Some(counter) = COUNTERS.get_ptr_mut(slot) {
         // SAFETY: a per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *counter += 1 };
     }
@@ -165,7 +166,7 @@ fn addresses(record: &Record, family: u16, v4: (u16, u16), v6: (u16, u16)) -> (B
 #[inline(always)]
 fn emit(config: &Config, event: Event) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
-        count_drop(DROP_RINGBUF_FULL);
+        count(COUNTER_RINGBUF_FULL);
         return;
     };
     entry.write(event);
@@ -246,8 +247,8 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), ()> {
     let tracked = owner_wanted(filters, owner.pid);
     if newstate == tcp_state::CLOSE {
         // Removed at CLOSE, so a reused socket address never inherits stale state.
-        if existing.is_some() {
-            let _ = SOCKETS.remove(skaddr);
+        if existing.is_some() && SOCKETS.remove(skaddr).is_ok() {
+            count(COUNTER_SOCKETS_REMOVED);
         }
         if oldstate == tcp_state::LISTEN
             && unsafe { LISTENERS.get(sport) }.is_some_and(|listener| listener.skaddr == skaddr)
@@ -265,8 +266,10 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), ()> {
             // SAFETY: as above; the kernel holds the socket lock across a transition.
             Some(slot) => unsafe { *slot = state },
             None => {
-                if SOCKETS.insert(skaddr, state, 0).is_err() {
-                    count_drop(DROP_SOCKETS_FULL);
+                if SOCKETS.insert(skaddr, state, 0).is_ok() {
+                    count(COUNTER_SOCKETS_ADDED);
+                } else {
+                    count(COUNTER_SOCKETS_FULL);
                 }
             }
         }

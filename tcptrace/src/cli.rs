@@ -1,6 +1,6 @@
 //! The command line: every flag, its validation and its documentation.
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, ValueEnum, builder::RangedU64ValueParser};
 use tcptrace_common::MAX_FILTER_ENTRIES;
@@ -52,7 +52,8 @@ pub struct Cli {
     )]
     pub events: Vec<EventKind>,
 
-    /// Output format: an aligned table, or one JSON object per line.
+    /// Output format: an aligned table, one JSON object per line, or nothing (with
+    /// --metrics-addr: a pure exporter).
     #[arg(
         short = 'o',
         long = "format",
@@ -78,9 +79,15 @@ pub struct Cli {
           value_parser = RangedU64ValueParser::<u32>::new().range(1024..=4_194_304))]
     pub max_sockets: u32,
 
-    /// Append output to this file instead of stdout.
+    /// Append output to this file (created with mode 0640) instead of stdout. SIGHUP reopens
+    /// it, for logrotate's rename-then-signal.
     #[arg(long = "output", value_name = "PATH")]
     pub output: Option<PathBuf>,
+
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics. They count everything that passes
+    /// the filters, whatever the output format.
+    #[arg(long = "metrics-addr", value_name = "ADDR:PORT")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Kinds of events `--events` can select.
@@ -99,6 +106,8 @@ pub enum Format {
     Text,
     /// One JSON object per line (see the README for the schema).
     Json,
+    /// No event output (metrics only).
+    None,
 }
 
 fn port_parser() -> RangedU64ValueParser<u16> {
@@ -196,6 +205,8 @@ mod tests {
             &["--ring-buffer-size", "5000"],
             &["--ring-buffer-size", "2G"],
             &["--max-sockets", "10"],
+            &["--metrics-addr", "localhost"],
+            &["--metrics-addr", "1.2.3.4:99999"],
         ] {
             let err = parse(args).expect_err(&format!("{args:?} must be refused"));
             assert_eq!(err.exit_code(), 2, "{args:?}");

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod event;
 pub mod filter;
 pub mod loader;
+pub mod metrics;
 pub mod output;
 pub mod tracefs;
 pub mod tracer;

@@ -10,9 +10,9 @@ use aya::{
     programs::TracePoint,
 };
 use tcptrace_common::{
-    CONFIG_GLOBAL, Config, DROP_RINGBUF_FULL, DROPS_MAP, EVENTS_MAP, PID_FILTER_MAP,
-    PORT_FILTER_MAP, RETRANSMIT_LAYOUT_GLOBAL, RetransmitLayout, SOCKETS_MAP, STATE_LAYOUT_GLOBAL,
-    SYNACK_LAYOUT_GLOBAL, TRACE_RETRANSMITS,
+    CONFIG_GLOBAL, COUNTER_RINGBUF_FULL, COUNTER_SOCKETS_ADDED, COUNTER_SOCKETS_REMOVED,
+    COUNTERS_MAP, Config, EVENTS_MAP, PID_FILTER_MAP, PORT_FILTER_MAP, RETRANSMIT_LAYOUT_GLOBAL,
+    RetransmitLayout, SOCKETS_MAP, STATE_LAYOUT_GLOBAL, SYNACK_LAYOUT_GLOBAL, TRACE_RETRANSMITS,
 };
 
 use crate::{filter::Filters, tracefs};
@@ -30,17 +30,35 @@ pub struct Loaded {
 pub struct Attached {
     /// Owns the programs and their links: dropping it detaches everything.
     _ebpf: Ebpf,
-    drops: PerCpuArray<MapData, u64>,
+    counters: PerCpuArray<MapData, u64>,
+    max_sockets: u32,
+}
+
+/// The kernel side's counters, summed over CPUs, since load.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Events dropped because the ring buffer was full.
+    pub lost: u64,
+    /// Sockets in the per-socket map: added minus removed at CLOSE, at most its capacity (sockets
+    /// forgotten by LRU eviction leave a full map behind).
+    pub sockets_tracked: u64,
 }
 
 impl Attached {
-    /// Events the kernel side dropped because the ring buffer was full, since load.
-    pub fn lost(&self) -> anyhow::Result<u64> {
-        let per_cpu = self
-            .drops
-            .get(&DROP_RINGBUF_FULL, 0)
-            .context("failed to read the drop counters")?;
-        Ok(per_cpu.iter().sum())
+    pub fn counters(&self) -> anyhow::Result<Counters> {
+        let slot = |index: u32| -> anyhow::Result<u64> {
+            let per_cpu = self
+                .counters
+                .get(&index, 0)
+                .context("failed to read the kernel side's counters")?;
+            Ok(per_cpu.iter().sum())
+        };
+        let added = slot(COUNTER_SOCKETS_ADDED)?;
+        let removed = slot(COUNTER_SOCKETS_REMOVED)?;
+        Ok(Counters {
+            lost: slot(COUNTER_RINGBUF_FULL)?,
+            sockets_tracked: added.saturating_sub(removed).min(self.max_sockets.into()),
+        })
     }
 }
 
@@ -168,10 +186,14 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
     }
 
     let events = RingBuf::try_from(take_map(&mut ebpf, EVENTS_MAP)?)?;
-    let drops = PerCpuArray::try_from(take_map(&mut ebpf, DROPS_MAP)?)?;
+    let counters = PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS_MAP)?)?;
     Ok(Loaded {
         events,
-        attached: Attached { _ebpf: ebpf, drops },
+        attached: Attached {
+            _ebpf: ebpf,
+            counters,
+            max_sockets,
+        },
     })
 }
 

@@ -1,13 +1,14 @@
 //! tcptrace: every TCP state transition and retransmit on this host, with the process that owns
 //! the socket. `main` only wires the pipeline: cli -> tracefs -> loader -> tracer -> output.
 
-use std::process::ExitCode;
+use std::{process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
 use tcptrace::{
     cli::{Cli, Format},
     filter::Filters,
     loader,
+    metrics::{self, Metrics},
     output::{Destination, Formatter, text::Text},
     tracefs, tracer,
 };
@@ -38,6 +39,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let formatter = match cli.format {
         Format::Text => Formatter::Text(Text::new(cli.timestamp, cli.ipv4)),
         Format::Json => Formatter::Json,
+        Format::None => Formatter::None,
+    };
+    let metrics = match cli.metrics_addr {
+        Some(addr) => {
+            let listener = metrics::bind(addr).await?;
+            let metrics = Arc::new(Metrics::new());
+            tokio::spawn(metrics::serve(listener, Arc::clone(&metrics)));
+            Some(metrics)
+        }
+        None => None,
     };
     let tracefs = tracefs::ensure_mounted()?;
     let loaded = loader::load(&loader::Settings {
@@ -47,7 +58,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         max_sockets: cli.max_sockets,
     })?;
     eprintln!("tcptrace: tracing; Ctrl-C to stop");
-    let summary = tracer::run(loaded, formatter, destination).await?;
+    let summary = tracer::run(loaded, formatter, destination, metrics).await?;
     if !summary.reader_gone {
         let malformed = match summary.malformed {
             0 => String::new(),

@@ -1,6 +1,6 @@
 //! The run loop: drain the ring buffer into the output until a signal says stop.
 
-use std::{io, time::Duration};
+use std::{io, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
@@ -13,6 +13,7 @@ use tokio::{
 use crate::{
     event::{WallClock, decode},
     loader::{Attached, Loaded},
+    metrics::Metrics,
     output::{Destination, Formatter},
 };
 
@@ -37,6 +38,7 @@ pub struct Summary {
 struct Tracer {
     formatter: Formatter,
     destination: Destination,
+    metrics: Option<Arc<Metrics>>,
     attached: Attached,
     buf: Vec<u8>,
     summary: Summary,
@@ -46,11 +48,13 @@ pub async fn run(
     loaded: Loaded,
     formatter: Formatter,
     destination: Destination,
+    metrics: Option<Arc<Metrics>>,
 ) -> anyhow::Result<Summary> {
     let Loaded { events, attached } = loaded;
     let mut tracer = Tracer {
         formatter,
         destination,
+        metrics,
         attached,
         buf: Vec::with_capacity(2 * WRITE_CHUNK),
         summary: Summary::default(),
@@ -102,6 +106,9 @@ impl Tracer {
                 Ok(event) => {
                     self.formatter
                         .event(&mut self.buf, &event, clock.wall_ns(event.ts_ns));
+                    if let Some(metrics) = &self.metrics {
+                        metrics.record(&event);
+                    }
                     self.summary.written += 1;
                 }
                 Err(_) => self.summary.malformed += 1,
@@ -116,7 +123,11 @@ impl Tracer {
 
     /// Reports events the kernel dropped since the last report.
     fn report_lost(&mut self) -> anyhow::Result<()> {
-        let total = self.attached.lost()?;
+        let counters = self.attached.counters()?;
+        if let Some(metrics) = &self.metrics {
+            metrics.update(&counters);
+        }
+        let total = counters.lost;
         let new = total.saturating_sub(self.summary.lost);
         if new == 0 {
             return Ok(());

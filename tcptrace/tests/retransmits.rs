@@ -322,8 +322,15 @@ fn states_only_leaves_retransmits_out() {
     let states = states.stop().json();
     let both = both.stop().json();
     assert!(states.iter().all(|l| l["type"] == "state"), "{states:?}");
-    assert!(states.iter().any(|l| l["newstate"] == "ESTABLISHED"));
+    assert!(
+        states.iter().any(|l| l["newstate"] == "ESTABLISHED"),
+        "--events states:\n{states:#?}\nboth:\n{both:#?}"
+    );
     assert!(both.iter().any(|l| l["type"] == "retransmit"));
+    assert!(
+        both.iter().any(|l| l["newstate"] == "ESTABLISHED"),
+        "{both:#?}"
+    );
     server.exit();
     client.exit();
 }

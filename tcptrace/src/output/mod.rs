@@ -14,6 +14,8 @@ use crate::event::TcpEvent;
 pub enum Formatter {
     Text(text::Text),
     Json,
+    /// No event lines (`--format none`: metrics only).
+    None,
 }
 
 impl Formatter {
@@ -21,7 +23,7 @@ impl Formatter {
     pub fn header(&self, out: &mut Vec<u8>) {
         match self {
             Self::Text(text) => text.header(out),
-            Self::Json => {}
+            Self::Json | Self::None => {}
         }
     }
 
@@ -29,6 +31,7 @@ impl Formatter {
         match self {
             Self::Text(text) => text.event(out, event, wall_ns),
             Self::Json => json::event(out, event, wall_ns),
+            Self::None => {}
         }
     }
 
@@ -36,7 +39,7 @@ impl Formatter {
     /// its shape and the caller warns on stderr instead.
     pub fn lost(&self, out: &mut Vec<u8>, wall_ns: u64, count: u64) -> bool {
         match self {
-            Self::Text(_) => false,
+            Self::Text(_) | Self::None => false,
             Self::Json => {
                 json::lost(out, wall_ns, count);
                 true

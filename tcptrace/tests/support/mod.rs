@@ -47,13 +47,30 @@ pub struct Output {
 }
 
 impl Output {
-    /// Every stdout line parsed as JSON; panics on a line that is not.
+    /// Every stdout line parsed as JSON and validated against the published schema; panics on a
+    /// line that is not JSON or breaks the schema.
     pub fn json(&self) -> Vec<Value> {
-        self.lines
-            .iter()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
-            .collect()
+        parse_and_validate(&self.lines)
     }
+}
+
+/// Parses JSON lines, checking each against `schema/tcptrace-events.schema.json`.
+pub fn parse_and_validate(lines: &[String]) -> Vec<Value> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../schema/tcptrace-events.schema.json");
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("schema file"))
+        .expect("schema is JSON");
+    let validator = jsonschema::validator_for(&schema).expect("schema compiles");
+    lines
+        .iter()
+        .map(|l| {
+            let value: Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}"));
+            if let Err(error) = validator.validate(&value) {
+                panic!("line breaks the schema ({error}): {l}");
+            }
+            value
+        })
+        .collect()
 }
 
 impl Tracer {

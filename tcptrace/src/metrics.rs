@@ -1,0 +1,298 @@
+//! Prometheus metrics: what passed the filters, counted whatever the output format, served as
+//! `/metrics` in the text format by prometheus-client. No label carries an address, a port or a
+//! pid, so the number of series stays bounded on any host.
+
+use std::{fmt::Write as _, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+use crate::{
+    event::{Kind, TcpEvent, TcpState},
+    loader::Counters,
+};
+
+/// A TCP state as a label value: the kernel's name, or `STATE_n`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct StateName(pub TcpState);
+
+impl EncodeLabelValue for StateName {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        write!(encoder, "{}", self.0)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransitionLabels {
+    from: StateName,
+    to: StateName,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: StateName,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    transitions: Family<TransitionLabels, Counter>,
+    retransmits: Family<StateLabels, Counter>,
+    durations: Family<StateLabels, Histogram>,
+    lost: Counter,
+    sockets: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tcptrace");
+        let transitions = Family::<TransitionLabels, Counter>::default();
+        registry.register(
+            "state_transitions",
+            "TCP state transitions, by the state left and the state entered",
+            transitions.clone(),
+        );
+        let retransmits = Family::<StateLabels, Counter>::default();
+        registry.register(
+            "retransmits",
+            "Retransmitted segments, SYNs and SYN-ACKs, by the socket's state",
+            retransmits.clone(),
+        );
+        // 10 us to about 42 s: connect latency on a LAN through slow closers.
+        let durations = Family::<StateLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(1e-5, 4.0, 12))
+        });
+        registry.register(
+            "state_duration_seconds",
+            "Time sockets spent in a state before leaving it (SYN_SENT: connect latency)",
+            durations.clone(),
+        );
+        let lost = Counter::default();
+        registry.register(
+            "events_lost",
+            "Events the kernel dropped because the ring buffer was full",
+            lost.clone(),
+        );
+        let sockets = Gauge::default();
+        registry.register(
+            "sockets_tracked",
+            "Sockets whose owner and last transition the kernel side currently tracks",
+            sockets.clone(),
+        );
+        Self {
+            registry,
+            transitions,
+            retransmits,
+            durations,
+            lost,
+            sockets,
+        }
+    }
+
+    /// Counts one event. Families are looked up per event; their series are few.
+    pub fn record(&self, event: &TcpEvent) {
+        match event.kind {
+            Kind::State {
+                old,
+                new,
+                duration_ns,
+            } => {
+                let labels = TransitionLabels {
+                    from: StateName(old),
+                    to: StateName(new),
+                };
+                self.transitions.get_or_create(&labels).inc();
+                if let Some(ns) = duration_ns {
+                    let labels = StateLabels {
+                        state: StateName(old),
+                    };
+                    self.durations
+                        .get_or_create(&labels)
+                        .observe(Duration::from_nanos(ns).as_secs_f64());
+                }
+            }
+            Kind::Retransmit { state, .. } => {
+                if let Some(state) = state {
+                    self.retransmits
+                        .get_or_create(&StateLabels {
+                            state: StateName(state),
+                        })
+                        .inc();
+                } else {
+                    self.retransmits
+                        .get_or_create(&StateLabels {
+                            state: StateName(TcpState::Unknown(0)),
+                        })
+                        .inc();
+                }
+            }
+            Kind::RetransmitSynack => {
+                self.retransmits
+                    .get_or_create(&StateLabels {
+                        state: StateName(TcpState::SynRecv),
+                    })
+                    .inc();
+            }
+        }
+    }
+
+    /// Takes the kernel side's counters.
+    pub fn update(&self, counters: &Counters) {
+        let Counters {
+            lost,
+            sockets_tracked,
+        } = *counters;
+        self.lost.inc_by(lost.saturating_sub(self.lost.get()));
+        self.sockets
+            .set(i64::try_from(sockets_tracked).unwrap_or(i64::MAX));
+    }
+
+    /// The exposition text.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Binds the metrics address; done before the kernel is touched, so a taken port fails early.
+pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("failed to listen on --metrics-addr {addr}"))
+}
+
+/// Serves `GET /metrics` until the process ends.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            // A scraper that stalls is dropped; the tracer never waits for it.
+            let _ = tokio::time::timeout(Duration::from_secs(10), respond(stream, &metrics)).await;
+        });
+    }
+}
+
+async fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+    let mut request = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 || request.len() > 16 << 10 {
+            return Ok(());
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, path) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let path = path.split(|&b| b == b'?').next().unwrap_or_default();
+    let (status, content_type, body) = match (method, path) {
+        (b"GET", b"/metrics") => (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode(),
+        ),
+        (b"GET", _) => (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "metrics are at /metrics\n".to_owned(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain; charset=utf-8",
+            "only GET\n".to_owned(),
+        ),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use tcptrace_common::{KIND_RETRANSMIT, tcp_state};
+
+    use super::*;
+    use crate::event::{
+        decode,
+        tests::{bytes, raw_state},
+    };
+
+    #[test]
+    fn counts_transitions_durations_and_retransmits_without_addresses() {
+        let metrics = Metrics::new();
+        for _ in 0..3 {
+            metrics.record(
+                &decode(&bytes(&raw_state(
+                    tcp_state::SYN_SENT,
+                    tcp_state::ESTABLISHED,
+                )))
+                .unwrap(),
+            );
+        }
+        let mut raw = raw_state(tcp_state::ESTABLISHED, 0);
+        raw.kind = KIND_RETRANSMIT;
+        raw.flags = tcptrace_common::EVENT_HAS_STATE;
+        metrics.record(&decode(&bytes(&raw)).unwrap());
+        metrics.update(&Counters {
+            lost: 7,
+            sockets_tracked: 42,
+        });
+        metrics.update(&Counters {
+            lost: 9,
+            sockets_tracked: 40,
+        });
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                "tcptrace_state_transitions_total{from=\"SYN_SENT\",to=\"ESTABLISHED\"} 3\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("tcptrace_state_duration_seconds_count{state=\"SYN_SENT\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tcptrace_state_duration_seconds_sum{state=\"SYN_SENT\"} 0.0045"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tcptrace_retransmits_total{state=\"ESTABLISHED\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("tcptrace_events_lost_total 9\n"), "{text}");
+        assert!(text.contains("tcptrace_sockets_tracked 40\n"), "{text}");
+        assert!(!text.contains("127.0.0.1") && !text.contains("4242") && !text.contains("40000"));
+    }
+}
