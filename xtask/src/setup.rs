@@ -13,7 +13,13 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests use: network namespaces and veth (iproute2), packet drops
 /// (iptables), checking what is attached (bpftool), capability sets (util-linux's setpriv), a real
 /// Prometheus server and promtool for the metrics tests (prometheus).
-const PACKAGES: &[&str] = &["iproute2", "iptables", "bpftool", "util-linux", "prometheus"];
+const PACKAGES: &[&str] = &[
+    "iproute2",
+    "iptables",
+    "bpftool",
+    "util-linux",
+    "prometheus",
+];
 
 pub fn setup() -> anyhow::Result<()> {
     rust_src()?;

@@ -56,7 +56,10 @@ impl Output {
 
 /// Parses JSON lines, checking each against `schema/tcptrace-events.schema.json`.
 pub fn parse_and_validate(lines: &[String]) -> Vec<Value> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../schema/tcptrace-events.schema.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../schema/tcptrace-events.schema.json"
+    );
     let schema: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("schema file"))
         .expect("schema is JSON");
     let validator = jsonschema::validator_for(&schema).expect("schema compiles");
@@ -125,6 +128,10 @@ impl Tracer {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_none()
     }
 
     /// Lines printed so far.
