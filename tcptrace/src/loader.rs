@@ -89,7 +89,8 @@ pub fn check_privileges() -> anyhow::Result<()> {
         return Ok(());
     }
     bail!(
-        "permission denied: tracing needs root, or the capabilities CAP_BPF and CAP_PERFMON; run it with sudo"
+        "permission denied: tracing needs root, or the capabilities CAP_BPF and CAP_PERFMON \
+         (and CAP_DAC_READ_SEARCH to read tracefs as another user); run it with sudo"
     );
 }
 

@@ -18,9 +18,19 @@ const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
 /// Returns the tracefs mount point, mounting tracefs at `/sys/kernel/tracing` when it is nowhere
 /// to be found. Must run before the first attach: aya remembers the path it finds.
 pub fn ensure_mounted() -> anyhow::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     for candidate in [TRACEFS, DEBUGFS_TRACING] {
-        if Path::new(candidate).join("events").is_dir() {
-            return Ok(PathBuf::from(candidate));
+        match std::fs::read_dir(Path::new(candidate).join("events")) {
+            Ok(_) => return Ok(PathBuf::from(candidate)),
+            // Mounted, but not ours to read (tracefs is root's, mode 0700).
+            Err(err) if err.kind() == io::ErrorKind::PermissionDenied => bail!(
+                "cannot read tracefs at {candidate} ({err}): run as root, or with \
+                 CAP_DAC_READ_SEARCH besides CAP_BPF and CAP_PERFMON"
+            ),
+            Err(_) if is_mount_point(&mounts, candidate) => {
+                bail!("tracefs at {candidate} has no events directory: is it really tracefs?")
+            }
+            Err(_) => {}
         }
     }
     let target = CString::new(TRACEFS).context("tracefs path holds a NUL byte")?;
@@ -43,6 +53,13 @@ pub fn ensure_mounted() -> anyhow::Result<PathBuf> {
         );
     }
     Ok(PathBuf::from(TRACEFS))
+}
+
+/// Whether `/proc/self/mounts` lists something mounted at `path`.
+fn is_mount_point(mounts: &str, path: &str) -> bool {
+    mounts
+        .lines()
+        .any(|line| line.split_whitespace().nth(1) == Some(path))
 }
 
 /// Reads `events/<category>/<name>/format` under `tracefs`.
