@@ -5,7 +5,8 @@
 //! `tcp_workload server ADDR COMM` binds ADDR (port 0 picks one) and prints `bound PORT`;
 //! `tcp_workload client COMM` waits for `connect ADDR`. Then each stdin line is one step, answered
 //! with `ok` once done: `listen`, `accept`, `connect ADDR`, `echo` (read a byte, write it back),
-//! `send` (write a byte, read the reply), `write` (a byte),
+//! `send` (write a byte, read the reply), `write` (a byte), `accept-many N` (accept and hold N
+//! connections), `close-all` (the held ones),
 //! `close` (the connection), `wait-eof`, `close-listener`,
 //! `exit`.
 
@@ -26,6 +27,7 @@ fn main() {
     let mut listener = None;
     let mut socket: Option<std::os::fd::OwnedFd> = None;
     let mut conn: Option<TcpStream> = None;
+    let mut held: Vec<TcpStream> = Vec::new();
     if role == "server" {
         // Bind without listening: binding is no state transition, so the test can learn the port
         // (for its filters) before tracing starts, and still see CLOSE -> LISTEN.
@@ -62,6 +64,22 @@ fn main() {
                         .0,
                 );
             }
+            (Some("accept-many"), Some(count)) => {
+                let l = listener
+                    .as_ref()
+                    .unwrap_or_else(|| fail("accept-many: not listening"));
+                let count: usize = count
+                    .parse()
+                    .unwrap_or_else(|e| fail(&format!("count: {e}")));
+                for _ in 0..count {
+                    held.push(
+                        l.accept()
+                            .unwrap_or_else(|e| fail(&format!("accept: {e}")))
+                            .0,
+                    );
+                }
+            }
+            (Some("close-all"), _) => held.clear(),
             (Some("connect"), Some(addr)) => {
                 let addr: SocketAddr = addr
                     .parse()

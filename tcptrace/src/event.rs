@@ -402,4 +402,49 @@ pub mod tests {
         let converted = WallClock::sample().wall_ns(clock_ns(libc::CLOCK_MONOTONIC) as u64);
         assert!(converted.abs_diff(now) < 1_000_000_000);
     }
+
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::output::{Formatter, text::Text};
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
+
+            /// Any bytes: refused or decoded, never a panic or an out-of-bounds read.
+            #[test]
+            fn decode_takes_any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+                let _ = decode(&bytes);
+            }
+
+            /// Any record of the right size that decodes formats to exactly one line, and the JSON
+            /// line is valid JSON.
+            #[test]
+            fn any_decoded_record_is_one_line(
+                mut bytes in proptest::collection::vec(any::<u8>(), size_of::<Event>()),
+                kind in 1u16..=3,
+                v6 in any::<bool>(),
+            ) {
+                // Valid kind and family, so that the rest (comm, states, numbers) reaches the formatters.
+                let family = if v6 { AF_INET6 } else { AF_INET };
+                bytes[std::mem::offset_of!(Event, kind)..][..2].copy_from_slice(&kind.to_ne_bytes());
+                bytes[std::mem::offset_of!(Event, family)..][..2].copy_from_slice(&family.to_ne_bytes());
+                let event = decode(&bytes);
+                prop_assert!(event.is_ok());
+                if let Ok(event) = decode(&bytes) {
+                    for formatter in [Formatter::Json, Formatter::Text(Text::new(true, false))] {
+                        let mut out = Vec::new();
+                        formatter.event(&mut out, &event, u64::MAX);
+                        let text = String::from_utf8(out).expect("UTF-8");
+                        prop_assert_eq!(text.matches('\n').count(), 1);
+                        prop_assert!(text.ends_with('\n'));
+                        if matches!(formatter, Formatter::Json) {
+                            serde_json::from_str::<serde_json::Value>(&text).expect("valid JSON");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -8,5 +8,6 @@ pub mod filter;
 pub mod loader;
 pub mod metrics;
 pub mod output;
+pub mod privileges;
 pub mod tracefs;
 pub mod tracer;

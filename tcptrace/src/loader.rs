@@ -70,30 +70,6 @@ pub struct Settings<'a> {
     pub max_sockets: u32,
 }
 
-/// Linux capabilities tracing needs (`include/uapi/linux/capability.h`).
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-
-/// Refuses early, with the fix in the message, when the process cannot load BPF programs.
-pub fn check_privileges() -> anyhow::Result<()> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").context("failed to read /proc/self/status")?;
-    let effective = status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .ok_or_else(|| anyhow!("no CapEff line in /proc/self/status"))?;
-    let has = |cap: u32| effective & (1 << cap) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
-        return Ok(());
-    }
-    bail!(
-        "permission denied: tracing needs root, or the capabilities CAP_BPF and CAP_PERFMON \
-         (and CAP_DAC_READ_SEARCH to read tracefs as another user); run it with sudo"
-    );
-}
-
 pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
     let Settings {
         tracefs,

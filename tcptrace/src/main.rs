@@ -10,7 +10,7 @@ use tcptrace::{
     loader,
     metrics::{self, Metrics},
     output::{Destination, Formatter, text::Text},
-    tracefs, tracer,
+    privileges, tracefs, tracer,
 };
 
 fn main() -> ExitCode {
@@ -30,7 +30,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     loader::check_kernel()?;
-    loader::check_privileges()?;
+    privileges::check()?;
     let filters = Filters::from_cli(&cli);
     let destination = match &cli.output {
         Some(path) => Destination::file(path)?,
@@ -57,7 +57,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ring_buffer_bytes: cli.ring_buffer_size,
         max_sockets: cli.max_sockets,
     })?;
-    eprintln!("tcptrace: tracing; Ctrl-C to stop");
+    // Attached: nothing from here on needs a capability.
+    privileges::drop_all()?;
     let summary = tracer::run(loaded, formatter, destination, metrics).await?;
     if !summary.reader_gone {
         let malformed = match summary.malformed {

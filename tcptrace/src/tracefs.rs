@@ -405,4 +405,49 @@ mod tests {
             .unwrap();
         assert_eq!(state.record_size, 71 - 8);
     }
+
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
+
+            /// Any text: parsed or refused, never a panic; a layout from it is in the window.
+            #[test]
+            fn parse_takes_any_text(text in "\\PC*") {
+                if let Ok(format) = Format::parse(&text) {
+                    let _ = format.state_layout();
+                    let _ = format.retransmit_layout();
+                }
+            }
+
+            /// Field lines with any names, offsets and sizes: layouts built from them keep every
+            /// field inside the window the eBPF side reads.
+            #[test]
+            fn layouts_stay_in_the_window(fields in proptest::collection::vec(
+                (prop::sample::select(vec!["skaddr", "oldstate", "newstate", "sport", "dport", "family", "protocol",
+                    "saddr", "daddr", "saddr_v6", "daddr_v6", "state", "err", "other"]),
+                 0usize..100_000, prop::sample::select(vec![0usize, 1, 2, 4, 8, 16, 99])),
+                0..20,
+            )) {
+                let text: String = fields
+                    .iter()
+                    .map(|(name, offset, size)| format!("\tfield:int {name};\toffset:{offset};\tsize:{size};\tsigned:0;\n"))
+                    .collect();
+                if let Ok(format) = Format::parse(&text) {
+                    if let Ok(layout) = format.retransmit_layout() {
+                        prop_assert!(usize::from(layout.record_size) <= RECORD_WINDOW);
+                        for offset in [layout.skaddr, layout.sport, layout.dport, layout.saddr, layout.daddr, layout.saddr_v6, layout.daddr_v6] {
+                            prop_assert!(usize::from(offset) >= RECORD_START);
+                        }
+                    }
+                    if let Ok(layout) = format.state_layout() {
+                        prop_assert!(usize::from(layout.record_size) <= RECORD_WINDOW);
+                    }
+                }
+            }
+        }
+    }
 }

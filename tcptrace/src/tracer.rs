@@ -73,6 +73,8 @@ pub async fn run(
     let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
     let mut sighup = signal(SignalKind::hangup()).context("failed to handle SIGHUP")?;
+    // Only now: a signal that arrives after this line is handled, not fatal.
+    eprintln!("tcptrace: tracing; Ctrl-C to stop");
 
     loop {
         tokio::select! {

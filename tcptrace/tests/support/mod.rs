@@ -79,9 +79,16 @@ pub fn parse_and_validate(lines: &[String]) -> Vec<Value> {
 impl Tracer {
     /// Starts tcptrace with `args` and waits until it says it is tracing.
     pub fn start(args: &[&str]) -> Self {
+        let mut command = Command::new(TCPTRACE);
+        command.args(args);
+        Self::start_command(command)
+    }
+
+    /// Starts `command` (tcptrace, perhaps under a wrapper) and waits until it says it is tracing.
+    pub fn start_command(mut command: Command) -> Self {
         require_root();
-        let mut child = Command::new(TCPTRACE)
-            .args(args)
+        let args = format!("{command:?}");
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -119,7 +126,7 @@ impl Tracer {
         if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
             let status = tracer.child.try_wait().ok().flatten();
             panic!(
-                "tcptrace {args:?} did not start tracing (exit: {status:?}); stderr:\n{}",
+                "{args} did not start tracing (exit: {status:?}); stderr:\n{}",
                 tracer.stderr.lock().unwrap()
             );
         }
