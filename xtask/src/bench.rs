@@ -161,6 +161,15 @@ fn churn(window: Duration) -> anyhow::Result<(u64, f64)> {
 }
 
 fn churn_on(window: Duration, on_port: impl FnOnce(u16)) -> anyhow::Result<(u64, f64)> {
+    churn_until(window, u64::MAX, on_port)
+}
+
+/// Churns until `window` has passed or `max_connections` were made, whichever comes first.
+pub fn churn_until(
+    window: Duration,
+    max_connections: u64,
+    on_port: impl FnOnce(u16),
+) -> anyhow::Result<(u64, f64)> {
     let listener =
         TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("failed to bind the bench server")?;
     let addr = listener.local_addr()?;
@@ -176,7 +185,7 @@ fn churn_on(window: Duration, on_port: impl FnOnce(u16)) -> anyhow::Result<(u64,
     let start = Instant::now();
     let mut connections = 0;
     let result = loop {
-        if start.elapsed() >= window {
+        if connections >= max_connections || start.elapsed() >= window {
             break Ok(());
         }
         if let Err(e) = one_connection(addr) {

@@ -3,6 +3,7 @@
 
 mod bench;
 mod setup;
+mod soak;
 
 use std::{
     path::{Path, PathBuf},
@@ -46,6 +47,12 @@ enum Task {
         /// and 1, so that the workload keeps every core busy).
         #[arg(long)]
         no_pin: bool,
+    },
+    /// Many short connections under tcptrace (as root), to show its memory stays flat.
+    Soak {
+        /// Connections to make.
+        #[arg(long, default_value_t = 1_000_000)]
+        connections: u64,
     },
     /// Set up, build the release binary and run it with these arguments.
     Run {
@@ -110,6 +117,11 @@ fn run(args: Args) -> anyhow::Result<()> {
                 }
             };
             bench::bench(&root, &options)
+        }
+        Task::Soak { connections } => {
+            setup::setup()?;
+            require_root("the soak loads eBPF programs")?;
+            soak::soak(&root, connections)
         }
         Task::Run { args } => {
             setup::setup()?;
