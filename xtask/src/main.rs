@@ -4,6 +4,7 @@
 mod bench;
 mod setup;
 mod soak;
+mod vm_test;
 
 use std::{
     path::{Path, PathBuf},
@@ -53,6 +54,12 @@ enum Task {
         /// Connections to make.
         #[arg(long, default_value_t = 1_000_000)]
         connections: u64,
+    },
+    /// The end-to-end scenarios on another kernel: a Debian kernel package booted under QEMU.
+    VmTest {
+        /// The Debian kernel package to boot.
+        #[arg(long, default_value = vm_test::DEFAULT_KERNEL_PACKAGE)]
+        kernel_package: String,
     },
     /// Set up, build the release binary and run it with these arguments.
     Run {
@@ -122,6 +129,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             setup::setup()?;
             require_root("the soak loads eBPF programs")?;
             soak::soak(&root, connections)
+        }
+        Task::VmTest { kernel_package } => {
+            setup::setup()?;
+            vm_test::vm_test(&root, &kernel_package)
         }
         Task::Run { args } => {
             setup::setup()?;

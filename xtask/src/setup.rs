@@ -12,17 +12,25 @@ use anyhow::{Context as _, bail};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests use: network namespaces and veth (iproute2), packet drops
 /// (iptables), checking what is attached (bpftool), capability sets (util-linux's setpriv), a real
-/// Prometheus server and promtool for the metrics tests (prometheus).
+/// Prometheus server and promtool for the metrics tests (prometheus), a second kernel booted in
+/// software emulation (qemu-system-x86, busybox-static, cpio, xz-utils).
 const PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
     "bpftool",
     "util-linux",
     "prometheus",
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "xz-utils",
 ];
+/// The static build for other hosts and for the VM tests.
+const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 
 pub fn setup() -> anyhow::Result<()> {
     rust_src()?;
+    musl_target()?;
     bpf_linker()?;
     packages()
 }
@@ -38,6 +46,14 @@ fn rust_src() -> anyhow::Result<()> {
         return Ok(());
     }
     run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn musl_target() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if installed.lines().any(|t| t.trim() == MUSL_TARGET) {
+        return Ok(());
+    }
+    run(Command::new("rustup").args(["target", "add", MUSL_TARGET]))
 }
 
 /// bpf-linker must use the LLVM rustc itself uses; a plain `cargo install` looks for a system
