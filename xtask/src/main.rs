@@ -26,8 +26,8 @@ enum Task {
     /// Install what building and testing need: nightly rust-src, bpf-linker, Debian packages.
     /// Idempotent: a second run only checks.
     Setup,
-    /// Set up, then run every test: unit tests and the end-to-end tests against the real kernel
-    /// (as root; they fail, never skip, without it).
+    /// Set up, then run every test: unit tests, the end-to-end tests against the real kernel (as
+    /// root; they fail, never skip, without it), the benchmark's smoke run and the VM tests.
     Test {
         /// Extra arguments for `cargo test` (for example a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -99,6 +99,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             if args.is_empty() {
                 // The benchmark's smoke run: it runs, and every event is accounted for.
                 bench::bench(&root, &bench::Options::QUICK)?;
+                // The same scenarios on a second kernel.
+                vm_test::vm_test(&root, vm_test::DEFAULT_KERNEL_PACKAGE)?;
             }
             Ok(())
         }
