@@ -179,7 +179,12 @@ fn check(expected: &Expected, lines: &[Value]) {
         client_pid,
         ..
     } = *expected;
-    let ours: Vec<&Value> = lines.iter().filter(|l| touches_port(l, port)).collect();
+    // The same port number can be had once per family (127.0.0.1 and ::1 do not collide).
+    let family = if ip.contains(':') { "ipv6" } else { "ipv4" };
+    let ours: Vec<&Value> = lines
+        .iter()
+        .filter(|l| touches_port(l, port) && l["family"] == family)
+        .collect();
     let sockets = by_socket(ours.iter().copied());
     let context = || {
         format!(
@@ -222,7 +227,6 @@ fn check(expected: &Expected, lines: &[Value]) {
         } else {
             (server_pid, &expected.server_comm)
         };
-        let family = if ip.contains(':') { "ipv6" } else { "ipv4" };
         for (i, line) in socket.iter().enumerate() {
             assert_eq!(line["pid"], pid, "owner pid of a {role} line: {line}");
             assert_eq!(
@@ -368,7 +372,7 @@ fn port_filter_keeps_both_sides_of_the_port_and_nothing_else() {
     let connection = Connection::new("::1", false, "portf");
     let port = connection.server.port.to_string();
     let other = Connection::new("::1", false, "noise");
-    let tracer = Tracer::start(&["--format", "json", "--port", &port]);
+    let tracer = Tracer::start(&["--format", "json", "-6", "--port", &port]);
     let expected = connection.run();
     let other = other.run();
     let lines = tracer.stop().json();
@@ -429,7 +433,7 @@ fn text_output_is_an_aligned_table() {
 fn sparse_events_reach_the_output_within_a_second() {
     let mut server = Endpoint::server("127.0.0.1", "tt-sparse");
     let port = server.port;
-    let tracer = Tracer::start(&["--format", "json", "--port", &port.to_string()]);
+    let tracer = Tracer::start(&["--format", "json", "-4", "--port", &port.to_string()]);
     let listen = server.step("listen");
     tracer.wait_for(Duration::from_secs(1), "the LISTEN line", |lines| {
         lines.iter().any(|l| l.contains("\"newstate\":\"LISTEN\""))
@@ -444,7 +448,7 @@ fn sparse_events_reach_the_output_within_a_second() {
 #[test]
 fn sigterm_flushes_and_exits_zero_with_a_summary() {
     let mut server = Endpoint::server("127.0.0.1", "tt-term");
-    let tracer = Tracer::start(&["--format", "json", "--port", &server.port.to_string()]);
+    let tracer = Tracer::start(&["--format", "json", "-4", "--port", &server.port.to_string()]);
     server.step("listen");
     server.exit();
     thread::sleep(Duration::from_millis(100));

@@ -70,6 +70,7 @@ fn capabilities_are_given_up_once_attached_and_tracing_goes_on() {
     let tracer = Tracer::start(&[
         "--format",
         "json",
+        "-4",
         "--port",
         &server.port.to_string(),
         "--metrics-addr",
@@ -104,7 +105,7 @@ fn bpf_perfmon_and_dac_read_search_are_enough_for_another_user() {
         .arg(format!("--ambient-caps={caps}"))
         .arg(format!("--bounding-set={caps}"))
         .arg(TCPTRACE)
-        .args(["--format", "json", "--port", &server.port.to_string()]);
+        .args(["--format", "json", "-4", "--port", &server.port.to_string()]);
     let tracer = Tracer::start_command(command);
     assert_eq!(
         status_field(tracer.pid(), "Uid").split_whitespace().next(),
@@ -146,7 +147,7 @@ fn too_little_privilege_is_one_line_exit_1_and_nothing_attached() {
 
 #[test]
 fn sigkill_leaves_nothing_attached() {
-    let tracer = Tracer::start(&["--format", "json", "--port", "9"]);
+    let tracer = Tracer::start(&["--format", "json", "-4", "--port", "9"]);
     let programs = bpf_program_ids(tracer.pid());
     assert!(programs.len() >= 3, "{programs:?}");
     assert!(programs.iter().all(|&id| program_exists(id)));
@@ -167,7 +168,7 @@ fn sigkill_leaves_nothing_attached() {
 #[test]
 fn sigint_and_sigterm_end_it_within_a_second() {
     for signal in [libc::SIGINT, libc::SIGTERM] {
-        let tracer = Tracer::start(&["--format", "json", "--port", "9"]);
+        let tracer = Tracer::start(&["--format", "json", "-4", "--port", "9"]);
         let sent = Instant::now();
         tracer.signal(signal);
         let output = tracer.finish(Duration::from_secs(5));
@@ -188,8 +189,8 @@ fn sigint_and_sigterm_end_it_within_a_second() {
 fn two_instances_at_once_both_see_everything() {
     let mut server = Endpoint::server("127.0.0.1", "tt-two-srv");
     let port = server.port.to_string();
-    let first = Tracer::start(&["--format", "json", "--port", &port]);
-    let second = Tracer::start(&["--format", "json", "--port", &port]);
+    let first = Tracer::start(&["--format", "json", "-4", "--port", &port]);
+    let second = Tracer::start(&["--format", "json", "-4", "--port", &port]);
     server.step("listen");
     for i in 0..3 {
         one_connection(&mut server, &format!("tt-two-{i}"));
@@ -222,6 +223,7 @@ fn a_full_socket_map_forgets_owners_and_never_invents_one() {
     let tracer = Tracer::start(&[
         "--format",
         "json",
+        "-4",
         "--port",
         &port.to_string(),
         "--max-sockets",

@@ -77,6 +77,7 @@ fn output_file_is_reopened_on_sighup_without_losing_a_line() {
     let tracer = Tracer::start(&[
         "--format",
         "json",
+        "-4",
         "--port",
         &port.to_string(),
         "--output",
@@ -146,7 +147,7 @@ fn the_reader_going_away_ends_tcptrace_quietly() {
     let listener = listener();
     let port = listener.local_addr().unwrap().port().to_string();
     let mut child = Command::new(TCPTRACE)
-        .args(["--format", "json", "--port", &port])
+        .args(["--format", "json", "-4", "--port", &port])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -200,6 +201,7 @@ fn a_full_disk_is_one_clear_error_and_exit_1() {
     let mut tracer = Tracer::start(&[
         "--format",
         "json",
+        "-4",
         "--port",
         &port,
         "--output",
@@ -234,6 +236,7 @@ fn a_stalled_reader_loses_events_and_says_how_many() {
     let tracer = Tracer::start(&[
         "--format",
         "json",
+        "-4",
         "--port",
         &port,
         "--ring-buffer-size",
@@ -382,6 +385,7 @@ fn metrics_scraped_by_a_real_prometheus_reflect_the_connections() {
     let tracer = Tracer::start(&[
         "--format",
         "none",
+        "-4",
         "--port",
         &port,
         "--metrics-addr",

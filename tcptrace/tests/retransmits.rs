@@ -88,6 +88,7 @@ fn kernel_has_retransmit_err() -> bool {
 
 #[test]
 fn data_syn_and_synack_retransmits_with_their_owners_and_filters() {
+    let _serial = support::serial();
     let netns = Netns::new(1);
     let mut data_server = Endpoint::server_in(&netns.name, &netns.ns_ip, "tt-rtx-dsrv");
     let mut data_client = Endpoint::client("tt-rtx-dcli");
@@ -301,6 +302,7 @@ fn data_syn_and_synack_retransmits_with_their_owners_and_filters() {
 
 #[test]
 fn states_only_leaves_retransmits_out() {
+    let _serial = support::serial();
     let netns = Netns::new(2);
     let mut server = Endpoint::server_in(&netns.name, &netns.ns_ip, "tt-rtx-only");
     let mut client = Endpoint::client("tt-rtx-onlyc");

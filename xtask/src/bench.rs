@@ -9,7 +9,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -248,12 +248,13 @@ fn serve(listener: &TcpListener, stop: &AtomicBool) -> anyhow::Result<()> {
     }
 }
 
-/// One churn window with tcptrace running as users run it.
-fn traced(tcptrace: &Path, output: &PathBuf, window: Duration) -> anyhow::Result<Traced> {
-    let _ = std::fs::remove_file(output);
+/// Starts tcptrace and waits until it traces; the thread collects its stderr lines.
+pub fn start_tcptrace(
+    tcptrace: &Path,
+    args: &[&str],
+) -> anyhow::Result<(Child, thread::JoinHandle<Vec<String>>)> {
     let mut child = Command::new(tcptrace)
-        .args(["--format", "json", "--output"])
-        .arg(output)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -279,6 +280,14 @@ fn traced(tcptrace: &Path, output: &PathBuf, window: Duration) -> anyhow::Result
             reader.join().unwrap_or_default().join("; ")
         );
     }
+    Ok((child, reader))
+}
+
+/// One churn window with tcptrace running as users run it.
+fn traced(tcptrace: &Path, output: &PathBuf, window: Duration) -> anyhow::Result<Traced> {
+    let _ = std::fs::remove_file(output);
+    let output_arg = output.to_string_lossy();
+    let (child, reader) = start_tcptrace(tcptrace, &["--format", "json", "--output", &output_arg])?;
     let mut port = 0;
     let (connections, seconds) = churn_on(window, |p| port = p)?;
     thread::sleep(Duration::from_millis(200));

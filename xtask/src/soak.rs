@@ -3,19 +3,16 @@
 //! so what could grow is tcptrace's own memory: sampled every second.
 
 use std::{
-    io::{BufRead as _, BufReader},
     path::Path,
-    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
-        mpsc,
     },
     thread,
     time::Duration,
 };
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 
 /// Memory growth allowed between the first sample after warm-up and the largest one.
 const ALLOWED_GROWTH_KIB: u64 = 2048;
@@ -34,34 +31,9 @@ fn rss_kib(pid: u32) -> Option<u64> {
 pub fn soak(root: &Path, connections: u64) -> anyhow::Result<()> {
     crate::cargo(root, &["build", "--release", "--package", "tcptrace"])?;
     let tcptrace = root.join("target/release/tcptrace");
-    let mut child = Command::new(&tcptrace)
-        .args(["--format", "json", "--output", "/dev/null"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("failed to start {}", tcptrace.display()))?;
+    let (mut child, reader) =
+        crate::bench::start_tcptrace(&tcptrace, &["--format", "json", "--output", "/dev/null"])?;
     let pid = child.id();
-    let stderr = child.stderr.take().context("no stderr")?;
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let reader = thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line == "tcptrace: tracing; Ctrl-C to stop" {
-                let _ = ready_tx.send(());
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
-        let _ = child.kill();
-        let _ = child.wait();
-        bail!(
-            "tcptrace did not start: {}",
-            reader.join().unwrap_or_default().join("; ")
-        );
-    }
     let done = Arc::new(AtomicBool::new(false));
     let sampler_done = Arc::clone(&done);
     let sampler = thread::spawn(move || {

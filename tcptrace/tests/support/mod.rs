@@ -242,12 +242,18 @@ pub struct Endpoint {
 impl Endpoint {
     /// A server bound to `ip` (port chosen by the kernel), not yet listening.
     pub fn server(ip: &str, comm: &str) -> Self {
+        Self::bound(Command::new(workload_binary()), ip, comm)
+    }
+
+    /// Starts `command` (the workload, perhaps under a wrapper) as a server and reads its port.
+    fn bound(mut command: Command, ip: &str, comm: &str) -> Self {
         let addr = if ip.contains(':') {
             format!("[{ip}]:0")
         } else {
             format!("{ip}:0")
         };
-        let mut endpoint = Self::spawn(&["server", &addr, comm], comm);
+        command.args(["server", &addr, comm]);
+        let mut endpoint = Self::spawn_command(command, comm);
         let bound = endpoint.read_line();
         endpoint.port = bound
             .strip_prefix("bound ")
@@ -272,23 +278,11 @@ impl Endpoint {
 
     /// Like [`Endpoint::server`], inside network namespace `netns`.
     pub fn server_in(netns: &str, ip: &str, comm: &str) -> Self {
-        let addr = if ip.contains(':') {
-            format!("[{ip}]:0")
-        } else {
-            format!("{ip}:0")
-        };
         let mut command = Command::new("ip");
         command
             .args(["netns", "exec", netns])
-            .arg(workload_binary())
-            .args(["server", &addr, comm]);
-        let mut endpoint = Self::spawn_command(command, comm);
-        let bound = endpoint.read_line();
-        endpoint.port = bound
-            .strip_prefix("bound ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("server said {bound:?}"));
-        endpoint
+            .arg(workload_binary());
+        Self::bound(command, ip, comm)
     }
 
     fn spawn(args: &[&str], comm: &str) -> Self {
@@ -426,6 +420,14 @@ pub fn touches_port(line: &Value, port: u16) -> bool {
 pub fn socket_addr(ip: &str, port: u16) -> SocketAddr {
     let ip: std::net::IpAddr = ip.parse().expect("ip");
     SocketAddr::new(ip, port)
+}
+
+/// Serialises tests whose filters could match each other's traffic (a port number is unique only
+/// within one address family and one network namespace).
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Runs a command that must succeed.
