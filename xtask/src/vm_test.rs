@@ -72,15 +72,24 @@ fn unpack_kernel(work: &Path, package: &str) -> anyhow::Result<Kernel> {
     if !dir.join("boot").is_dir() {
         let download = work.join("download");
         std::fs::create_dir_all(&download)?;
-        let status = Command::new("apt-get")
-            .args(["download", package])
-            .current_dir(&download)
-            .status()
-            .context("failed to run apt-get download")?;
-        ensure!(
-            status.success(),
-            "apt-get download {package} failed: is the package name right, and the archive reachable?"
-        );
+        let fetch = || {
+            Command::new("apt-get")
+                .args(["download", package])
+                .current_dir(&download)
+                .status()
+                .context("failed to run apt-get download")
+        };
+        // Package lists may be missing or stale on a fresh machine: refresh them once.
+        if !fetch()?.success() {
+            let _ = Command::new("apt-get")
+                .arg("update")
+                .stdout(Stdio::null())
+                .status();
+            ensure!(
+                fetch()?.success(),
+                "apt-get download {package} failed: is the package name right, and the archive reachable?"
+            );
+        }
         let deb = std::fs::read_dir(&download)?
             .filter_map(Result::ok)
             .map(|e| e.path())
