@@ -49,7 +49,7 @@ fn main() {
                     .take()
                     .unwrap_or_else(|| fail("listen: nothing bound"));
                 // SAFETY: `fd` is a bound TCP socket we own.
-                if unsafe { libc::listen(fd.as_raw_fd(), 16) } != 0 {
+                if unsafe { libc::listen(fd.as_raw_fd(), 4096) } != 0 {
                     fail(&format!("listen: {}", std::io::Error::last_os_error()));
                 }
                 listener = Some(TcpListener::from(fd));

@@ -240,7 +240,18 @@ fn a_full_socket_map_forgets_owners_and_never_invents_one() {
     server.step("close-listener");
     let server_pid = server.pid();
     server.exit();
-    thread::sleep(Duration::from_millis(500));
+    // 3,000 sockets and the listener reach CLOSE, some only after the kernel's retransmit timers.
+    tracer.wait_for(
+        Duration::from_secs(60),
+        "every socket's CLOSE line",
+        |lines| {
+            lines
+                .iter()
+                .filter(|l| l.contains("\"newstate\":\"CLOSE\""))
+                .count()
+                >= 3001
+        },
+    );
     let lines = tracer.stop().json();
     let me = std::process::id();
     let mut forgotten = 0;
@@ -258,8 +269,22 @@ fn a_full_socket_map_forgets_owners_and_never_invents_one() {
         }
     }
     assert!(forgotten > 0, "the map never filled: {} lines", lines.len());
+    let lost: Vec<&Value> = lines.iter().filter(|l| l["type"] == "lost").collect();
+    assert!(lost.is_empty(), "{lost:?}");
+    let mut transitions = std::collections::BTreeMap::new();
+    for line in &lines {
+        let side = if line["sport"] == port {
+            "server"
+        } else {
+            "client"
+        };
+        *transitions
+            .entry(format!("{side} {}->{}", line["oldstate"], line["newstate"]))
+            .or_insert(0) += 1;
+    }
     assert_eq!(
         lines.iter().filter(|l| l["newstate"] == "CLOSE").count(),
-        3001
+        3001,
+        "{transitions:#?}"
     );
 }
