@@ -24,6 +24,32 @@ fn retransmits_to(lines: &[String], port: u16) -> usize {
         .count()
 }
 
+/// Connects `client` to the listening `server` while the namespace drops SYNs to its port, until
+/// `watcher` has printed a SYN retransmit; then lets the handshake through and waits for it.
+fn connect_through_dropped_syns(
+    netns: &Netns,
+    server: &mut Endpoint,
+    client: &mut Endpoint,
+    watcher: &Tracer,
+) {
+    let port = server.port.to_string();
+    let rule = [
+        "INPUT", "-p", "tcp", "--dport", &port, "--syn", "-j", "DROP",
+    ];
+    netns.iptables(&[&["-A"], &rule[..]].concat());
+    client.send(&format!(
+        "connect {}",
+        socket_addr(&netns.ns_ip, server.port)
+    ));
+    server.send("accept");
+    watcher.wait_for(WAIT, "a SYN retransmit", |l| {
+        retransmits_to(l, server.port) >= 1
+    });
+    netns.iptables(&[&["-D"], &rule[..]].concat());
+    client.ack();
+    server.ack();
+}
+
 /// The CLOSE line of the socket that retransmitted `first`: the next one with its address (an
 /// address is reused once its socket is gone, so earlier lines may belong to another socket).
 fn close_after<'a>(lines: &'a [Value], first: &Value) -> &'a Value {
@@ -152,23 +178,7 @@ fn data_syn_and_synack_retransmits_with_their_owners_and_filters() {
 
     // SYN: drop the client's SYNs until one retransmit was seen.
     syn_server.step("listen");
-    let drop_syn = [
-        "INPUT",
-        "-p",
-        "tcp",
-        "--dport",
-        &sport.to_string(),
-        "--syn",
-        "-j",
-        "DROP",
-    ];
-    netns.iptables(&[&["-A"], &drop_syn[..]].concat());
-    syn_client.send(&format!("connect {}", socket_addr(&netns.ns_ip, sport)));
-    syn_server.send("accept");
-    all.wait_for(WAIT, "a SYN retransmit", |l| retransmits_to(l, sport) >= 1);
-    netns.iptables(&[&["-D"], &drop_syn[..]].concat());
-    syn_client.ack();
-    syn_server.ack();
+    connect_through_dropped_syns(&netns, &mut syn_server, &mut syn_client, &all);
     syn_client.step("close");
     syn_server.step("wait-eof");
     syn_server.step("close");
@@ -317,25 +327,17 @@ fn states_only_leaves_retransmits_out() {
     ]);
     let both = Tracer::start(&["--format", "json", "--port", &port.to_string()]);
     server.step("listen");
-    let drop_syn = [
-        "INPUT",
-        "-p",
-        "tcp",
-        "--dport",
-        &port.to_string(),
-        "--syn",
-        "-j",
-        "DROP",
-    ];
-    netns.iptables(&[&["-A"], &drop_syn[..]].concat());
-    client.send(&format!("connect {}", socket_addr(&netns.ns_ip, port)));
-    server.send("accept");
-    both.wait_for(WAIT, "a SYN retransmit", |l| retransmits_to(l, port) >= 1);
-    netns.iptables(&[&["-D"], &drop_syn[..]].concat());
-    client.ack();
-    server.ack();
-    let states = states.stop().json();
-    let both = both.stop().json();
+    connect_through_dropped_syns(&netns, &mut server, &mut client, &both);
+    let (states, both) = (states.stop(), both.stop());
+    for output in [&states, &both] {
+        assert!(
+            output.status.success(),
+            "{}: {}",
+            output.status,
+            output.stderr
+        );
+    }
+    let (states, both) = (states.json(), both.json());
     assert!(states.iter().all(|l| l["type"] == "state"), "{states:?}");
     assert!(
         states.iter().any(|l| l["newstate"] == "ESTABLISHED"),
