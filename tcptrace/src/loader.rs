@@ -1,14 +1,18 @@
 //! Every aya call in one place: load the eBPF object with this kernel's tracepoint layouts and the
 //! filters, attach the programs, hand back the maps userspace reads.
 
-use std::path::Path;
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    path::Path,
+};
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{ProgramFd, TracePoint},
 };
+use aya_obj::generated::bpf_prog_info;
 use tcptrace_common::{
     CONFIG_GLOBAL, COUNTER_RINGBUF_FULL, COUNTER_SOCKETS_ADDED, COUNTER_SOCKETS_REMOVED,
     COUNTERS_MAP, Config, EVENTS_MAP, PID_FILTER_MAP, PORT_FILTER_MAP, RETRANSMIT_LAYOUT_GLOBAL,
@@ -31,13 +35,17 @@ pub struct Attached {
     /// Owns the programs and their links: dropping it detaches everything.
     _ebpf: Ebpf,
     counters: PerCpuArray<MapData, u64>,
+    /// The attached programs, for the kernel's count of the runs it skipped.
+    programs: Vec<ProgramFd>,
     max_sockets: u32,
 }
 
 /// The kernel side's counters, summed over CPUs, since load.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
-    /// Events dropped because the ring buffer was full.
+    /// Events lost: dropped because the ring buffer was full, or never seen because the kernel
+    /// skipped the program (a tracepoint hit while a BPF program already ran on that CPU, as in a
+    /// softirq interrupting one: the kernel counts these as the program's recursion misses).
     pub lost: u64,
     /// Sockets in the per-socket map: added minus removed at CLOSE, at most its capacity (sockets
     /// forgotten by LRU eviction leave a full map behind).
@@ -55,8 +63,13 @@ impl Attached {
         };
         let added = slot(COUNTER_SOCKETS_ADDED)?;
         let removed = slot(COUNTER_SOCKETS_REMOVED)?;
+        let mut skipped = 0;
+        for program in &self.programs {
+            skipped += recursion_misses(program.as_fd())
+                .context("failed to read a program's statistics")?;
+        }
         Ok(Counters {
-            lost: slot(COUNTER_RINGBUF_FULL)?,
+            lost: slot(COUNTER_RINGBUF_FULL)? + skipped,
             sockets_tracked: added.saturating_sub(removed).min(self.max_sockets.into()),
         })
     }
@@ -141,6 +154,7 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
             .with_context(|| format!("failed to add port {port} to the filter"))?;
     }
 
+    let mut programs = Vec::new();
     let mut attach = |program: &str, category: &str| -> anyhow::Result<()> {
         let tracepoint: &mut TracePoint = ebpf
             .program_mut(program)
@@ -152,6 +166,7 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
         tracepoint
             .attach(category, program)
             .with_context(|| format!("failed to attach {category}:{program}"))?;
+        programs.push(tracepoint.fd()?.try_clone()?);
         Ok(())
     };
     attach("inet_sock_set_state", "sock")?;
@@ -169,9 +184,43 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
         attached: Attached {
             _ebpf: ebpf,
             counters,
+            programs,
             max_sockets,
         },
     })
+}
+
+/// How many times the kernel skipped this program (`bpf_prog_info.recursion_misses`, 5.12+;
+/// reads 0 on kernels that do not count).
+fn recursion_misses(program: BorrowedFd<'_>) -> std::io::Result<u64> {
+    /// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // SAFETY: all-zero is a valid bpf_prog_info.
+    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr = InfoByFd {
+        bpf_fd: program.as_raw_fd() as u32,
+        info_len: size_of::<bpf_prog_info>() as u32,
+        info: (&raw mut info) as u64,
+    };
+    // SAFETY: the attr names a buffer of info_len bytes that outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw mut attr,
+            size_of::<InfoByFd>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info.recursion_misses)
 }
 
 fn layout<T>(

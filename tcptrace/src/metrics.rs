@@ -82,7 +82,7 @@ impl Metrics {
         let lost = Counter::default();
         registry.register(
             "events_lost",
-            "Events the kernel dropped because the ring buffer was full",
+            "Events lost: the ring buffer was full, or the kernel skipped the program",
             lost.clone(),
         );
         let sockets = Gauge::default();

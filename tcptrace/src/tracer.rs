@@ -137,7 +137,7 @@ impl Tracer {
         self.summary.lost = total;
         if !self.formatter.lost(&mut self.buf, WallClock::now_ns(), new) {
             eprintln!(
-                "tcptrace: warning: {new} events lost (ring buffer full); a larger --ring-buffer-size rides out longer bursts"
+                "tcptrace: warning: {new} events lost (ring buffer full, or program runs the kernel skipped); a larger --ring-buffer-size rides out longer bursts"
             );
         }
         self.write()

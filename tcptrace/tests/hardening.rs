@@ -240,19 +240,28 @@ fn a_full_socket_map_forgets_owners_and_never_invents_one() {
     server.step("close-listener");
     let server_pid = server.pid();
     server.exit();
-    // The accepted sockets all reach CLOSE (the client sides too, some only after retransmit
-    // timers; under load a few stay in FIN_WAIT1 long after, so they are not waited for).
+    // Every transition is accounted for: printed, or reported lost (the kernel skips a program
+    // run when a tracepoint fires while a BPF program already runs on that CPU, and says so).
+    // 10 per connection, and the listener's two.
+    let accounted = |lines: &[String]| {
+        let events = lines
+            .iter()
+            .filter(|l| l.starts_with("{\"type\":\"state\""))
+            .count() as u64;
+        let lost: u64 = lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["type"] == "lost")
+            .filter_map(|l| l["count"].as_u64())
+            .sum();
+        events + lost
+    };
     tracer.wait_for(
         Duration::from_secs(30),
-        "the accepted sockets' CLOSE lines",
-        |lines| {
-            lines
-                .iter()
-                .filter(|l| l.contains("\"oldstate\":\"LAST_ACK\",\"newstate\":\"CLOSE\""))
-                .count()
-                >= 1500
-        },
+        "every transition, printed or counted lost",
+        |lines| accounted(lines) >= 15_002,
     );
+    assert_eq!(accounted(&tracer.lines_so_far()), 15_002);
     let lines = tracer.stop().json();
     let me = std::process::id();
     let mut forgotten = 0;
@@ -270,11 +279,4 @@ fn a_full_socket_map_forgets_owners_and_never_invents_one() {
         }
     }
     assert!(forgotten > 0, "the map never filled: {} lines", lines.len());
-    let lost: Vec<&Value> = lines.iter().filter(|l| l["type"] == "lost").collect();
-    assert!(lost.is_empty(), "{lost:?}");
-    let server_closes = lines
-        .iter()
-        .filter(|l| l["sport"] == port && l["oldstate"] == "LAST_ACK" && l["newstate"] == "CLOSE")
-        .count();
-    assert_eq!(server_closes, 1500);
 }
