@@ -490,7 +490,7 @@ fn the_schema_refuses_what_the_format_forbids() {
         good.replace("0xffff", "ffff"),
         good.replace(r#""pid":1"#, r#""pid":-1"#),
     ] {
-        let result = std::panic::catch_unwind(|| parse_and_validate(&[bad.clone()]));
+        let result = std::panic::catch_unwind(|| parse_and_validate(std::slice::from_ref(&bad)));
         assert!(result.is_err(), "the schema accepted {bad}");
     }
 }
