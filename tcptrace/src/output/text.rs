@@ -2,7 +2,7 @@
 
 use std::io::Write as _;
 
-use super::Utc;
+use super::{Utc, write};
 use crate::event::{Kind, TcpEvent};
 
 /// Table settings.
@@ -50,15 +50,13 @@ impl Text {
         }
         let _ = write!(out, "{:<7} ", event.pid);
         comm(out, event.comm_bytes());
-        let w = self.addr_width;
-        let _ = write!(
-            out,
-            " {:<w$} {:<5} {:<w$} {:<5} ",
-            event.saddr.to_string(),
-            event.sport,
-            event.daddr.to_string(),
-            event.dport
-        );
+        for (addr, port) in [(event.saddr, event.sport), (event.daddr, event.dport)] {
+            out.push(b' ');
+            padded(out, self.addr_width, |out| write::ip(out, addr));
+            out.push(b' ');
+            padded(out, 5, |out| write::uint(out, port));
+        }
+        out.push(b' ');
         let _ = match event.kind {
             Kind::State {
                 old,
@@ -86,6 +84,14 @@ impl Text {
             Kind::RetransmitSynack => writeln!(out, "{:<12} !! {:<12} -", "SYN_RECV", "RETRANS"),
         };
     }
+}
+
+/// What `write` appends, then spaces up to `width` bytes (addresses and ports are ASCII).
+fn padded(out: &mut Vec<u8>, width: usize, write: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    write(out);
+    let written = out.len() - start;
+    out.resize(out.len() + width.saturating_sub(written), b' ');
 }
 
 /// The comm padded to 16 columns, with anything that could break the line or the columns
