@@ -50,6 +50,19 @@ fn connect_through_dropped_syns(
     server.ack();
 }
 
+/// The retransmit lines whose `side` ("sport" or "dport") is `port`; at least one.
+fn retransmit_lines<'a>(lines: &'a [Value], side: &str, port: u16) -> Vec<&'a Value> {
+    let found: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["type"] == "retransmit" && l[side] == port)
+        .collect();
+    assert!(
+        !found.is_empty(),
+        "no retransmit with {side} {port}: {lines:?}"
+    );
+    found
+}
+
 /// The CLOSE line of the socket that retransmitted `first`: the next one with its address (an
 /// address is reused once its socket is gone, so earlier lines may belong to another socket).
 fn close_after<'a>(lines: &'a [Value], first: &Value) -> &'a Value {
@@ -218,10 +231,7 @@ fn data_syn_and_synack_retransmits_with_their_owners_and_filters() {
     let port_lines = by_port.stop().json();
 
     // Data retransmits: the client owns them, state ESTABLISHED, and its CLOSE line counts them.
-    let data: Vec<&Value> = everything
-        .iter()
-        .filter(|l| l["type"] == "retransmit" && l["dport"] == dport)
-        .collect();
+    let data = retransmit_lines(&everything, "dport", dport);
     assert!(data.len() >= 2, "{everything:?}");
     let client_port = data[0]["sport"].as_u64().unwrap() as u16;
     for line in &data {
@@ -243,11 +253,7 @@ fn data_syn_and_synack_retransmits_with_their_owners_and_filters() {
     assert_eq!(close["pid"], data_client.pid());
 
     // SYN retransmits: state SYN_SENT, owner the process that called connect().
-    let syn: Vec<&Value> = everything
-        .iter()
-        .filter(|l| l["type"] == "retransmit" && l["dport"] == sport)
-        .collect();
-    assert!(!syn.is_empty(), "{everything:?}");
+    let syn = retransmit_lines(&everything, "dport", sport);
     for line in &syn {
         check_line(
             line,
@@ -263,11 +269,7 @@ fn data_syn_and_synack_retransmits_with_their_owners_and_filters() {
     assert_eq!(syn_close["retransmits"], syn.len(), "{syn_close}");
 
     // SYN-ACK retransmits: attributed to the server that listens, local side the server's.
-    let synack: Vec<&Value> = everything
-        .iter()
-        .filter(|l| l["type"] == "retransmit" && l["sport"] == aport)
-        .collect();
-    assert!(!synack.is_empty(), "{everything:?}");
+    let synack = retransmit_lines(&everything, "sport", aport);
     for line in &synack {
         check_line(
             line,
