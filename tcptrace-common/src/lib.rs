@@ -11,12 +11,17 @@ pub const EVENTS_MAP: &str = "EVENTS";
 pub const COUNTERS_MAP: &str = "COUNTERS";
 /// Per-socket state (owner, last transition time, retransmits), LRU, keyed by socket address.
 pub const SOCKETS_MAP: &str = "SOCKETS";
-/// Owners of listening sockets keyed by local port, so passively opened sockets inherit them.
+/// Owners of listening sockets keyed by local port, so passively opened sockets inherit them
+/// (tracefs mode).
 pub const LISTENERS_MAP: &str = "LISTENERS";
 /// Set of owner pids (tgid) to keep; consulted when `FILTER_PID` is set.
 pub const PID_FILTER_MAP: &str = "PID_FILTER";
 /// Ports to keep, with `PORT_LOCAL`/`PORT_REMOTE` bits saying which side may match.
 pub const PORT_FILTER_MAP: &str = "PORT_FILTER";
+/// Socket-local storage (BTF mode): a [`SocketState`] in each socket, cloned to accepted sockets.
+pub const SOCKET_STORAGE_MAP: &str = "SOCKET_STORAGE";
+/// The [`KernelOffsets`] global (BTF mode).
+pub const OFFSETS_GLOBAL: &str = "OFFSETS";
 /// The [`Config`] global.
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 /// The [`StateLayout`] global.
@@ -37,14 +42,8 @@ pub const MAX_FILTER_ENTRIES: u32 = 1_024;
 
 /// `COUNTERS` slot: events lost because the ring buffer was full.
 pub const COUNTER_RINGBUF_FULL: u32 = 0;
-/// `COUNTERS` slot: inserts the per-socket map refused (it evicts, so this is rare).
-pub const COUNTER_SOCKETS_FULL: u32 = 1;
-/// `COUNTERS` slot: sockets added to the per-socket map.
-pub const COUNTER_SOCKETS_ADDED: u32 = 2;
-/// `COUNTERS` slot: sockets removed from it at CLOSE.
-pub const COUNTER_SOCKETS_REMOVED: u32 = 3;
 /// Number of `COUNTERS` slots.
-pub const COUNTER_SLOTS: u32 = 4;
+pub const COUNTER_SLOTS: u32 = 1;
 
 /// `Event::kind`: a state transition (`sock:inet_sock_set_state`).
 pub const KIND_STATE: u16 = 1;
@@ -52,6 +51,10 @@ pub const KIND_STATE: u16 = 1;
 pub const KIND_RETRANSMIT: u16 = 2;
 /// `Event::kind`: a retransmitted SYN-ACK (`tcp:tcp_retransmit_synack`).
 pub const KIND_RETRANSMIT_SYNACK: u16 = 3;
+
+/// `Event::kind`: a socket that existed when tracing began (`--snapshot`); `oldstate` and
+/// `newstate` both hold its state then.
+pub const KIND_SNAPSHOT: u16 = 4;
 
 /// `Event::flags`: `duration_ns` is meaningful (the previous transition was seen).
 pub const EVENT_HAS_DURATION: u16 = 1 << 0;
@@ -77,6 +80,8 @@ pub const FILTER_IPV6: u32 = 1 << 3;
 pub const TRACE_STATES: u32 = 1 << 4;
 /// `Config::filters` bit: trace retransmits.
 pub const TRACE_RETRANSMITS: u32 = 1 << 5;
+/// `Config::filters` bit: the socket iterator writes a record of each socket it visits.
+pub const TRACE_SNAPSHOT: u32 = 1 << 6;
 
 /// Linux address families as the tracepoints report them.
 pub const AF_INET: u16 = 2;
@@ -150,6 +155,38 @@ pub struct RetransmitLayout {
 }
 const _: () = assert!(size_of::<RetransmitLayout>() == 24);
 
+/// `KernelOffsets::features` bit: sockets have IPv6 addresses (`CONFIG_IPV6`).
+pub const KERNEL_HAS_IPV6: u32 = 1 << 0;
+/// `KernelOffsets::features` bit: the BTF tracepoint `tcp_retransmit_skb` passes `err` (2025+).
+pub const KERNEL_RETRANSMIT_ERR: u32 = 1 << 1;
+
+/// Where BTF mode finds fields in kernel structs, read from the running kernel's BTF at load time.
+/// Offsets are in bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `struct sock_common` (the start of every socket, and of a request socket).
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_family: u32,
+    pub skc_state: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    /// `struct inet_sock` (at the start of `struct tcp_sock`): the bound local port, network order.
+    pub inet_sport: u32,
+    /// `struct task_struct`.
+    pub task_tgid: u32,
+    pub task_group_leader: u32,
+    pub task_comm: u32,
+    /// `struct socket`: its `struct sock *`.
+    pub socket_sk: u32,
+    /// `KERNEL_*` bits.
+    pub features: u32,
+}
+const _: () = assert!(size_of::<KernelOffsets>() == 56);
+
 /// Load-time settings of the eBPF program, set by the loader through `CONFIG`. The tracepoint
 /// layouts are globals of their own, so each program loads only what it reads.
 #[repr(C)]
@@ -214,15 +251,18 @@ pub struct SocketState {
 }
 const _: () = assert!(size_of::<SocketState>() == 32);
 
-/// Owner of a listening socket.
+/// Owner of the listening sockets on one port (tracefs mode).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ListenerOwner {
-    /// The listening socket, so only its own close removes the entry.
+    /// The most recent listening socket on the port.
     pub skaddr: u64,
+    /// All zero when `pid` is 0.
     pub comm: Bytes16,
+    /// 0 when listeners of different owners share the port: no guess.
     pub pid: u32,
-    pub _pad: u32,
+    /// Listening sockets open on the port.
+    pub listeners: u32,
 }
 const _: () = assert!(size_of::<ListenerOwner>() == 32);
 
@@ -233,6 +273,7 @@ mod user {
     unsafe impl aya::Pod for super::StateLayout {}
     unsafe impl aya::Pod for super::RetransmitLayout {}
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::SocketState {}
     unsafe impl aya::Pod for super::ListenerOwner {}
 }

@@ -72,9 +72,10 @@ pub struct Cli {
           value_parser = parse_ring_buffer_size)]
     pub ring_buffer_size: u32,
 
-    /// How many sockets the kernel side tracks at once (owner and time of last transition). When
-    /// full, the least recently active socket is forgotten: its later lines show pid 0 and no
-    /// duration, never a wrong owner.
+    /// tracefs mode: how many sockets the kernel side tracks at once (owner and time of last
+    /// transition). When full, the least recently active socket is forgotten: its later lines
+    /// show pid 0 and no duration, never a wrong owner. BTF mode keeps this state in the sockets
+    /// themselves and has no such limit.
     #[arg(long = "max-sockets", value_name = "N", default_value = "65536",
           value_parser = RangedU64ValueParser::<u32>::new().range(1024..=4_194_304))]
     pub max_sockets: u32,
@@ -83,6 +84,21 @@ pub struct Cli {
     /// it, for logrotate's rename-then-signal.
     #[arg(long = "output", value_name = "PATH")]
     pub output: Option<PathBuf>,
+
+    /// How the kernel side attaches. `btf`: BTF-enabled tracepoints with the owner kept in each
+    /// socket (Linux 5.11+ with /sys/kernel/btf/vmlinux): accepted sockets name the owner of the
+    /// listener that accepted them, in any network namespace, and sockets opened before tracing
+    /// began get their owner. `tracefs`: classic tracepoints, owners in a map of --max-sockets
+    /// entries (kernels without BTF). `auto` takes btf where the kernel has it and says why when
+    /// it falls back.
+    #[arg(long = "mode", value_name = "MODE", default_value = "auto")]
+    pub mode: ModeChoice,
+
+    /// Before the live transitions, print one line per TCP socket that exists when tracing
+    /// begins, with its state and owner (what `netstat -tanp` shows; BTF mode). Sockets no
+    /// process holds (orphans, TIME_WAIT) are not listed.
+    #[arg(long = "snapshot")]
+    pub snapshot: bool,
 
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics. They count everything that passes
     /// the filters, whatever the output format.
@@ -97,6 +113,17 @@ pub enum EventKind {
     States,
     /// Retransmitted segments, SYNs and SYN-ACKs (tcp:tcp_retransmit_skb, tcp:tcp_retransmit_synack).
     Retransmits,
+}
+
+/// Values of `--mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModeChoice {
+    /// BTF mode where the kernel has it, tracefs mode otherwise.
+    Auto,
+    /// BTF-enabled tracepoints and socket storage; fails where the kernel lacks them.
+    Btf,
+    /// Classic tracepoints read through tracefs.
+    Tracefs,
 }
 
 /// Output formats.
@@ -176,6 +203,8 @@ mod tests {
         assert_eq!(cli.events, [EventKind::States, EventKind::Retransmits]);
         assert_eq!(cli.ring_buffer_size, 4 << 20);
         assert_eq!(cli.max_sockets, 65536);
+        assert_eq!(cli.mode, ModeChoice::Auto);
+        assert!(!cli.snapshot);
     }
 
     #[test]
@@ -205,6 +234,7 @@ mod tests {
             &["--ring-buffer-size", "5000"],
             &["--ring-buffer-size", "2G"],
             &["--max-sockets", "10"],
+            &["--mode", "kprobe"],
             &["--metrics-addr", "localhost"],
             &["--metrics-addr", "1.2.3.4:99999"],
         ] {

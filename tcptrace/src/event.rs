@@ -7,7 +7,7 @@ use std::{
 
 use tcptrace_common::{
     AF_INET, AF_INET6, Bytes16, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, Event,
-    KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_STATE, tcp_state,
+    KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_SNAPSHOT, KIND_STATE, tcp_state,
 };
 
 /// A kernel TCP state; numbers this build does not know are kept as `Unknown`.
@@ -112,6 +112,8 @@ pub enum Kind {
     },
     /// A retransmitted SYN-ACK of a connection being accepted.
     RetransmitSynack,
+    /// A socket that existed when tracing began, in `state` (`--snapshot`).
+    Snapshot { state: TcpState },
 }
 
 /// One decoded event.
@@ -206,6 +208,9 @@ pub fn decode(bytes: &[u8]) -> Result<TcpEvent, DecodeError> {
             err: has(EVENT_HAS_ERR).then_some(err),
         },
         KIND_RETRANSMIT_SYNACK => Kind::RetransmitSynack,
+        KIND_SNAPSHOT => Kind::Snapshot {
+            state: oldstate.into(),
+        },
         other => return Err(DecodeError::UnknownKind(other)),
     };
     Ok(TcpEvent {

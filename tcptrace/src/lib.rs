@@ -1,11 +1,11 @@
-//! tcptrace's pipeline, one module per step: tracefs (layouts) -> loader (eBPF) -> tracer (ring
+//! tcptrace's pipeline, one module per step: kernel (eBPF, with tracefs layouts or BTF offsets) -> tracer (ring
 //! buffer) -> event (decode) -> output (formats). The binary wires them; the benchmark drives the
 //! decode and format steps directly.
 
 pub mod cli;
 pub mod event;
 pub mod filter;
-pub mod loader;
+pub mod kernel;
 pub mod metrics;
 pub mod output;
 pub mod privileges;

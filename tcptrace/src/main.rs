@@ -1,5 +1,5 @@
 //! tcptrace: every TCP state transition and retransmit on this host, with the process that owns
-//! the socket. `main` only wires the pipeline: cli -> tracefs -> loader -> tracer -> output.
+//! the socket. `main` only wires the pipeline: cli -> kernel -> tracer -> output.
 
 use std::{process::ExitCode, sync::Arc};
 
@@ -7,10 +7,10 @@ use anyhow::Context as _;
 use tcptrace::{
     cli::{Cli, Format},
     filter::Filters,
-    loader,
+    kernel,
     metrics::{self, Metrics},
     output::{Destination, Formatter, text::Text},
-    privileges, tracefs, tracer,
+    privileges, tracer,
 };
 
 fn main() -> ExitCode {
@@ -29,7 +29,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    loader::check_kernel()?;
+    kernel::check_kernel()?;
     privileges::check()?;
     let filters = Filters::from_cli(&cli);
     let destination = match &cli.output {
@@ -50,12 +50,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let tracefs = tracefs::ensure_mounted()?;
-    let loaded = loader::load(&loader::Settings {
-        tracefs: &tracefs,
+    let loaded = kernel::load(&kernel::Settings {
+        mode: cli.mode,
         filters: &filters,
         ring_buffer_bytes: cli.ring_buffer_size,
         max_sockets: cli.max_sockets,
+        snapshot: cli.snapshot,
     })?;
     // Attached: nothing from here on needs a capability.
     privileges::drop_all()?;

@@ -10,7 +10,6 @@ use prometheus_client::{
     metrics::{
         counter::Counter,
         family::Family,
-        gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
@@ -22,7 +21,7 @@ use tokio::{
 
 use crate::{
     event::{Kind, TcpEvent, TcpState},
-    loader::Counters,
+    kernel::Counters,
 };
 
 /// A TCP state as a label value: the kernel's name, or `STATE_n`.
@@ -52,7 +51,6 @@ pub struct Metrics {
     retransmits: Family<StateLabels, Counter>,
     durations: Family<StateLabels, Histogram>,
     lost: Counter,
-    sockets: Gauge,
 }
 
 impl Metrics {
@@ -85,19 +83,12 @@ impl Metrics {
             "Events lost: the ring buffer was full, or the kernel skipped the program",
             lost.clone(),
         );
-        let sockets = Gauge::default();
-        registry.register(
-            "sockets_tracked",
-            "Sockets whose owner and last transition the kernel side currently tracks",
-            sockets.clone(),
-        );
         Self {
             registry,
             transitions,
             retransmits,
             durations,
             lost,
-            sockets,
         }
     }
 
@@ -123,6 +114,8 @@ impl Metrics {
                         .observe(Duration::from_nanos(ns).as_secs_f64());
                 }
             }
+            // An attempt the kernel reports as failed (`err` < 0) sent nothing.
+            Kind::Retransmit { err: Some(err), .. } if err != 0 => {}
             Kind::Retransmit { state, .. } => {
                 if let Some(state) = state {
                     self.retransmits
@@ -138,6 +131,7 @@ impl Metrics {
                         .inc();
                 }
             }
+            Kind::Snapshot { .. } => {}
             Kind::RetransmitSynack => {
                 self.retransmits
                     .get_or_create(&StateLabels {
@@ -150,13 +144,8 @@ impl Metrics {
 
     /// Takes the kernel side's counters.
     pub fn update(&self, counters: &Counters) {
-        let Counters {
-            lost,
-            sockets_tracked,
-        } = *counters;
+        let Counters { lost } = *counters;
         self.lost.inc_by(lost.saturating_sub(self.lost.get()));
-        self.sockets
-            .set(i64::try_from(sockets_tracked).unwrap_or(i64::MAX));
     }
 
     /// The exposition text.
@@ -264,14 +253,8 @@ mod tests {
         raw.kind = KIND_RETRANSMIT;
         raw.flags = tcptrace_common::EVENT_HAS_STATE;
         metrics.record(&decode(&bytes(&raw)).unwrap());
-        metrics.update(&Counters {
-            lost: 7,
-            sockets_tracked: 42,
-        });
-        metrics.update(&Counters {
-            lost: 9,
-            sockets_tracked: 40,
-        });
+        metrics.update(&Counters { lost: 7 });
+        metrics.update(&Counters { lost: 9 });
         let text = metrics.encode();
         assert!(
             text.contains(
@@ -292,7 +275,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("tcptrace_events_lost_total 9\n"), "{text}");
-        assert!(text.contains("tcptrace_sockets_tracked 40\n"), "{text}");
+        assert!(!text.contains("sockets_tracked"), "{text}");
         assert!(!text.contains("127.0.0.1") && !text.contains("4242") && !text.contains("40000"));
     }
 }

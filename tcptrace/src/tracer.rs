@@ -12,7 +12,7 @@ use tokio::{
 
 use crate::{
     event::{WallClock, decode},
-    loader::{Attached, Loaded},
+    kernel::{Attached, Loaded},
     metrics::Metrics,
     output::{Destination, Formatter},
 };
@@ -50,7 +50,12 @@ pub async fn run(
     destination: Destination,
     metrics: Option<Arc<Metrics>>,
 ) -> anyhow::Result<Summary> {
-    let Loaded { events, attached } = loaded;
+    let Loaded {
+        events,
+        attached,
+        mode,
+        snapshot,
+    } = loaded;
     let mut tracer = Tracer {
         formatter,
         destination,
@@ -73,8 +78,10 @@ pub async fn run(
     let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
     let mut sighup = signal(SignalKind::hangup()).context("failed to handle SIGHUP")?;
+    // The sockets that existed at start, before anything that happened since.
+    tracer.snapshot(&snapshot)?;
     // Only now: a signal that arrives after this line is handled, not fatal.
-    eprintln!("tcptrace: tracing; Ctrl-C to stop");
+    eprintln!("tcptrace: tracing ({mode} mode); Ctrl-C to stop");
 
     loop {
         tokio::select! {
@@ -116,6 +123,29 @@ impl Tracer {
                 Err(_) => self.summary.malformed += 1,
             }
             drop(record);
+            if self.buf.len() >= WRITE_CHUNK {
+                self.write()?;
+            }
+        }
+        self.write()
+    }
+
+    /// Formats the snapshot's records, each socket once (a socket several processes or
+    /// descriptors hold comes once per holder).
+    fn snapshot(&mut self, records: &[u8]) -> anyhow::Result<()> {
+        let clock = WallClock::sample();
+        let mut seen = std::collections::HashSet::new();
+        for record in records.chunks(size_of::<tcptrace_common::Event>()) {
+            match decode(record) {
+                Ok(event) => {
+                    if seen.insert(event.skaddr) {
+                        self.formatter
+                            .event(&mut self.buf, &event, clock.wall_ns(event.ts_ns));
+                        self.summary.written += 1;
+                    }
+                }
+                Err(_) => self.summary.malformed += 1,
+            }
             if self.buf.len() >= WRITE_CHUNK {
                 self.write()?;
             }

@@ -266,7 +266,7 @@ pub fn start_tcptrace(
     let reader = thread::spawn(move || {
         let mut lines = Vec::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line == "tcptrace: tracing; Ctrl-C to stop" {
+            if line.starts_with("tcptrace: tracing (") {
                 let _ = tx.send(());
             }
             lines.push(line);

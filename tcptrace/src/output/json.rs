@@ -22,6 +22,7 @@ pub fn event(out: &mut Vec<u8>, event: &TcpEvent, wall_ns: u64) {
     out.extend_from_slice(match kind {
         Kind::State { .. } => b"{\"type\":\"state\",\"time\":",
         Kind::Retransmit { .. } | Kind::RetransmitSynack => b"{\"type\":\"retransmit\",\"time\":",
+        Kind::Snapshot { .. } => b"{\"type\":\"socket\",\"time\":",
     });
     time(out, wall_ns);
     out.extend_from_slice(b",\"pid\":");
@@ -79,6 +80,12 @@ pub fn event(out: &mut Vec<u8>, event: &TcpEvent, wall_ns: u64) {
         }
         Kind::RetransmitSynack => {
             out.extend_from_slice(b",\"state\":\"SYN_RECV\",\"synack\":true");
+        }
+        Kind::Snapshot {
+            state: socket_state,
+        } => {
+            out.extend_from_slice(b",\"state\":");
+            state(out, socket_state);
         }
     }
     out.extend_from_slice(b",\"skaddr\":\"");

@@ -82,6 +82,7 @@ impl Text {
                 writeln!(out, "{:<12} !! {:<12} -", "-", "RETRANS")
             }
             Kind::RetransmitSynack => writeln!(out, "{:<12} !! {:<12} -", "SYN_RECV", "RETRANS"),
+            Kind::Snapshot { state } => writeln!(out, "{state:<12} :: {:<12} -", "EXISTING"),
         };
     }
 }

@@ -108,7 +108,7 @@ impl Tracer {
         let sink = Arc::clone(&stderr_text);
         let stderr_reader = thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line == "tcptrace: tracing; Ctrl-C to stop" {
+                if line.starts_with("tcptrace: tracing (") {
                     let _ = ready_tx.send(());
                 }
                 let mut text = sink.lock().unwrap();

@@ -1,33 +1,65 @@
-//! Every aya call in one place: load the eBPF object with this kernel's tracepoint layouts and the
-//! filters, attach the programs, hand back the maps userspace reads.
+//! Every aya call in one place: pick the mode this kernel supports, load the eBPF object with the
+//! filters and this kernel's offsets or layouts, attach the programs, hand back the maps userspace
+//! reads. Decode, outputs and metrics never learn which mode runs: the ring buffer record is the
+//! contract.
+//!
+//! - BTF mode ([`btf_mode`]): BTF-enabled tracepoints, owners in socket-local storage, sockets that
+//!   predate tracing found by a task-file iterator. Needs `/sys/kernel/btf/vmlinux` and 5.11+.
+//! - tracefs mode ([`tracefs_mode`]): classic tracepoints read at tracefs `format` offsets, owners
+//!   in an LRU map. For kernels without BTF (5.8 to 5.10).
+
+mod btf_mode;
+mod tracefs_mode;
+pub mod vmlinux;
 
 use std::{
+    fmt,
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
-    path::Path,
 };
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{ProgramFd, TracePoint},
+    programs::ProgramFd,
 };
 use aya_obj::generated::bpf_prog_info;
 use tcptrace_common::{
-    CONFIG_GLOBAL, COUNTER_RINGBUF_FULL, COUNTER_SOCKETS_ADDED, COUNTER_SOCKETS_REMOVED,
-    COUNTERS_MAP, Config, EVENTS_MAP, PID_FILTER_MAP, PORT_FILTER_MAP, RETRANSMIT_LAYOUT_GLOBAL,
-    RetransmitLayout, SOCKETS_MAP, STATE_LAYOUT_GLOBAL, SYNACK_LAYOUT_GLOBAL, TRACE_RETRANSMITS,
+    CONFIG_GLOBAL, COUNTER_RINGBUF_FULL, COUNTERS_MAP, Config, EVENTS_MAP, PID_FILTER_MAP, PORT_FILTER_MAP,
 };
 
-use crate::{filter::Filters, tracefs};
+use crate::{cli::ModeChoice, filter::Filters};
 
 /// The compiled eBPF object, built by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
+
+/// Where the kernel publishes its own BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// The mode that runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Btf,
+    Tracefs,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Btf => "btf",
+            Self::Tracefs => "tracefs",
+        })
+    }
+}
 
 /// What the rest of tcptrace needs from the loaded program.
 pub struct Loaded {
     pub events: RingBuf<MapData>,
     pub attached: Attached,
+    pub mode: Mode,
+    /// Records of the sockets that existed at start (`--snapshot`, BTF mode), as the ring buffer
+    /// carries them, back to back.
+    pub snapshot: Vec<u8>,
 }
 
 /// The loaded programs, attached while this lives, and their counters.
@@ -37,7 +69,6 @@ pub struct Attached {
     counters: PerCpuArray<MapData, u64>,
     /// The attached programs, for the kernel's count of the runs it skipped.
     programs: Vec<ProgramFd>,
-    max_sockets: u32,
 }
 
 /// The kernel side's counters, summed over CPUs, since load.
@@ -47,9 +78,6 @@ pub struct Counters {
     /// skipped the program (a tracepoint hit while a BPF program already ran on that CPU, as in a
     /// softirq interrupting one: the kernel counts these as the program's recursion misses).
     pub lost: u64,
-    /// Sockets in the per-socket map: added minus removed at CLOSE, at most its capacity (sockets
-    /// forgotten by LRU eviction leave a full map behind).
-    pub sockets_tracked: u64,
 }
 
 impl Attached {
@@ -61,8 +89,6 @@ impl Attached {
                 .context("failed to read the kernel side's counters")?;
             Ok(per_cpu.iter().sum())
         };
-        let added = slot(COUNTER_SOCKETS_ADDED)?;
-        let removed = slot(COUNTER_SOCKETS_REMOVED)?;
         let mut skipped = 0;
         for program in &self.programs {
             skipped += recursion_misses(program.as_fd())
@@ -70,113 +96,89 @@ impl Attached {
         }
         Ok(Counters {
             lost: slot(COUNTER_RINGBUF_FULL)? + skipped,
-            sockets_tracked: added.saturating_sub(removed).min(self.max_sockets.into()),
         })
     }
 }
 
 /// Load-time settings.
 pub struct Settings<'a> {
-    pub tracefs: &'a Path,
+    pub mode: ModeChoice,
     pub filters: &'a Filters,
     pub ring_buffer_bytes: u32,
     pub max_sockets: u32,
+    /// Write a record of every existing socket (BTF mode).
+    pub snapshot: bool,
 }
 
+/// Loads and attaches the mode `settings.mode` asks for; `auto` takes BTF mode where the kernel
+/// has it and says on stderr why it falls back when it does not.
 pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
-    let Settings {
-        tracefs,
-        filters,
-        ring_buffer_bytes,
-        max_sockets,
-    } = *settings;
-    let retransmits = filters.bits & TRACE_RETRANSMITS != 0;
-
-    let config = Config {
-        filters: filters.bits,
-        // Wake the reader only once a quarter of the buffer waits; it drains on a timer otherwise.
-        wakeup_bytes: ring_buffer_bytes / 4,
-    };
-    // Always needed: the state program keeps the socket owners that retransmit lines carry.
-    let state_layout = layout(
-        tracefs,
-        "sock",
-        "inet_sock_set_state",
-        tracefs::Format::state_layout,
-    )?;
-    let mut retransmit_layout = RetransmitLayout::default();
-    let mut synack_layout = RetransmitLayout::default();
-    let mut synack_present = false;
-    if retransmits {
-        retransmit_layout = layout(
-            tracefs,
-            "tcp",
-            "tcp_retransmit_skb",
-            tracefs::Format::retransmit_layout,
-        )?;
-        match layout(
-            tracefs,
-            "tcp",
-            "tcp_retransmit_synack",
-            tracefs::Format::retransmit_layout,
-        ) {
-            Ok(synack) => {
-                synack_layout = synack;
-                synack_present = true;
+    match settings.mode {
+        ModeChoice::Btf => {
+            btf_mode::supported().context("BTF mode is not available on this kernel")?;
+            btf_mode::load(settings).context("BTF mode failed")
+        }
+        ModeChoice::Tracefs => tracefs_mode::load(settings),
+        ModeChoice::Auto => {
+            let why = match btf_mode::supported() {
+                Ok(()) => match btf_mode::load(settings) {
+                    Ok(loaded) => return Ok(loaded),
+                    Err(e) => format!("{e:#}"),
+                },
+                Err(e) => format!("{e:#}"),
+            };
+            eprintln!("tcptrace: BTF mode unavailable ({why}); using tracefs mode");
+            if settings.snapshot {
+                eprintln!("tcptrace: warning: --snapshot needs BTF mode; no snapshot is written");
             }
-            Err(e) => eprintln!("tcptrace: warning: SYN-ACK retransmits not traced: {e:#}"),
+            tracefs_mode::load(settings)
         }
     }
+}
 
-    raise_memlock_limit();
-    let mut ebpf = EbpfLoader::new()
-        .override_global(CONFIG_GLOBAL, &config, true)
-        .override_global(STATE_LAYOUT_GLOBAL, &state_layout, true)
-        .override_global(RETRANSMIT_LAYOUT_GLOBAL, &retransmit_layout, true)
-        .override_global(SYNACK_LAYOUT_GLOBAL, &synack_layout, true)
-        .map_max_entries(EVENTS_MAP, ring_buffer_bytes)
-        .map_max_entries(SOCKETS_MAP, max_sockets)
-        .load(EBPF_OBJECT)
-        .context("failed to load the eBPF program")?;
+/// The configuration every program reads.
+fn config(settings: &Settings<'_>, extra_bits: u32) -> Config {
+    Config {
+        filters: settings.filters.bits | extra_bits,
+        // Wake the reader only once a quarter of the buffer waits; it drains on a timer otherwise.
+        wakeup_bytes: settings.ring_buffer_bytes / 4,
+    }
+}
 
-    let mut pid_filter: HashMap<_, u32, u8> =
-        HashMap::try_from(map_mut(&mut ebpf, PID_FILTER_MAP)?)?;
+/// A loader with what both modes set: the configuration and the ring buffer's size.
+fn loader(config: &Config, ring_buffer_bytes: u32) -> EbpfLoader<'_> {
+    let mut loader = EbpfLoader::new();
+    loader
+        .override_global(CONFIG_GLOBAL, config, true)
+        .map_max_entries(EVENTS_MAP, ring_buffer_bytes);
+    loader
+}
+
+/// Fills the pid and port filter maps.
+fn fill_filters(ebpf: &mut Ebpf, filters: &Filters) -> anyhow::Result<()> {
+    let mut pid_filter: HashMap<_, u32, u8> = HashMap::try_from(map_mut(ebpf, PID_FILTER_MAP)?)?;
     for &pid in &filters.pids {
         pid_filter
             .insert(pid, 1, 0)
             .with_context(|| format!("failed to add pid {pid} to the filter"))?;
     }
     let mut port_filter: HashMap<_, u16, u8> =
-        HashMap::try_from(map_mut(&mut ebpf, PORT_FILTER_MAP)?)?;
+        HashMap::try_from(map_mut(ebpf, PORT_FILTER_MAP)?)?;
     for (&port, &sides) in &filters.ports {
         port_filter
             .insert(port, sides, 0)
             .with_context(|| format!("failed to add port {port} to the filter"))?;
     }
+    Ok(())
+}
 
-    let mut programs = Vec::new();
-    let mut attach = |program: &str, category: &str| -> anyhow::Result<()> {
-        let tracepoint: &mut TracePoint = ebpf
-            .program_mut(program)
-            .ok_or_else(|| anyhow!("the eBPF object has no program {program}"))?
-            .try_into()?;
-        tracepoint
-            .load()
-            .with_context(|| format!("the kernel refused the program for {category}:{program}"))?;
-        tracepoint
-            .attach(category, program)
-            .with_context(|| format!("failed to attach {category}:{program}"))?;
-        programs.push(tracepoint.fd()?.try_clone()?);
-        Ok(())
-    };
-    attach("inet_sock_set_state", "sock")?;
-    if retransmits {
-        attach("tcp_retransmit_skb", "tcp")?;
-        if synack_present {
-            attach("tcp_retransmit_synack", "tcp")?;
-        }
-    }
-
+/// Takes the maps userspace reads and wraps up the attached programs.
+fn finish(
+    mut ebpf: Ebpf,
+    programs: Vec<ProgramFd>,
+    mode: Mode,
+    snapshot: Vec<u8>,
+) -> anyhow::Result<Loaded> {
     let events = RingBuf::try_from(take_map(&mut ebpf, EVENTS_MAP)?)?;
     let counters = PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS_MAP)?)?;
     Ok(Loaded {
@@ -185,8 +187,9 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
             _ebpf: ebpf,
             counters,
             programs,
-            max_sockets,
         },
+        mode,
+        snapshot,
     })
 }
 
@@ -223,16 +226,6 @@ fn recursion_misses(program: BorrowedFd<'_>) -> std::io::Result<u64> {
     Ok(info.recursion_misses)
 }
 
-fn layout<T>(
-    tracefs: &Path,
-    category: &str,
-    name: &str,
-    parse: impl FnOnce(&tracefs::Format) -> Result<T, tracefs::FormatError>,
-) -> anyhow::Result<T> {
-    let format = tracefs::read_format(tracefs, category, name)?;
-    parse(&format).with_context(|| format!("unsupported layout of tracepoint {category}:{name}"))
-}
-
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
     ebpf.map_mut(name)
         .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))
@@ -258,10 +251,16 @@ fn raise_memlock_limit() {
     }
 }
 
-fn kernel_before(major: u32, minor: u32) -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut parts = release
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
         .trim()
+        .to_owned()
+}
+
+fn kernel_before(major: u32, minor: u32) -> bool {
+    let release = kernel_release();
+    let mut parts = release
         .split(['.', '-'])
         .map(|p| p.parse::<u32>().unwrap_or(0));
     let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
@@ -271,10 +270,9 @@ fn kernel_before(major: u32, minor: u32) -> bool {
 /// The oldest kernel tcptrace runs on: BPF ring buffers arrived in 5.8.
 pub fn check_kernel() -> anyhow::Result<()> {
     if kernel_before(5, 8) {
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         bail!(
             "this kernel ({}) is too old: tcptrace needs Linux 5.8 or newer (BPF ring buffer)",
-            release.trim()
+            kernel_release()
         );
     }
     Ok(())

@@ -1,0 +1,441 @@
+//! BTF mode: programs on the BTF-enabled tracepoints, which receive the `struct sock *` itself.
+//! Each socket carries its owner in socket-local storage; the kernel copies a listener's storage
+//! to every socket it accepts (`BPF_F_CLONE`), so an accepted socket names the owner of the very
+//! listener that accepted it, in whatever network namespace. Storage dies with the socket: no
+//! address reuse, no eviction. Struct fields are read at the offsets of the running kernel's BTF
+//! (the `OFFSETS` global). A task-file iterator gives sockets that predate tracing their owner.
+
+use core::{ffi::c_void, ptr};
+
+use aya_ebpf::{
+    bindings::BPF_SK_STORAGE_GET_F_CREATE,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        generated::{
+            bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_seq_write, bpf_sk_storage_get,
+            bpf_skc_to_tcp_sock, bpf_sock_from_file,
+        },
+    },
+    programs::BtfTracePointContext,
+};
+use tcptrace_common::{
+    AF_INET, Bytes16, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, Event,
+    KERNEL_HAS_IPV6, KERNEL_RETRANSMIT_ERR, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_SNAPSHOT,
+    KIND_STATE, KernelOffsets, SocketState, TRACE_RETRANSMITS, TRACE_SNAPSHOT, TRACE_STATES,
+    tcp_state,
+};
+
+use crate::{
+    CONFIG, OFFSETS, SOCKET_STORAGE,
+    emit::{Owner, UNKNOWN_OWNER, emit, family_wanted, owner_wanted, ports_wanted},
+};
+
+/// A scalar field of a kernel struct at a load-time offset. The verifier knows the struct from
+/// BTF and checks the access against it; the offset is a constant of the frozen `.rodata`.
+#[inline(always)]
+unsafe fn field<T: Copy>(base: *const u8, offset: u32) -> T {
+    // SAFETY: the caller passes a BTF-typed kernel pointer; the verifier checks the access.
+    unsafe { base.add(offset as usize).cast::<T>().read_volatile() }
+}
+
+/// Sixteen bytes of a kernel struct (an IPv6 address, a command name). Byte arrays are read with
+/// the helper: the verifier only allows direct loads as wide as one array element.
+#[inline(always)]
+unsafe fn bytes16(base: *const u8, offset: u32) -> Bytes16 {
+    let mut out = Bytes16::ZERO;
+    // SAFETY: 16 bytes into a 16-byte buffer; on failure the helper zeroes it.
+    unsafe {
+        bpf_probe_read_kernel(
+            out.0.as_mut_ptr().cast(),
+            16,
+            base.add(offset as usize).cast(),
+        )
+    };
+    out
+}
+
+/// The socket's storage; created when `create` and missing.
+#[inline(always)]
+unsafe fn storage(sk: *mut c_void, create: bool) -> *mut SocketState {
+    let flags = if create {
+        u64::from(BPF_SK_STORAGE_GET_F_CREATE)
+    } else {
+        0
+    };
+    // SAFETY: `sk` is a socket pointer the verifier typed from BTF.
+    unsafe {
+        bpf_sk_storage_get(
+            ptr::addr_of!(SOCKET_STORAGE).cast_mut().cast(),
+            sk,
+            ptr::null_mut(),
+            flags,
+        )
+    }
+    .cast()
+}
+
+/// The process running now: its tgid and its name (the thread group leader's comm, as `ps` and
+/// `ss -p` show it, not the name of the thread that made the call).
+#[inline(always)]
+fn current_owner(offsets: &KernelOffsets) -> Owner {
+    // SAFETY: the helper returns the current task, typed from BTF; group_leader is never NULL.
+    let comm = unsafe {
+        let task = bpf_get_current_task_btf() as *const u8;
+        let leader: *const u8 = field(task, offsets.task_group_leader);
+        bytes16(leader, offsets.task_comm)
+    };
+    Owner {
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        comm,
+    }
+}
+
+/// A socket's addresses, ports and family as `sock_common` holds them (the local port from
+/// `inet_sock`, which is still set on the way to CLOSE, unlike `skc_num`).
+struct Endpoints {
+    family: u16,
+    sport: u16,
+    dport: u16,
+    saddr: Bytes16,
+    daddr: Bytes16,
+}
+
+/// Reads the endpoints of a TCP socket (`tp` is the same socket as `struct tcp_sock`).
+#[inline(always)]
+unsafe fn endpoints(offsets: &KernelOffsets, sk: *const u8, tp: *const u8) -> Endpoints {
+    // SAFETY: BTF-typed socket pointers; the offsets come from this kernel's BTF.
+    unsafe {
+        let family: u16 = field(sk, offsets.skc_family);
+        let sport = u16::from_be(field(tp, offsets.inet_sport));
+        let dport = u16::from_be(field(sk, offsets.skc_dport));
+        let (saddr, daddr) = addresses(offsets, sk, family);
+        Endpoints {
+            family,
+            sport,
+            dport,
+            saddr,
+            daddr,
+        }
+    }
+}
+
+/// Local and remote address of a socket or request socket (both start with `sock_common`), IPv4
+/// in the first four bytes, network order.
+#[inline(always)]
+unsafe fn addresses(offsets: &KernelOffsets, sk: *const u8, family: u16) -> (Bytes16, Bytes16) {
+    // SAFETY: as in `endpoints`.
+    unsafe {
+        if family == AF_INET || offsets.features & KERNEL_HAS_IPV6 == 0 {
+            let word = |offset| {
+                core::mem::transmute::<[u32; 4], Bytes16>([field::<u32>(sk, offset), 0, 0, 0])
+            };
+            (word(offsets.skc_rcv_saddr), word(offsets.skc_daddr))
+        } else {
+            (
+                bytes16(sk, offsets.skc_v6_rcv_saddr),
+                bytes16(sk, offsets.skc_v6_daddr),
+            )
+        }
+    }
+}
+
+/// `inet_sock_set_state(sk, oldstate, newstate)`.
+pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
+    let sk: *mut c_void = ctx.arg(0);
+    // NULL unless a full TCP socket: SCTP, MPTCP and others fire this tracepoint too.
+    // SAFETY: `sk` comes typed from the tracepoint.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as *const u8;
+    if tp.is_null() {
+        return Ok(());
+    }
+    let config = CONFIG.load();
+    let filters = config.filters;
+    let offsets = OFFSETS.load();
+    // SAFETY: as above.
+    let family: u16 = unsafe { field(sk as *const u8, offsets.skc_family) };
+    if !family_wanted(filters, family) {
+        return Ok(());
+    }
+    let oldstate = ctx.arg::<i32>(1) as u32;
+    let newstate = ctx.arg::<i32>(2) as u32;
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    // connect() and listen() run in the owner's context: the owner is whoever runs now. Every
+    // other transition may run in softirq or timer context ("current" is then whoever the CPU
+    // interrupted; on loopback, the peer) and takes the owner from the socket's storage. A child
+    // socket's storage is its listener's, copied before this first transition of the child.
+    // https://elixir.bootlin.com/linux/v6.18/source/net/core/bpf_sk_storage.c (bpf_sk_storage_clone)
+    let opened = (oldstate == tcp_state::CLOSE && newstate == tcp_state::SYN_SENT)
+        || newstate == tcp_state::LISTEN;
+    let accepted = oldstate == tcp_state::LISTEN && newstate == tcp_state::SYN_RECV;
+    // SAFETY: `sk` as above; a storage value is this socket's, and the kernel holds the socket
+    // lock across a transition.
+    let stored = unsafe { storage(sk, newstate != tcp_state::CLOSE) };
+    let (owner, since_ns, retransmits) = if opened {
+        (current_owner(&offsets), 0, 0)
+    } else if let Some(state) = unsafe { stored.as_ref() } {
+        let owner = Owner {
+            pid: state.pid,
+            comm: state.comm,
+        };
+        if accepted || oldstate == tcp_state::CLOSE {
+            // A new socket: the listener's duration and counts are not its own.
+            (owner, 0, 0)
+        } else {
+            (owner, state.since_ns, state.retransmits)
+        }
+    } else {
+        (UNKNOWN_OWNER, 0, 0)
+    };
+    if let Some(state) = unsafe { stored.as_mut() } {
+        *state = SocketState {
+            since_ns: now,
+            comm: owner.comm,
+            pid: owner.pid,
+            retransmits,
+        };
+    }
+
+    if filters & TRACE_STATES == 0 || !owner_wanted(filters, owner.pid) {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    let ends = unsafe { endpoints(&offsets, sk as *const u8, tp) };
+    if !ports_wanted(filters, ends.sport, ends.dport) {
+        return Ok(());
+    }
+    emit(
+        &config,
+        Event {
+            ts_ns: now,
+            skaddr: sk as u64,
+            duration_ns: now.saturating_sub(since_ns),
+            saddr: ends.saddr,
+            daddr: ends.daddr,
+            comm: owner.comm,
+            pid: owner.pid,
+            retransmits,
+            err: 0,
+            kind: KIND_STATE,
+            flags: if since_ns != 0 { EVENT_HAS_DURATION } else { 0 },
+            family: ends.family,
+            sport: ends.sport,
+            dport: ends.dport,
+            oldstate,
+            newstate,
+            _pad: 0,
+        },
+    );
+    Ok(())
+}
+
+/// `tcp_retransmit_skb(sk, skb[, err])`: a segment (data, SYN or FIN) sent again. Since 2025 it
+/// also fires for attempts that failed (`err` < 0): only segments that went out are counted.
+pub fn retransmit(ctx: &BtfTracePointContext) -> Result<(), ()> {
+    let config = CONFIG.load();
+    let filters = config.filters;
+    if filters & TRACE_RETRANSMITS == 0 {
+        return Ok(());
+    }
+    let sk: *mut c_void = ctx.arg(0);
+    // SAFETY: `sk` comes typed from the tracepoint.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as *const u8;
+    if tp.is_null() {
+        return Ok(());
+    }
+    let offsets = OFFSETS.load();
+    let has_err = offsets.features & KERNEL_RETRANSMIT_ERR != 0;
+    let err = if has_err { ctx.arg::<i32>(2) } else { 0 };
+    // SAFETY: as above.
+    let ends = unsafe { endpoints(&offsets, sk as *const u8, tp) };
+    if !family_wanted(filters, ends.family) {
+        return Ok(());
+    }
+    let state: u8 = unsafe { field(sk as *const u8, offsets.skc_state) };
+    // SAFETY: as in `state`.
+    let stored = unsafe { storage(sk, false) };
+    let (owner, retransmits) = match unsafe { stored.as_mut() } {
+        Some(stored) => {
+            if err == 0 {
+                stored.retransmits += 1;
+            }
+            (
+                Owner {
+                    pid: stored.pid,
+                    comm: stored.comm,
+                },
+                stored.retransmits,
+            )
+        }
+        None => (UNKNOWN_OWNER, 0),
+    };
+    if !owner_wanted(filters, owner.pid) || !ports_wanted(filters, ends.sport, ends.dport) {
+        return Ok(());
+    }
+    emit(
+        &config,
+        Event {
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+            skaddr: sk as u64,
+            duration_ns: 0,
+            saddr: ends.saddr,
+            daddr: ends.daddr,
+            comm: owner.comm,
+            pid: owner.pid,
+            retransmits,
+            err,
+            kind: KIND_RETRANSMIT,
+            flags: EVENT_HAS_STATE | if has_err { EVENT_HAS_ERR } else { 0 },
+            family: ends.family,
+            sport: ends.sport,
+            dport: ends.dport,
+            oldstate: u32::from(state),
+            newstate: 0,
+            _pad: 0,
+        },
+    );
+    Ok(())
+}
+
+/// `tcp_retransmit_synack(sk, req)`: the listener `sk` sent a SYN-ACK again for the request
+/// socket `req`, whose addresses and ports are its `sock_common`'s.
+pub fn retransmit_synack(ctx: &BtfTracePointContext) -> Result<(), ()> {
+    let config = CONFIG.load();
+    let filters = config.filters;
+    if filters & TRACE_RETRANSMITS == 0 {
+        return Ok(());
+    }
+    let sk: *mut c_void = ctx.arg(0);
+    let req: *const u8 = ctx.arg(1);
+    let offsets = OFFSETS.load();
+    // SAFETY: BTF-typed pointers from the tracepoint.
+    let family: u16 = unsafe { field(req, offsets.skc_family) };
+    if !family_wanted(filters, family) {
+        return Ok(());
+    }
+    let sport: u16 = unsafe { field(req, offsets.skc_num) };
+    let dport = u16::from_be(unsafe { field(req, offsets.skc_dport) });
+    // SAFETY: as in `state`.
+    let owner = match unsafe { storage(sk, false).as_ref() } {
+        Some(listener) => Owner {
+            pid: listener.pid,
+            comm: listener.comm,
+        },
+        None => UNKNOWN_OWNER,
+    };
+    if !owner_wanted(filters, owner.pid) || !ports_wanted(filters, sport, dport) {
+        return Ok(());
+    }
+    let (saddr, daddr) = unsafe { addresses(&offsets, req, family) };
+    emit(
+        &config,
+        Event {
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+            skaddr: sk as u64,
+            duration_ns: 0,
+            saddr,
+            daddr,
+            comm: owner.comm,
+            pid: owner.pid,
+            retransmits: 0,
+            err: 0,
+            kind: KIND_RETRANSMIT_SYNACK,
+            flags: EVENT_HAS_STATE,
+            family,
+            sport,
+            dport,
+            oldstate: tcp_state::SYN_RECV,
+            newstate: 0,
+            _pad: 0,
+        },
+    );
+    Ok(())
+}
+
+/// The context of an `iter/task_file` program (`struct bpf_iter__task_file`).
+#[repr(C)]
+pub struct TaskFileContext {
+    meta: *const u8,
+    task: *const u8,
+    fd: u32,
+    file: *mut c_void,
+}
+
+/// One open file of one process: when it is a TCP socket without an owner yet, the process
+/// becomes its owner. With `--snapshot`, every TCP socket seen is also written to the iterator's
+/// output as a `KIND_SNAPSHOT` record (a socket held by several processes or descriptors appears
+/// once per holder; userspace keeps the first).
+pub fn snapshot(ctx: *const TaskFileContext) -> Result<(), ()> {
+    // SAFETY: the iterator's context, read as the kernel lays it out.
+    let (meta, task, file) = unsafe { ((*ctx).meta, (*ctx).task, (*ctx).file) };
+    if task.is_null() || file.is_null() {
+        return Ok(());
+    }
+    // SAFETY: `file` is a BTF-typed file pointer; NULL unless it is a socket.
+    let socket = unsafe { bpf_sock_from_file(file.cast()) } as *const u8;
+    if socket.is_null() {
+        return Ok(());
+    }
+    let offsets = OFFSETS.load();
+    // SAFETY: BTF-typed pointers; offsets from this kernel's BTF.
+    let sk: *mut c_void = unsafe { field::<*mut c_void>(socket, offsets.socket_sk) };
+    if sk.is_null() {
+        return Ok(());
+    }
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as *const u8;
+    if tp.is_null() {
+        return Ok(());
+    }
+    let Some(stored) = (unsafe { storage(sk, true).as_mut() }) else {
+        return Ok(());
+    };
+    if stored.pid == 0 {
+        // SAFETY: as above; group_leader is never NULL.
+        unsafe {
+            stored.pid = field::<i32>(task, offsets.task_tgid) as u32;
+            let leader: *const u8 = field(task, offsets.task_group_leader);
+            stored.comm = bytes16(leader, offsets.task_comm);
+        }
+    }
+
+    let config = CONFIG.load();
+    let filters = config.filters;
+    if filters & TRACE_SNAPSHOT == 0 || !owner_wanted(filters, stored.pid) {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    let ends = unsafe { endpoints(&offsets, sk as *const u8, tp) };
+    if !family_wanted(filters, ends.family) || !ports_wanted(filters, ends.sport, ends.dport) {
+        return Ok(());
+    }
+    let state = u32::from(unsafe { field::<u8>(sk as *const u8, offsets.skc_state) });
+    let event = Event {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        skaddr: sk as u64,
+        duration_ns: 0,
+        saddr: ends.saddr,
+        daddr: ends.daddr,
+        comm: stored.comm,
+        pid: stored.pid,
+        retransmits: stored.retransmits,
+        err: 0,
+        kind: KIND_SNAPSHOT,
+        flags: 0,
+        family: ends.family,
+        sport: ends.sport,
+        dport: ends.dport,
+        oldstate: state,
+        newstate: state,
+        _pad: 0,
+    };
+    // SAFETY: `meta` is the iterator's `struct bpf_iter_meta`, whose first field is the seq_file.
+    unsafe {
+        let seq: *mut c_void = field(meta, 0);
+        bpf_seq_write(
+            seq.cast(),
+            ptr::addr_of!(event).cast(),
+            size_of::<Event>() as u32,
+        );
+    }
+    Ok(())
+}

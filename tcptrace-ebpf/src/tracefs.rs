@@ -1,0 +1,310 @@
+//! tracefs mode: programs on the classic tracepoints, reading each field of the tracepoint's record
+//! at the offset the running kernel's tracefs `format` file gives (the `*_LAYOUT` globals). Owners
+//! live in an LRU map keyed by socket address; accepted sockets take the owner of the listener on
+//! their port, and none when two listeners share it.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TracePointContext};
+use tcptrace_common::{
+    AF_INET, AF_INET6, Bytes16, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, Event,
+    FIELD_ABSENT, IPPROTO_TCP, KIND_RETRANSMIT_SYNACK, KIND_STATE, ListenerOwner,
+    RetransmitLayout, SocketState, TRACE_RETRANSMITS, TRACE_STATES, tcp_state,
+};
+
+use crate::{
+    CONFIG, LISTENERS, SOCKETS, STATE_LAYOUT,
+    emit::{
+        Owner, UNKNOWN_OWNER, current_owner, emit, family_wanted, owner_wanted,
+        ports_wanted,
+    },
+    record::Record,
+};
+
+/// Local and remote address of an event, IPv4 in the first four bytes.
+#[inline(always)]
+fn addresses(record: &Record, family: u16, v4: (u16, u16), v6: (u16, u16)) -> (Bytes16, Bytes16) {
+    if family == AF_INET {
+        // Built from words: the address bytes stay in network order whatever the endianness.
+        let word = |offset| {
+            // SAFETY: any 16 bytes are a valid Bytes16.
+            unsafe {
+                core::mem::transmute::<[u32; 4], Bytes16>([record.get::<u32>(offset), 0, 0, 0])
+            }
+        };
+        (word(v4.0), word(v4.1))
+    } else {
+        (Bytes16(record.get(v6.0)), Bytes16(record.get(v6.1)))
+    }
+}
+
+pub fn state(ctx: &TracePointContext) -> Result<(), ()> {
+    let config = CONFIG.load();
+    let filters = config.filters;
+    let layout = &STATE_LAYOUT.load();
+    let mut record = Record::uninit();
+    record.fill(ctx, layout.record_size)?;
+    // Cheapest checks first: SCTP, MPTCP and others fire this tracepoint too.
+    let protocol = if layout.protocol_size == 1 {
+        u16::from(record.get::<u8>(layout.protocol))
+    } else {
+        record.get::<u16>(layout.protocol)
+    };
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let family: u16 = record.get(layout.family);
+    if !family_wanted(filters, family) {
+        return Ok(());
+    }
+    let skaddr: u64 = record.get(layout.skaddr);
+    let oldstate = record.get::<i32>(layout.oldstate) as u32;
+    let newstate = record.get::<i32>(layout.newstate) as u32;
+    let sport: u16 = record.get(layout.sport);
+    let dport: u16 = record.get(layout.dport);
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    // The owner. Only connect() and listen() run in the owner's context for sure; everything else
+    // may run in softirq or timer context, where "current" is whoever the CPU interrupted (on
+    // loopback: the peer). Later transitions take the owner captured there.
+    // https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/tcp_ipv4.c (tcp_v4_connect)
+    // https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/af_inet.c (__inet_listen_sk)
+    let existing = SOCKETS.get_ptr_mut(skaddr);
+    let (owner, since_ns, retransmits) = if (oldstate == tcp_state::CLOSE
+        && newstate == tcp_state::SYN_SENT)
+        || newstate == tcp_state::LISTEN
+    {
+        (current_owner(), 0, 0)
+    } else if oldstate == tcp_state::LISTEN && newstate == tcp_state::SYN_RECV {
+        // A passively opened child socket, cloned from its listener in softirq context: always a
+        // new socket, whatever a missed CLOSE left under its address. Its owner is the listener's
+        // on this port, unless several listeners of different owners share the port (other
+        // network namespaces, SO_REUSEPORT): this mode cannot tell which one accepted it.
+        // https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/inet_connection_sock.c (inet_csk_clone_lock)
+        match unsafe { LISTENERS.get(sport) } {
+            Some(listener) => (
+                Owner {
+                    pid: listener.pid,
+                    comm: listener.comm,
+                },
+                0,
+                0,
+            ),
+            None => (UNKNOWN_OWNER, 0, 0),
+        }
+    } else if let Some(state) = existing
+        && oldstate != tcp_state::CLOSE
+    {
+        // SAFETY: a value of this map; a concurrent update at worst yields a stale duration.
+        let state = unsafe { &*state };
+        (
+            Owner {
+                pid: state.pid,
+                comm: state.comm,
+            },
+            state.since_ns,
+            state.retransmits,
+        )
+    } else {
+        (UNKNOWN_OWNER, 0, 0)
+    };
+
+    // Listeners are recorded whatever the filters say, so that a port shared by listeners of
+    // different owners is known to be shared.
+    if newstate == tcp_state::LISTEN {
+        add_listener(sport, skaddr, owner);
+    } else if oldstate == tcp_state::LISTEN && newstate == tcp_state::CLOSE {
+        remove_listener(sport);
+    }
+
+    let tracked = owner_wanted(filters, owner.pid);
+    if newstate == tcp_state::CLOSE {
+        // Removed at CLOSE, so a reused socket address never inherits stale state.
+        if existing.is_some() {
+            let _ = SOCKETS.remove(skaddr);
+        }
+    } else if tracked {
+        let state = SocketState {
+            since_ns: now,
+            comm: owner.comm,
+            pid: owner.pid,
+            retransmits,
+        };
+        match existing {
+            // SAFETY: as above; the kernel holds the socket lock across a transition.
+            Some(slot) => unsafe { *slot = state },
+            None => {
+                let _ = SOCKETS.insert(skaddr, state, 0);
+            }
+        }
+    }
+
+    // With only retransmits traced this program still runs: it keeps the owners they need.
+    if filters & TRACE_STATES == 0 || !tracked || !ports_wanted(filters, sport, dport) {
+        return Ok(());
+    }
+    let (saddr, daddr) = addresses(
+        &record,
+        family,
+        (layout.saddr, layout.daddr),
+        (layout.saddr_v6, layout.daddr_v6),
+    );
+    emit(
+        &config,
+        Event {
+            ts_ns: now,
+            skaddr,
+            duration_ns: now.saturating_sub(since_ns),
+            saddr,
+            daddr,
+            comm: owner.comm,
+            pid: owner.pid,
+            retransmits,
+            err: 0,
+            kind: KIND_STATE,
+            flags: if since_ns != 0 { EVENT_HAS_DURATION } else { 0 },
+            family,
+            sport,
+            dport,
+            oldstate,
+            newstate,
+            _pad: 0,
+        },
+    );
+    Ok(())
+}
+
+/// One more listener on `port`. A second listener of another owner makes the port ambiguous
+/// (pid 0) until all of its listeners have closed.
+#[inline(always)]
+fn add_listener(port: u16, skaddr: u64, owner: Owner) {
+    let entry = match LISTENERS.get_ptr_mut(port) {
+        // SAFETY: a value of this map; listen() on one port from two CPUs at once at worst
+        // miscounts, which leaves the port ambiguous (pid 0) rather than wrong.
+        Some(existing) => unsafe {
+            let existing = &*existing;
+            let same = existing.pid == owner.pid && existing.pid != 0;
+            ListenerOwner {
+                skaddr,
+                comm: if same { owner.comm } else { Bytes16::ZERO },
+                pid: if same { owner.pid } else { 0 },
+                listeners: existing.listeners.saturating_add(1),
+            }
+        },
+        None => ListenerOwner {
+            skaddr,
+            comm: owner.comm,
+            pid: owner.pid,
+            listeners: 1,
+        },
+    };
+    let _ = LISTENERS.insert(port, entry, 0);
+}
+
+#[inline(always)]
+fn remove_listener(port: u16) {
+    if let Some(existing) = LISTENERS.get_ptr_mut(port) {
+        // SAFETY: as in add_listener.
+        unsafe {
+            if (*existing).listeners > 1 {
+                (*existing).listeners -= 1;
+                return;
+            }
+        }
+        let _ = LISTENERS.remove(port);
+    }
+}
+
+#[inline(always)]
+pub fn retransmit(ctx: &TracePointContext, layout: &RetransmitLayout, kind: u16) -> Result<(), ()> {
+    let config = CONFIG.load();
+    let filters = config.filters;
+    if filters & TRACE_RETRANSMITS == 0 {
+        return Ok(());
+    }
+    let mut record = Record::uninit();
+    record.fill(ctx, layout.record_size)?;
+    let skaddr: u64 = record.get(layout.skaddr);
+    let family = if layout.family != FIELD_ABSENT {
+        record.get(layout.family)
+    } else {
+        // Before 5.12 the tracepoint had no family: an IPv4 socket shows a v4-mapped IPv6 address.
+        let v6: [u8; 16] = record.get(layout.saddr_v6);
+        if v6[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] {
+            AF_INET
+        } else {
+            AF_INET6
+        }
+    };
+    if !family_wanted(filters, family) {
+        return Ok(());
+    }
+    let sport: u16 = record.get(layout.sport);
+    let dport: u16 = record.get(layout.dport);
+
+    // Retransmits fire from the kernel's timers, where "current" is unrelated to the socket: the
+    // owner comes from the per-socket state, or for a SYN-ACK from the listener.
+    let mut retransmits = 0;
+    let owner = match SOCKETS.get_ptr_mut(skaddr) {
+        Some(state) => unsafe {
+            (*state).retransmits += 1;
+            retransmits = (*state).retransmits;
+            Owner {
+                pid: (*state).pid,
+                comm: (*state).comm,
+            }
+        },
+        None => match unsafe { LISTENERS.get(sport) } {
+            Some(listener) if kind == KIND_RETRANSMIT_SYNACK => Owner {
+                pid: listener.pid,
+                comm: listener.comm,
+            },
+            _ => UNKNOWN_OWNER,
+        },
+    };
+    if !owner_wanted(filters, owner.pid) || !ports_wanted(filters, sport, dport) {
+        return Ok(());
+    }
+    let state = if kind == KIND_RETRANSMIT_SYNACK {
+        Some(tcp_state::SYN_RECV)
+    } else if layout.state != FIELD_ABSENT {
+        Some(record.get::<i32>(layout.state) as u32)
+    } else {
+        None
+    };
+    let err = if layout.err != FIELD_ABSENT {
+        Some(record.get::<i32>(layout.err))
+    } else {
+        None
+    };
+    let (saddr, daddr) = addresses(
+        &record,
+        family,
+        (layout.saddr, layout.daddr),
+        (layout.saddr_v6, layout.daddr_v6),
+    );
+    let now = unsafe { bpf_ktime_get_ns() };
+    emit(
+        &config,
+        Event {
+            ts_ns: now,
+            skaddr,
+            duration_ns: 0,
+            saddr,
+            daddr,
+            comm: owner.comm,
+            pid: owner.pid,
+            retransmits,
+            err: err.unwrap_or(0),
+            kind,
+            flags: if state.is_some() { EVENT_HAS_STATE } else { 0 }
+                | if err.is_some() { EVENT_HAS_ERR } else { 0 },
+            family,
+            sport,
+            dport,
+            oldstate: state.unwrap_or(0),
+            newstate: 0,
+            _pad: 0,
+        },
+    );
+    Ok(())
+}
+

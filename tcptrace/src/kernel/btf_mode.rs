@@ -1,0 +1,197 @@
+//! BTF mode: the BTF-enabled tracepoints, with kernel struct offsets read from the running
+//! kernel's BTF, and a task-file iterator run once at start so that sockets opened before tracing
+//! began get their owner.
+
+use std::{io::Read as _, path::Path};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Btf, Ebpf,
+    programs::{BtfTracePoint, Iter, ProgramFd},
+};
+use tcptrace_common::{
+    KERNEL_HAS_IPV6, KERNEL_RETRANSMIT_ERR, KernelOffsets, OFFSETS_GLOBAL,
+    RETRANSMIT_LAYOUT_GLOBAL, SYNACK_LAYOUT_GLOBAL, TRACE_RETRANSMITS, TRACE_SNAPSHOT,
+};
+
+use super::{
+    EBPF_OBJECT, Loaded, Mode, Settings, VMLINUX_BTF, config, fill_filters, finish,
+    kernel_before, kernel_release, loader, tracefs_mode, vmlinux,
+};
+use crate::tracefs;
+
+/// Why this kernel cannot run BTF mode, if it cannot.
+pub fn supported() -> anyhow::Result<()> {
+    if kernel_before(5, 11) {
+        bail!(
+            "kernel {} is older than 5.11, the first with socket storage for tracing programs",
+            kernel_release()
+        );
+    }
+    if !Path::new(VMLINUX_BTF).exists() {
+        bail!("{VMLINUX_BTF} does not exist (a kernel built without CONFIG_DEBUG_INFO_BTF)");
+    }
+    Ok(())
+}
+
+pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
+    let vmlinux = vmlinux::Btf::from_file(Path::new(VMLINUX_BTF))?;
+    let mut offsets = offsets(&vmlinux)?;
+    let retransmits = settings.filters.bits & TRACE_RETRANSMITS != 0;
+    let retransmit_args = vmlinux.tracepoint_args("tcp_retransmit_skb");
+    let synack_args = vmlinux.tracepoint_args("tcp_retransmit_synack");
+    if retransmit_args.is_some_and(|args| args >= 3) {
+        offsets.features |= KERNEL_RETRANSMIT_ERR;
+    }
+    // A tracepoint whose BTF type this kernel lacks or renamed runs its classic program, which
+    // reads the record through tracefs and cannot see socket storage: its lines carry no owner.
+    let mut classic = Vec::new();
+    if retransmits {
+        for (name, args) in [
+            ("tcp_retransmit_skb", retransmit_args),
+            ("tcp_retransmit_synack", synack_args),
+        ] {
+            if args.is_none() {
+                let tracefs = tracefs::ensure_mounted()?;
+                match tracefs_mode::retransmit(&tracefs, name) {
+                    Ok(layout) => {
+                        eprintln!(
+                            "tcptrace: warning: this kernel's BTF has no tracepoint {name}; its classic tracepoint is used, and its lines carry no owner"
+                        );
+                        classic.push((name, layout));
+                    }
+                    Err(e) => eprintln!("tcptrace: warning: {name} not traced: {e:#}"),
+                }
+            }
+        }
+    }
+
+    let snapshot_bit = if settings.snapshot { TRACE_SNAPSHOT } else { 0 };
+    let config = config(settings, snapshot_bit);
+    super::raise_memlock_limit();
+    let mut loader = loader(&config, settings.ring_buffer_bytes);
+    loader.override_global(OFFSETS_GLOBAL, &offsets, true);
+    for (name, layout) in &classic {
+        let global = if *name == "tcp_retransmit_skb" {
+            RETRANSMIT_LAYOUT_GLOBAL
+        } else {
+            SYNACK_LAYOUT_GLOBAL
+        };
+        loader.override_global(global, layout, true);
+    }
+    tracefs_mode::shrink_unused_maps(&mut loader);
+    let mut ebpf = loader
+        .load(EBPF_OBJECT)
+        .context("failed to load the eBPF program")?;
+    fill_filters(&mut ebpf, settings.filters)?;
+
+    let btf = Btf::from_sys_fs().context("failed to read the kernel's BTF")?;
+    let mut programs = vec![attach(
+        &mut ebpf,
+        &btf,
+        "btf_inet_sock_set_state",
+        "inet_sock_set_state",
+    )?];
+    if retransmits {
+        for (program, tracepoint, args) in [
+            (
+                "btf_tcp_retransmit_skb",
+                "tcp_retransmit_skb",
+                retransmit_args,
+            ),
+            (
+                "btf_tcp_retransmit_synack",
+                "tcp_retransmit_synack",
+                synack_args,
+            ),
+        ] {
+            if args.is_some() {
+                programs.push(attach(&mut ebpf, &btf, program, tracepoint)?);
+            } else if classic.iter().any(|(name, _)| *name == tracepoint) {
+                programs.push(tracefs_mode::attach(&mut ebpf, "tcp", tracepoint)?);
+            }
+        }
+    }
+
+    // Attached first, so that no socket opened meanwhile is missed; the iterator then gives an
+    // owner to every socket that has none yet.
+    let snapshot = match iterate(&mut ebpf, &btf) {
+        Ok(records) => records,
+        Err(e) => {
+            eprintln!(
+                "tcptrace: warning: sockets opened before tracing began show pid 0: {e:#}"
+            );
+            Vec::new()
+        }
+    };
+    finish(ebpf, programs, Mode::Btf, snapshot)
+}
+
+/// Where BTF mode reads kernel structs on this kernel.
+fn offsets(btf: &vmlinux::Btf) -> anyhow::Result<KernelOffsets> {
+    let need = |name: &str, member: &str| {
+        btf.member_offset(name, member)
+            .ok_or_else(|| anyhow!("this kernel's BTF has no {name}.{member}"))
+    };
+    let v6 = (
+        btf.member_offset("sock_common", "skc_v6_daddr"),
+        btf.member_offset("sock_common", "skc_v6_rcv_saddr"),
+    );
+    Ok(KernelOffsets {
+        skc_daddr: need("sock_common", "skc_daddr")?,
+        skc_rcv_saddr: need("sock_common", "skc_rcv_saddr")?,
+        skc_dport: need("sock_common", "skc_dport")?,
+        skc_num: need("sock_common", "skc_num")?,
+        skc_family: need("sock_common", "skc_family")?,
+        skc_state: need("sock_common", "skc_state")?,
+        skc_v6_daddr: v6.0.unwrap_or_default(),
+        skc_v6_rcv_saddr: v6.1.unwrap_or_default(),
+        inet_sport: need("inet_sock", "inet_sport")?,
+        task_tgid: need("task_struct", "tgid")?,
+        task_group_leader: need("task_struct", "group_leader")?,
+        task_comm: need("task_struct", "comm")?,
+        socket_sk: need("socket", "sk")?,
+        features: if v6.0.is_some() && v6.1.is_some() {
+            KERNEL_HAS_IPV6
+        } else {
+            0
+        },
+    })
+}
+
+fn attach(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    program: &str,
+    tracepoint: &str,
+) -> anyhow::Result<ProgramFd> {
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| anyhow!("the eBPF object has no program {program}"))?
+        .try_into()?;
+    prog.load(tracepoint, btf)
+        .with_context(|| format!("the kernel refused the program for {tracepoint}"))?;
+    prog.attach()
+        .with_context(|| format!("failed to attach to {tracepoint}"))?;
+    Ok(prog.fd()?.try_clone()?)
+}
+
+/// Runs the task-file iterator once: every socket any process holds gets an owner, and (with
+/// `--snapshot`) its records come back.
+fn iterate(ebpf: &mut Ebpf, btf: &Btf) -> anyhow::Result<Vec<u8>> {
+    let iter: &mut Iter = ebpf
+        .program_mut("snapshot_sockets")
+        .ok_or_else(|| anyhow!("the eBPF object has no program snapshot_sockets"))?
+        .try_into()?;
+    iter.load("task_file", btf)
+        .context("the kernel refused the socket iterator")?;
+    let link = iter.attach().context("failed to attach the socket iterator")?;
+    let link = iter.take_link(link)?;
+    let mut file = link
+        .into_file()
+        .context("failed to open the socket iterator")?;
+    let mut records = Vec::new();
+    file.read_to_end(&mut records)
+        .context("failed to run the socket iterator")?;
+    Ok(records)
+}
