@@ -2,11 +2,13 @@
 //! at a moment the test knows. One process per role, so server and client have their own pid and
 //! comm.
 //!
-//! `tcp_workload server ADDR COMM` binds ADDR (port 0 picks one) and prints `bound PORT`;
+//! `tcp_workload server ADDR COMM [reuseport]` binds ADDR (port 0 picks one; with `reuseport`,
+//! SO_REUSEPORT first) and prints `bound PORT`;
 //! `tcp_workload client COMM` waits for `connect ADDR`. Then each stdin line is one step, answered
 //! with `ok` once done: `listen`, `accept`, `connect ADDR`, `echo` (read a byte, write it back),
 //! `send` (write a byte, read the reply), `write` (a byte), `accept-many N` (accept and hold N
-//! connections), `close-all` (the held ones),
+//! connections), `accept-ready` (accept and hold every connection waiting, and say
+//! `peers PORT,PORT,...` with their remote ports), `close-all` (the held ones),
 //! `close` (the connection), `wait-eof`, `close-listener`,
 //! `exit`.
 
@@ -19,7 +21,7 @@ use std::{
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (role, comm) = match args.as_slice() {
-        [_, role, _, comm] if role == "server" => (role.as_str(), comm),
+        [_, role, _, comm] | [_, role, _, comm, _] if role == "server" => (role.as_str(), comm),
         [_, role, comm] if role == "client" => (role.as_str(), comm),
         _ => fail("usage: tcp_workload server ADDR COMM | tcp_workload client COMM"),
     };
@@ -34,7 +36,7 @@ fn main() {
         let addr: SocketAddr = args[2]
             .parse()
             .unwrap_or_else(|e| fail(&format!("bad address: {e}")));
-        let fd = bound_socket(addr);
+        let fd = bound_socket(addr, args.get(4).is_some_and(|a| a == "reuseport"));
         let port = local_port(&fd);
         socket = Some(fd);
         say(&format!("bound {port}"));
@@ -78,6 +80,27 @@ fn main() {
                             .0,
                     );
                 }
+            }
+            (Some("accept-ready"), _) => {
+                let l = listener
+                    .as_ref()
+                    .unwrap_or_else(|| fail("accept-ready: not listening"));
+                l.set_nonblocking(true)
+                    .unwrap_or_else(|e| fail(&format!("accept-ready: {e}")));
+                let mut peers = Vec::new();
+                loop {
+                    match l.accept() {
+                        Ok((stream, peer)) => {
+                            peers.push(peer.port().to_string());
+                            held.push(stream);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => fail(&format!("accept: {e}")),
+                    }
+                }
+                l.set_nonblocking(false)
+                    .unwrap_or_else(|e| fail(&format!("accept-ready: {e}")));
+                say(&format!("peers {}", peers.join(",")));
             }
             (Some("close-all"), _) => held.clear(),
             (Some("connect"), Some(addr)) => {
@@ -126,7 +149,7 @@ fn main() {
     }
 }
 
-fn bound_socket(addr: SocketAddr) -> std::os::fd::OwnedFd {
+fn bound_socket(addr: SocketAddr, reuseport: bool) -> std::os::fd::OwnedFd {
     let family = if addr.is_ipv6() {
         libc::AF_INET6
     } else {
@@ -139,6 +162,22 @@ fn bound_socket(addr: SocketAddr) -> std::os::fd::OwnedFd {
     }
     // SAFETY: a fresh descriptor we own.
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    if reuseport {
+        let on: libc::c_int = 1;
+        // SAFETY: a valid option value of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_REUSEPORT,
+                (&raw const on).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            fail(&format!("SO_REUSEPORT: {}", std::io::Error::last_os_error()));
+        }
+    }
     let (storage, len) = sockaddr(addr);
     // SAFETY: `storage` holds a valid sockaddr of `len` bytes.
     if unsafe { libc::bind(fd.as_raw_fd(), (&raw const storage).cast(), len) } != 0 {

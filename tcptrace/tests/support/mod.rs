@@ -245,6 +245,44 @@ impl Endpoint {
         Self::bound(Command::new(workload_binary()), ip, comm)
     }
 
+    /// A server bound to `ip` and `port` (0: chosen by the kernel), with SO_REUSEPORT when
+    /// `reuseport`, inside network namespace `netns` when given; not yet listening.
+    pub fn server_at(netns: Option<&str>, ip: &str, port: u16, comm: &str, reuseport: bool) -> Self {
+        let mut command = match netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command
+                    .args(["netns", "exec", netns])
+                    .arg(workload_binary());
+                command
+            }
+            None => Command::new(workload_binary()),
+        };
+        let addr = SocketAddr::new(ip.parse().expect("ip"), port).to_string();
+        command.args(["server", &addr, comm]);
+        if reuseport {
+            command.arg("reuseport");
+        }
+        let mut endpoint = Self::spawn_command(command, comm);
+        endpoint.read_port();
+        endpoint
+    }
+
+    /// Accepts every connection waiting; returns their remote ports.
+    pub fn accept_ready(&mut self) -> Vec<u16> {
+        self.send("accept-ready");
+        let line = self.read_line();
+        let peers = line
+            .strip_prefix("peers ")
+            .unwrap_or_else(|| panic!("{} answered {line:?}", self.comm));
+        self.ack();
+        peers
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .map(|p| p.parse().expect("port"))
+            .collect()
+    }
+
     /// Starts `command` (the workload, perhaps under a wrapper) as a server and reads its port.
     fn bound(mut command: Command, ip: &str, comm: &str) -> Self {
         let addr = if ip.contains(':') {
@@ -254,12 +292,16 @@ impl Endpoint {
         };
         command.args(["server", &addr, comm]);
         let mut endpoint = Self::spawn_command(command, comm);
-        let bound = endpoint.read_line();
-        endpoint.port = bound
+        endpoint.read_port();
+        endpoint
+    }
+
+    fn read_port(&mut self) {
+        let bound = self.read_line();
+        self.port = bound
             .strip_prefix("bound ")
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("server said {bound:?}"));
-        endpoint
     }
 
     pub fn client(comm: &str) -> Self {

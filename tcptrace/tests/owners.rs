@@ -1,0 +1,219 @@
+//! Who owns a socket, where production breaks naive attribution: sockets and servers that predate
+//! tcptrace, listeners on one port in two network namespaces, SO_REUSEPORT listeners of two
+//! processes. Real processes, real namespaces, the real kernel; root required.
+//!
+//! BTF mode must name the right process on every line. tracefs mode cannot tell listeners that
+//! share a port apart: it must print pid 0 there, never a wrong owner.
+
+mod support;
+
+use std::{net::TcpStream, time::Duration};
+
+use serde_json::Value;
+use support::{Endpoint, Netns, Tracer, serial, socket_addr};
+
+const MODES: [&str; 2] = ["btf", "tracefs"];
+
+/// The state lines of the socket whose local port is `local` and remote port `remote`.
+fn lines_of(lines: &[Value], local: u16, remote: u16) -> Vec<&Value> {
+    lines
+        .iter()
+        .filter(|l| l["type"] == "state" && l["sport"] == local && l["dport"] == remote)
+        .collect()
+}
+
+fn pids(lines: &[&Value]) -> Vec<u64> {
+    lines.iter().map(|l| l["pid"].as_u64().expect("pid")).collect()
+}
+
+#[test]
+fn sockets_that_predate_tracing_get_their_owners() {
+    let _serial = serial();
+    let mut server = Endpoint::server("127.0.0.1", "tt-old-srv");
+    let port = server.port;
+    let mut old_client = Endpoint::client("tt-old-cli");
+    server.step("listen");
+    old_client.step(&format!("connect 127.0.0.1:{port}"));
+    server.step("accept");
+
+    let tracer = Tracer::start(&[
+        "--format",
+        "json",
+        "-4",
+        "--mode",
+        "btf",
+        "--snapshot",
+        "--port",
+        &port.to_string(),
+    ]);
+    // The snapshot comes first: the listener and both ends of the open connection.
+    let snapshot = support::parse_and_validate(&tracer.lines_so_far());
+    let mut existing: Vec<(String, u64, u64)> = snapshot
+        .iter()
+        .filter(|l| l["type"] == "socket")
+        .map(|l| {
+            (
+                l["state"].as_str().unwrap().to_owned(),
+                l["sport"].as_u64().unwrap(),
+                l["pid"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    existing.sort();
+    let mut expected = vec![
+        ("ESTABLISHED".to_owned(), u64::from(port), u64::from(server.pid())),
+        ("LISTEN".to_owned(), u64::from(port), u64::from(server.pid())),
+    ];
+    // The client's end: its ephemeral port is not known here, only its owner.
+    let client_end = existing
+        .iter()
+        .find(|(state, sport, _)| state == "ESTABLISHED" && *sport != u64::from(port))
+        .cloned()
+        .unwrap_or_else(|| panic!("no client end in the snapshot: {existing:?}"));
+    assert_eq!(client_end.2, u64::from(old_client.pid()), "{existing:?}");
+    expected.push(client_end.clone());
+    expected.sort();
+    assert_eq!(existing, expected);
+    assert!(
+        snapshot.iter().all(|l| l["type"] == "socket"),
+        "the snapshot comes before live lines: {snapshot:?}"
+    );
+    let old_client_port = client_end.1 as u16;
+
+    // A new connection to the old server, and the old connection's close.
+    let mut new_client = Endpoint::client("tt-new-cli");
+    new_client.step(&format!("connect 127.0.0.1:{port}"));
+    assert_eq!(server.accept_ready().len(), 1);
+    old_client.step("close");
+    server.step("wait-eof");
+    server.step("close");
+    tracer.wait_for(Duration::from_secs(5), "the old connection's CLOSE lines", |lines| {
+        lines
+            .iter()
+            .filter(|l| l.contains("\"newstate\":\"CLOSE\"") && l.contains(&format!("{old_client_port}")))
+            .count()
+            >= 2
+    });
+    let lines = tracer.stop().json();
+
+    let server_pid = u64::from(server.pid());
+    let old_server_end = lines_of(&lines, port, old_client_port);
+    let old_client_end = lines_of(&lines, old_client_port, port);
+    assert!(!old_server_end.is_empty() && !old_client_end.is_empty(), "{lines:?}");
+    assert!(pids(&old_server_end).iter().all(|&p| p == server_pid), "{old_server_end:?}");
+    assert!(
+        pids(&old_client_end).iter().all(|&p| p == u64::from(old_client.pid())),
+        "{old_client_end:?}"
+    );
+    // Every other line of the port: the new connection, named after the server or the new client.
+    for line in lines.iter().filter(|l| l["type"] == "state") {
+        let pid = line["pid"].as_u64().unwrap();
+        if line["sport"] == port {
+            assert_eq!(pid, server_pid, "{line}");
+        } else if line["sport"] != old_client_port {
+            assert_eq!(pid, u64::from(new_client.pid()), "{line}");
+        }
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["type"] == "state" && l["oldstate"] == "LISTEN" && l["newstate"] == "SYN_RECV"),
+        "the new connection was not seen: {lines:?}"
+    );
+}
+
+#[test]
+fn listeners_on_one_port_in_two_network_namespaces() {
+    for mode in MODES {
+        let _serial = serial();
+        let (ns_a, ns_b) = (Netns::new(21), Netns::new(22));
+        let mut server_a = Endpoint::server_at(Some(&ns_a.name), "127.0.0.1", 0, "tt-ns-a", false);
+        let port = server_a.port;
+        let mut server_b =
+            Endpoint::server_at(Some(&ns_b.name), "127.0.0.1", port, "tt-ns-b", false);
+        let tracer = Tracer::start(&[
+            "--format",
+            "json",
+            "-4",
+            "--mode",
+            mode,
+            "--port",
+            &port.to_string(),
+        ]);
+        server_a.step("listen");
+        // The second namespace's server listens last.
+        server_b.step("listen");
+        let mut client_a = Endpoint::client_in(&ns_a.name, "tt-ns-a-cli");
+        client_a.step(&format!("connect 127.0.0.1:{port}"));
+        let peers_a = server_a.accept_ready();
+        let mut client_b = Endpoint::client_in(&ns_b.name, "tt-ns-b-cli");
+        client_b.step(&format!("connect 127.0.0.1:{port}"));
+        let peers_b = server_b.accept_ready();
+        assert_eq!((peers_a.len(), peers_b.len()), (1, 1));
+        tracer.wait_for(Duration::from_secs(5), "both accepted sockets", |lines| {
+            lines.iter().filter(|l| l.contains("\"oldstate\":\"SYN_RECV\"")).count() >= 2
+        });
+        let lines = tracer.stop().json();
+        for (peer, server) in [(peers_a[0], &server_a), (peers_b[0], &server_b)] {
+            let accepted = lines_of(&lines, port, peer);
+            assert!(accepted.len() >= 2, "{mode}: {lines:?}");
+            let expected = if mode == "btf" { u64::from(server.pid()) } else { 0 };
+            assert!(
+                pids(&accepted).iter().all(|&p| p == expected),
+                "{mode}: the socket accepted by {} names {:?}: {accepted:?}",
+                server.comm,
+                pids(&accepted)
+            );
+        }
+    }
+}
+
+#[test]
+fn so_reuseport_listeners_of_two_processes() {
+    for mode in MODES {
+        let _serial = serial();
+        let mut first = Endpoint::server_at(None, "127.0.0.1", 0, "tt-reuse-1", true);
+        let port = first.port;
+        let mut second = Endpoint::server_at(None, "127.0.0.1", port, "tt-reuse-2", true);
+        let tracer = Tracer::start(&[
+            "--format",
+            "json",
+            "-4",
+            "--mode",
+            mode,
+            "--port",
+            &port.to_string(),
+        ]);
+        first.step("listen");
+        second.step("listen");
+        // The kernel spreads connections over the two listeners by a hash of each 4-tuple.
+        let clients: Vec<TcpStream> = (0..32)
+            .map(|_| TcpStream::connect(socket_addr("127.0.0.1", port)).expect("connect"))
+            .collect();
+        let peers_first = first.accept_ready();
+        let peers_second = second.accept_ready();
+        assert_eq!(peers_first.len() + peers_second.len(), clients.len());
+        assert!(
+            !peers_first.is_empty() && !peers_second.is_empty(),
+            "one listener took all 32 connections"
+        );
+        tracer.wait_for(Duration::from_secs(5), "every accepted socket", |lines| {
+            lines.iter().filter(|l| l.contains("\"oldstate\":\"SYN_RECV\"")).count() >= 32
+        });
+        let lines = tracer.stop().json();
+        for (peers, server) in [(&peers_first, &first), (&peers_second, &second)] {
+            let expected = if mode == "btf" { u64::from(server.pid()) } else { 0 };
+            for &peer in peers {
+                let accepted = lines_of(&lines, port, peer);
+                assert_eq!(accepted.len(), 2, "{mode}: {accepted:?}");
+                assert!(
+                    pids(&accepted).iter().all(|&p| p == expected),
+                    "{mode}: accepted by {} but named {:?}",
+                    server.comm,
+                    pids(&accepted)
+                );
+            }
+        }
+        drop(clients);
+    }
+}
