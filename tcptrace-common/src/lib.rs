@@ -14,6 +14,12 @@ pub const SOCKETS_MAP: &str = "SOCKETS";
 /// Owners of listening sockets keyed by local port, so passively opened sockets inherit them
 /// (tracefs mode).
 pub const LISTENERS_MAP: &str = "LISTENERS";
+/// BTF mode: the process each process (tgid) forked last, which holds copies of its sockets.
+pub const FORKED_MAP: &str = "FORKED";
+/// BTF mode: for a process that exited, the process it forked last (its sockets' new holder).
+pub const SUCCESSORS_MAP: &str = "SUCCESSORS";
+/// Capacity of `FORKED` and `SUCCESSORS` (LRU).
+pub const MAX_PROCESSES: u32 = 16_384;
 /// Set of owner pids (tgid) to keep; consulted when `FILTER_PID` is set.
 pub const PID_FILTER_MAP: &str = "PID_FILTER";
 /// Ports to keep, with `PORT_LOCAL`/`PORT_REMOTE` bits saying which side may match.
@@ -178,6 +184,8 @@ pub struct KernelOffsets {
     pub inet_sport: u32,
     /// `struct task_struct`.
     pub task_tgid: u32,
+    pub task_pid: u32,
+    pub task_real_parent: u32,
     pub task_group_leader: u32,
     pub task_comm: u32,
     /// `struct socket`: its `struct sock *`.
@@ -185,7 +193,7 @@ pub struct KernelOffsets {
     /// `KERNEL_*` bits.
     pub features: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 56);
+const _: () = assert!(size_of::<KernelOffsets>() == 64);
 
 /// Load-time settings of the eBPF program, set by the loader through `CONFIG`. The tracepoint
 /// layouts are globals of their own, so each program loads only what it reads.
@@ -245,11 +253,14 @@ const _: () = assert!(size_of::<Event>() == 104);
 pub struct SocketState {
     /// When the socket entered its current state (`CLOCK_MONOTONIC` ns); 0 when unknown.
     pub since_ns: u64,
+    /// BTF mode: the value of `SUCCESSION_EPOCH` when the owner was last checked for having
+    /// exited (and handed its sockets to the process it forked).
+    pub epoch: u64,
     pub comm: Bytes16,
     pub pid: u32,
     pub retransmits: u32,
 }
-const _: () = assert!(size_of::<SocketState>() == 32);
+const _: () = assert!(size_of::<SocketState>() == 40);
 
 /// Owner of the listening sockets on one port (tracefs mode).
 #[repr(C)]

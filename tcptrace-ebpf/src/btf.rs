@@ -19,14 +19,13 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use tcptrace_common::{
-    AF_INET, Bytes16, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, Event,
-    KERNEL_HAS_IPV6, KERNEL_RETRANSMIT_ERR, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_SNAPSHOT,
-    KIND_STATE, KernelOffsets, SocketState, TRACE_RETRANSMITS, TRACE_SNAPSHOT, TRACE_STATES,
-    tcp_state,
+    AF_INET, Bytes16, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, Event, KERNEL_HAS_IPV6,
+    KERNEL_RETRANSMIT_ERR, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_SNAPSHOT, KIND_STATE,
+    KernelOffsets, SocketState, TRACE_RETRANSMITS, TRACE_SNAPSHOT, TRACE_STATES, tcp_state,
 };
 
 use crate::{
-    CONFIG, OFFSETS, SOCKET_STORAGE,
+    CONFIG, FORKED, OFFSETS, SOCKET_STORAGE, SUCCESSION_EPOCH, SUCCESSORS,
     emit::{Owner, UNKNOWN_OWNER, emit, family_wanted, owner_wanted, ports_wanted},
 };
 
@@ -139,6 +138,95 @@ unsafe fn addresses(offsets: &KernelOffsets, sk: *const u8, family: u16) -> (Byt
     }
 }
 
+/// The current succession epoch.
+#[inline(always)]
+fn epoch() -> u64 {
+    SUCCESSION_EPOCH.get(0).copied().unwrap_or(0)
+}
+
+/// The socket's owner, or the process that holds its sockets now that the owner exited: a
+/// daemon's listener is made by a process that forks and exits. Followed for a few generations
+/// (a double fork); checked again only when some owner has exited since the last check.
+#[inline(always)]
+fn live_owner(state: &mut SocketState) -> Owner {
+    let now = epoch();
+    if state.epoch != now && state.pid != 0 {
+        let mut pid = state.pid;
+        for _ in 0..4 {
+            // SAFETY: plain u32 values.
+            match unsafe { SUCCESSORS.get(pid) } {
+                Some(&next) => pid = next,
+                None => break,
+            }
+        }
+        // A forked child starts with its parent's comm, and a daemon keeps it.
+        state.pid = pid;
+        state.epoch = now;
+    }
+    Owner {
+        pid: state.pid,
+        comm: state.comm,
+    }
+}
+
+/// `sched_process_fork(parent, child)`: remember the newest process each process forked; it
+/// holds copies of the parent's sockets.
+pub fn forked(ctx: &BtfTracePointContext) {
+    let parent: *const u8 = ctx.arg(0);
+    let child: *const u8 = ctx.arg(1);
+    let offsets = OFFSETS.load();
+    // SAFETY: BTF-typed task pointers; offsets from this kernel's BTF.
+    let (parent_tgid, child_pid, child_tgid) = unsafe {
+        (
+            field::<i32>(parent, offsets.task_tgid) as u32,
+            field::<i32>(child, offsets.task_pid) as u32,
+            field::<i32>(child, offsets.task_tgid) as u32,
+        )
+    };
+    if child_pid != child_tgid {
+        // A new thread, not a new process.
+        return;
+    }
+    let _ = FORKED.insert(parent_tgid, child_tgid, 0);
+    // The pid is in use again: whatever once exited under it has nothing to hand over now.
+    let _ = SUCCESSORS.remove(child_tgid);
+}
+
+/// `sched_process_exit(task)`: when a process that forked exits, its newest child becomes the
+/// holder of its sockets.
+pub fn exited(ctx: &BtfTracePointContext) {
+    let task: *const u8 = ctx.arg(0);
+    let offsets = OFFSETS.load();
+    // SAFETY: as in `forked`; real_parent is never NULL.
+    let (pid, tgid, parent_tgid) = unsafe {
+        let parent: *const u8 = field(task, offsets.task_real_parent);
+        (
+            field::<i32>(task, offsets.task_pid) as u32,
+            field::<i32>(task, offsets.task_tgid) as u32,
+            field::<i32>(parent, offsets.task_tgid) as u32,
+        )
+    };
+    if pid != tgid {
+        // A thread other than the leader: the process lives on.
+        return;
+    }
+    // A child that dies hands nothing over through its parent.
+    // SAFETY: plain u32 values.
+    if unsafe { FORKED.get(parent_tgid) } == Some(&tgid) {
+        let _ = FORKED.remove(parent_tgid);
+    }
+    let Some(&child) = (unsafe { FORKED.get(tgid) }) else {
+        return;
+    };
+    let _ = SUCCESSORS.insert(tgid, child, 0);
+    let _ = FORKED.remove(tgid);
+    if let Some(counter) = SUCCESSION_EPOCH.get_ptr_mut(0) {
+        // SAFETY: the map's only value. Two CPUs adding at once may add once: the epoch changes
+        // either way, which is all a reader needs.
+        unsafe { *counter += 1 };
+    }
+}
+
 /// `inet_sock_set_state(sk, oldstate, newstate)`.
 pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let sk: *mut c_void = ctx.arg(0);
@@ -173,11 +261,8 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let stored = unsafe { storage(sk, newstate != tcp_state::CLOSE) };
     let (owner, since_ns, retransmits) = if opened {
         (current_owner(&offsets), 0, 0)
-    } else if let Some(state) = unsafe { stored.as_ref() } {
-        let owner = Owner {
-            pid: state.pid,
-            comm: state.comm,
-        };
+    } else if let Some(state) = unsafe { stored.as_mut() } {
+        let owner = live_owner(state);
         if accepted || oldstate == tcp_state::CLOSE {
             // A new socket: the listener's duration and counts are not its own.
             (owner, 0, 0)
@@ -190,6 +275,7 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
     if let Some(state) = unsafe { stored.as_mut() } {
         *state = SocketState {
             since_ns: now,
+            epoch: epoch(),
             comm: owner.comm,
             pid: owner.pid,
             retransmits,
@@ -259,13 +345,7 @@ pub fn retransmit(ctx: &BtfTracePointContext) -> Result<(), ()> {
             if err == 0 {
                 stored.retransmits += 1;
             }
-            (
-                Owner {
-                    pid: stored.pid,
-                    comm: stored.comm,
-                },
-                stored.retransmits,
-            )
+            (live_owner(stored), stored.retransmits)
         }
         None => (UNKNOWN_OWNER, 0),
     };
@@ -316,11 +396,8 @@ pub fn retransmit_synack(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let sport: u16 = unsafe { field(req, offsets.skc_num) };
     let dport = u16::from_be(unsafe { field(req, offsets.skc_dport) });
     // SAFETY: as in `state`.
-    let owner = match unsafe { storage(sk, false).as_ref() } {
-        Some(listener) => Owner {
-            pid: listener.pid,
-            comm: listener.comm,
-        },
+    let owner = match unsafe { storage(sk, false).as_mut() } {
+        Some(listener) => live_owner(listener),
         None => UNKNOWN_OWNER,
     };
     if !owner_wanted(filters, owner.pid) || !ports_wanted(filters, sport, dport) {
@@ -390,6 +467,7 @@ pub fn snapshot(ctx: *const TaskFileContext) -> Result<(), ()> {
         return Ok(());
     };
     if stored.pid == 0 {
+        stored.epoch = epoch();
         // SAFETY: as above; group_leader is never NULL.
         unsafe {
             stored.pid = field::<i32>(task, offsets.task_tgid) as u32;

@@ -16,13 +16,13 @@ mod tracefs;
 use aya_ebpf::{
     Global,
     macros::{btf_map, btf_tracepoint, map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
 };
 use tcptrace_common::{
     COUNTER_SLOTS, Config, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BUFFER_BYTES, KIND_RETRANSMIT,
     KIND_RETRANSMIT_SYNACK, KernelOffsets, ListenerOwner, MAX_FILTER_ENTRIES, MAX_LISTENERS,
-    RetransmitLayout, SocketState, StateLayout,
+    MAX_PROCESSES, RetransmitLayout, SocketState, StateLayout,
 };
 
 #[unsafe(no_mangle)]
@@ -54,6 +54,17 @@ static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(DEFA
 
 #[map]
 static LISTENERS: LruHashMap<u16, ListenerOwner> = LruHashMap::with_max_entries(MAX_LISTENERS, 0);
+
+#[map]
+static FORKED: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX_PROCESSES, 0);
+
+#[map]
+static SUCCESSORS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX_PROCESSES, 0);
+
+/// Bumped whenever an owner may have handed its sockets to a successor: a socket whose storage
+/// holds an older value checks its owner again.
+#[map]
+static SUCCESSION_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map]
 static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
@@ -129,6 +140,18 @@ pub fn btf_tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
     match btf::retransmit_synack(&ctx) {
         Ok(()) | Err(()) => 0,
     }
+}
+
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn btf_sched_process_fork(ctx: BtfTracePointContext) -> i32 {
+    btf::forked(&ctx);
+    0
+}
+
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn btf_sched_process_exit(ctx: BtfTracePointContext) -> i32 {
+    btf::exited(&ctx);
+    0
 }
 
 /// `iter/task_file`: every open file of every process (aya-ebpf has no macro for iterators).

@@ -6,16 +6,13 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TracePointContext};
 use tcptrace_common::{
     AF_INET, AF_INET6, Bytes16, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, Event,
-    FIELD_ABSENT, IPPROTO_TCP, KIND_RETRANSMIT_SYNACK, KIND_STATE, ListenerOwner,
-    RetransmitLayout, SocketState, TRACE_RETRANSMITS, TRACE_STATES, tcp_state,
+    FIELD_ABSENT, IPPROTO_TCP, KIND_RETRANSMIT_SYNACK, KIND_STATE, ListenerOwner, RetransmitLayout,
+    SocketState, TRACE_RETRANSMITS, TRACE_STATES, tcp_state,
 };
 
 use crate::{
     CONFIG, LISTENERS, SOCKETS, STATE_LAYOUT,
-    emit::{
-        Owner, UNKNOWN_OWNER, current_owner, emit, family_wanted, owner_wanted,
-        ports_wanted,
-    },
+    emit::{Owner, UNKNOWN_OWNER, current_owner, emit, family_wanted, owner_wanted, ports_wanted},
     record::Record,
 };
 
@@ -124,6 +121,7 @@ pub fn state(ctx: &TracePointContext) -> Result<(), ()> {
     } else if tracked {
         let state = SocketState {
             since_ns: now,
+            epoch: 0,
             comm: owner.comm,
             pid: owner.pid,
             retransmits,
@@ -307,4 +305,3 @@ pub fn retransmit(ctx: &TracePointContext, layout: &RetransmitLayout, kind: u16)
     );
     Ok(())
 }
-

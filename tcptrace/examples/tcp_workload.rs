@@ -175,7 +175,10 @@ fn bound_socket(addr: SocketAddr, reuseport: bool) -> std::os::fd::OwnedFd {
             )
         };
         if rc != 0 {
-            fail(&format!("SO_REUSEPORT: {}", std::io::Error::last_os_error()));
+            fail(&format!(
+                "SO_REUSEPORT: {}",
+                std::io::Error::last_os_error()
+            ));
         }
     }
     let (storage, len) = sockaddr(addr);

@@ -23,7 +23,10 @@ fn lines_of(lines: &[Value], local: u16, remote: u16) -> Vec<&Value> {
 }
 
 fn pids(lines: &[&Value]) -> Vec<u64> {
-    lines.iter().map(|l| l["pid"].as_u64().expect("pid")).collect()
+    lines
+        .iter()
+        .map(|l| l["pid"].as_u64().expect("pid"))
+        .collect()
 }
 
 #[test]
@@ -61,8 +64,16 @@ fn sockets_that_predate_tracing_get_their_owners() {
         .collect();
     existing.sort();
     let mut expected = vec![
-        ("ESTABLISHED".to_owned(), u64::from(port), u64::from(server.pid())),
-        ("LISTEN".to_owned(), u64::from(port), u64::from(server.pid())),
+        (
+            "ESTABLISHED".to_owned(),
+            u64::from(port),
+            u64::from(server.pid()),
+        ),
+        (
+            "LISTEN".to_owned(),
+            u64::from(port),
+            u64::from(server.pid()),
+        ),
     ];
     // The client's end: its ephemeral port is not known here, only its owner.
     let client_end = existing
@@ -87,22 +98,37 @@ fn sockets_that_predate_tracing_get_their_owners() {
     old_client.step("close");
     server.step("wait-eof");
     server.step("close");
-    tracer.wait_for(Duration::from_secs(5), "the old connection's CLOSE lines", |lines| {
-        lines
-            .iter()
-            .filter(|l| l.contains("\"newstate\":\"CLOSE\"") && l.contains(&format!("{old_client_port}")))
-            .count()
-            >= 2
-    });
+    tracer.wait_for(
+        Duration::from_secs(5),
+        "the old connection's CLOSE lines",
+        |lines| {
+            lines
+                .iter()
+                .filter(|l| {
+                    l.contains("\"newstate\":\"CLOSE\"")
+                        && l.contains(&format!("{old_client_port}"))
+                })
+                .count()
+                >= 2
+        },
+    );
     let lines = tracer.stop().json();
 
     let server_pid = u64::from(server.pid());
     let old_server_end = lines_of(&lines, port, old_client_port);
     let old_client_end = lines_of(&lines, old_client_port, port);
-    assert!(!old_server_end.is_empty() && !old_client_end.is_empty(), "{lines:?}");
-    assert!(pids(&old_server_end).iter().all(|&p| p == server_pid), "{old_server_end:?}");
     assert!(
-        pids(&old_client_end).iter().all(|&p| p == u64::from(old_client.pid())),
+        !old_server_end.is_empty() && !old_client_end.is_empty(),
+        "{lines:?}"
+    );
+    assert!(
+        pids(&old_server_end).iter().all(|&p| p == server_pid),
+        "{old_server_end:?}"
+    );
+    assert!(
+        pids(&old_client_end)
+            .iter()
+            .all(|&p| p == u64::from(old_client.pid())),
         "{old_client_end:?}"
     );
     // Every other line of the port: the new connection, named after the server or the new client.
@@ -115,9 +141,9 @@ fn sockets_that_predate_tracing_get_their_owners() {
         }
     }
     assert!(
-        lines
-            .iter()
-            .any(|l| l["type"] == "state" && l["oldstate"] == "LISTEN" && l["newstate"] == "SYN_RECV"),
+        lines.iter().any(|l| l["type"] == "state"
+            && l["oldstate"] == "LISTEN"
+            && l["newstate"] == "SYN_RECV"),
         "the new connection was not seen: {lines:?}"
     );
 }
@@ -151,13 +177,21 @@ fn listeners_on_one_port_in_two_network_namespaces() {
         let peers_b = server_b.accept_ready();
         assert_eq!((peers_a.len(), peers_b.len()), (1, 1));
         tracer.wait_for(Duration::from_secs(5), "both accepted sockets", |lines| {
-            lines.iter().filter(|l| l.contains("\"oldstate\":\"SYN_RECV\"")).count() >= 2
+            lines
+                .iter()
+                .filter(|l| l.contains("\"oldstate\":\"SYN_RECV\""))
+                .count()
+                >= 2
         });
         let lines = tracer.stop().json();
         for (peer, server) in [(peers_a[0], &server_a), (peers_b[0], &server_b)] {
             let accepted = lines_of(&lines, port, peer);
             assert!(accepted.len() >= 2, "{mode}: {lines:?}");
-            let expected = if mode == "btf" { u64::from(server.pid()) } else { 0 };
+            let expected = if mode == "btf" {
+                u64::from(server.pid())
+            } else {
+                0
+            };
             assert!(
                 pids(&accepted).iter().all(|&p| p == expected),
                 "{mode}: the socket accepted by {} names {:?}: {accepted:?}",
@@ -198,11 +232,19 @@ fn so_reuseport_listeners_of_two_processes() {
             "one listener took all 32 connections"
         );
         tracer.wait_for(Duration::from_secs(5), "every accepted socket", |lines| {
-            lines.iter().filter(|l| l.contains("\"oldstate\":\"SYN_RECV\"")).count() >= 32
+            lines
+                .iter()
+                .filter(|l| l.contains("\"oldstate\":\"SYN_RECV\""))
+                .count()
+                >= 32
         });
         let lines = tracer.stop().json();
         for (peers, server) in [(&peers_first, &first), (&peers_second, &second)] {
-            let expected = if mode == "btf" { u64::from(server.pid()) } else { 0 };
+            let expected = if mode == "btf" {
+                u64::from(server.pid())
+            } else {
+                0
+            };
             for &peer in peers {
                 let accepted = lines_of(&lines, port, peer);
                 assert_eq!(accepted.len(), 2, "{mode}: {accepted:?}");
@@ -216,4 +258,194 @@ fn so_reuseport_listeners_of_two_processes() {
         }
         drop(clients);
     }
+}
+
+/// Debian's nginx (master and two workers, daemonized after listen()) in a directory of its own,
+/// on a port of the test's choosing; stopped by the master's pid when dropped.
+struct Nginx {
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl Nginx {
+    fn start(port: u16) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("tcptrace-nginx-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(dir.join("logs")).expect("nginx dir");
+        let conf = format!(
+            "daemon on;\nmaster_process on;\nworker_processes 2;\npid {dir}/nginx.pid;\n\
+             error_log {dir}/logs/error.log;\nevents {{ worker_connections 256; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n\
+             fastcgi_temp_path {dir};\n  uwsgi_temp_path {dir};\n  scgi_temp_path {dir};\n\
+             server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
+            dir = dir.display()
+        );
+        std::fs::write(dir.join("nginx.conf"), conf).expect("nginx.conf");
+        let nginx = Self { dir, port };
+        support::sh(
+            "nginx",
+            &[
+                "-p",
+                nginx.dir.to_str().unwrap(),
+                "-c",
+                nginx.dir.join("nginx.conf").to_str().unwrap(),
+            ],
+        );
+        nginx
+    }
+
+    fn master(&self) -> Option<i32> {
+        std::fs::read_to_string(self.dir.join("nginx.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// The pids `ss` lists as holding the listener.
+    fn listener_holders(&self) -> Vec<u64> {
+        let out = std::process::Command::new("ss")
+            .args(["-Htlnp", &format!("sport = :{}", self.port)])
+            .output()
+            .expect("ss");
+        String::from_utf8_lossy(&out.stdout)
+            .split("pid=")
+            .skip(1)
+            .filter_map(|rest| rest.split(',').next()?.parse().ok())
+            .collect()
+    }
+
+    /// `ab` against it; returns ab's pid.
+    fn load(&self, requests: u32) -> u32 {
+        let mut ab = std::process::Command::new("ab")
+            .args(["-q", "-n", &requests.to_string(), "-c", "4"])
+            .arg(format!("http://127.0.0.1:{}/", self.port))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("ab");
+        let pid = ab.id();
+        let status = ab.wait().expect("ab");
+        assert!(status.success(), "ab failed: {status}");
+        pid
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if let Some(master) = self.master() {
+            // SAFETY: signalling the nginx master this test started.
+            unsafe { libc::kill(master, libc::SIGTERM) };
+            for _ in 0..50 {
+                // SAFETY: signal 0 only checks that the process exists.
+                if unsafe { libc::kill(master, 0) } != 0 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Every server-side line names a process that holds the listener, and every client-side line
+/// names ab.
+fn check_nginx_lines(lines: &[Value], nginx: &Nginx, holders: &[u64], ab: u32) {
+    let server_side: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["type"] == "state" && l["sport"] == nginx.port && l["dport"] != 0)
+        .collect();
+    assert!(
+        server_side.len() >= 200 * 4,
+        "{} server-side lines",
+        server_side.len()
+    );
+    for line in &server_side {
+        let pid = line["pid"].as_u64().unwrap();
+        assert!(
+            holders.contains(&pid),
+            "{line} names {pid}, not one of {holders:?}"
+        );
+        assert_eq!(line["comm"], "nginx", "{line}");
+    }
+    for line in lines
+        .iter()
+        .filter(|l| l["type"] == "state" && l["dport"] == nginx.port)
+    {
+        assert_eq!(line["pid"].as_u64(), Some(u64::from(ab)), "{line}");
+    }
+}
+
+#[test]
+fn nginx_started_before_tracing() {
+    let _serial = serial();
+    let port = free_port();
+    let nginx = Nginx::start(port);
+    let tracer = Tracer::start(&[
+        "--format",
+        "json",
+        "-4",
+        "--mode",
+        "btf",
+        "--port",
+        &port.to_string(),
+    ]);
+    let ab = nginx.load(200);
+    tracer.wait_for(
+        Duration::from_secs(5),
+        "200 server-side CLOSE lines",
+        |lines| {
+            lines
+                .iter()
+                .filter(|l| {
+                    l.contains("\"newstate\":\"CLOSE\"") && l.contains(&format!("\"sport\":{port}"))
+                })
+                .count()
+                >= 200
+        },
+    );
+    let holders = nginx.listener_holders();
+    assert!(holders.len() >= 3, "ss lists {holders:?}");
+    check_nginx_lines(&tracer.stop().json(), &nginx, &holders, ab);
+}
+
+#[test]
+fn nginx_started_after_tracing() {
+    let _serial = serial();
+    let port = free_port();
+    let tracer = Tracer::start(&[
+        "--format",
+        "json",
+        "-4",
+        "--mode",
+        "btf",
+        "--port",
+        &port.to_string(),
+    ]);
+    let nginx = Nginx::start(port);
+    let ab = nginx.load(200);
+    tracer.wait_for(
+        Duration::from_secs(5),
+        "200 server-side CLOSE lines",
+        |lines| {
+            lines
+                .iter()
+                .filter(|l| {
+                    l.contains("\"newstate\":\"CLOSE\"") && l.contains(&format!("\"sport\":{port}"))
+                })
+                .count()
+                >= 200
+        },
+    );
+    let holders = nginx.listener_holders();
+    assert!(holders.len() >= 3, "ss lists {holders:?}");
+    let lines = tracer.stop().json();
+    // The listener's own line names the process that called listen(), before it daemonized.
+    check_nginx_lines(&lines, &nginx, &holders, ab);
 }

@@ -156,7 +156,8 @@ fn the_reader_going_away_ends_tcptrace_quietly() {
     let mut ready = String::new();
     stderr.read_line(&mut ready).unwrap();
     assert!(
-        ready.starts_with("tcptrace: tracing (") && ready.trim_end().ends_with(" mode); Ctrl-C to stop"),
+        ready.starts_with("tcptrace: tracing (")
+            && ready.trim_end().ends_with(" mode); Ctrl-C to stop"),
         "{ready}"
     );
     // `| head -n 1`: read one line, then close the pipe.

@@ -13,7 +13,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests use: network namespaces and veth (iproute2), packet drops
 /// (iptables), checking what is attached (bpftool), capability sets (util-linux's setpriv), a real
 /// Prometheus server and promtool for the metrics tests (prometheus), a second kernel booted in
-/// software emulation (qemu-system-x86, busybox-static, cpio, xz-utils).
+/// software emulation (qemu-system-x86, busybox-static, cpio, xz-utils), a real daemonizing
+/// pre-fork server and a load generator for the owner tests (nginx-light, apache2-utils).
 const PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
@@ -24,6 +25,8 @@ const PACKAGES: &[&str] = &[
     "busybox-static",
     "cpio",
     "xz-utils",
+    "nginx-light",
+    "apache2-utils",
 ];
 /// The static build for other hosts and for the VM tests.
 const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";

@@ -15,8 +15,8 @@ use tcptrace_common::{
 };
 
 use super::{
-    EBPF_OBJECT, Loaded, Mode, Settings, VMLINUX_BTF, config, fill_filters, finish,
-    kernel_before, kernel_release, loader, tracefs_mode, vmlinux,
+    EBPF_OBJECT, Loaded, Mode, Settings, VMLINUX_BTF, config, fill_filters, finish, kernel_before,
+    kernel_release, loader, tracefs_mode, vmlinux,
 };
 use crate::tracefs;
 
@@ -113,14 +113,20 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
         }
     }
 
+    // Owners that exit hand their sockets to the process they forked (a daemon's listener).
+    for (program, tracepoint) in [
+        ("btf_sched_process_fork", "sched_process_fork"),
+        ("btf_sched_process_exit", "sched_process_exit"),
+    ] {
+        programs.push(attach(&mut ebpf, &btf, program, tracepoint)?);
+    }
+
     // Attached first, so that no socket opened meanwhile is missed; the iterator then gives an
     // owner to every socket that has none yet.
     let snapshot = match iterate(&mut ebpf, &btf) {
         Ok(records) => records,
         Err(e) => {
-            eprintln!(
-                "tcptrace: warning: sockets opened before tracing began show pid 0: {e:#}"
-            );
+            eprintln!("tcptrace: warning: sockets opened before tracing began show pid 0: {e:#}");
             Vec::new()
         }
     };
@@ -148,6 +154,8 @@ fn offsets(btf: &vmlinux::Btf) -> anyhow::Result<KernelOffsets> {
         skc_v6_rcv_saddr: v6.1.unwrap_or_default(),
         inet_sport: need("inet_sock", "inet_sport")?,
         task_tgid: need("task_struct", "tgid")?,
+        task_pid: need("task_struct", "pid")?,
+        task_real_parent: need("task_struct", "real_parent")?,
         task_group_leader: need("task_struct", "group_leader")?,
         task_comm: need("task_struct", "comm")?,
         socket_sk: need("socket", "sk")?,
@@ -185,7 +193,9 @@ fn iterate(ebpf: &mut Ebpf, btf: &Btf) -> anyhow::Result<Vec<u8>> {
         .try_into()?;
     iter.load("task_file", btf)
         .context("the kernel refused the socket iterator")?;
-    let link = iter.attach().context("failed to attach the socket iterator")?;
+    let link = iter
+        .attach()
+        .context("failed to attach the socket iterator")?;
     let link = iter.take_link(link)?;
     let mut file = link
         .into_file()

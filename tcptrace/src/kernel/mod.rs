@@ -25,7 +25,8 @@ use aya::{
 };
 use aya_obj::generated::bpf_prog_info;
 use tcptrace_common::{
-    CONFIG_GLOBAL, COUNTER_RINGBUF_FULL, COUNTERS_MAP, Config, EVENTS_MAP, PID_FILTER_MAP, PORT_FILTER_MAP,
+    CONFIG_GLOBAL, COUNTER_RINGBUF_FULL, COUNTERS_MAP, Config, EVENTS_MAP, PID_FILTER_MAP,
+    PORT_FILTER_MAP,
 };
 
 use crate::{cli::ModeChoice, filter::Filters};
@@ -162,8 +163,7 @@ fn fill_filters(ebpf: &mut Ebpf, filters: &Filters) -> anyhow::Result<()> {
             .insert(pid, 1, 0)
             .with_context(|| format!("failed to add pid {pid} to the filter"))?;
     }
-    let mut port_filter: HashMap<_, u16, u8> =
-        HashMap::try_from(map_mut(ebpf, PORT_FILTER_MAP)?)?;
+    let mut port_filter: HashMap<_, u16, u8> = HashMap::try_from(map_mut(ebpf, PORT_FILTER_MAP)?)?;
     for (&port, &sides) in &filters.ports {
         port_filter
             .insert(port, sides, 0)

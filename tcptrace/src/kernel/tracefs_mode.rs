@@ -58,12 +58,7 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
             programs.push(attach(&mut ebpf, "tcp", "tcp_retransmit_synack")?);
         }
     }
-    finish(
-        ebpf,
-        programs,
-        Mode::Tracefs,
-        Vec::new(),
-    )
+    finish(ebpf, programs, Mode::Tracefs, Vec::new())
 }
 
 /// The layout of a retransmit tracepoint (`tcp_retransmit_skb` or `tcp_retransmit_synack`).

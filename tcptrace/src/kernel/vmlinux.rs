@@ -129,7 +129,11 @@ impl Btf {
                             name: u32_at(at).ok_or_else(bad)?,
                             type_id: u32_at(at + 4).ok_or_else(bad)?,
                             // With kind_flag the top 8 bits hold a bitfield's size.
-                            bit_offset: if kind_flag { offset & 0xff_ffff } else { offset },
+                            bit_offset: if kind_flag {
+                                offset & 0xff_ffff
+                            } else {
+                                offset
+                            },
                         });
                         at += 12;
                     }
@@ -189,10 +193,13 @@ impl Btf {
 
     /// The struct named `name` (the first one with members: forward declarations have none).
     fn composite(&self, name: &str) -> Option<&[Member]> {
-        self.by_name.get(name)?.iter().find_map(|&id| match &self.types[id as usize] {
-            Type::Composite { members } if !members.is_empty() => Some(members.as_slice()),
-            _ => None,
-        })
+        self.by_name
+            .get(name)?
+            .iter()
+            .find_map(|&id| match &self.types[id as usize] {
+                Type::Composite { members } if !members.is_empty() => Some(members.as_slice()),
+                _ => None,
+            })
     }
 
     /// Byte offset of `member` in struct `name`, looking inside anonymous structs and unions as C
@@ -274,16 +281,42 @@ mod tests {
         };
         let info = |kind: u32, vlen: u32| (kind << 24) | vlen;
         push(&[name("int"), info(KIND_INT, 0), 4, 32]); // 1: int
-        push(&[0, info(KIND_STRUCT, 2), 8, name("c"), 1, 0, name("d"), 1, 32]); // 2: anon struct
+        push(&[
+            0,
+            info(KIND_STRUCT, 2),
+            8,
+            name("c"),
+            1,
+            0,
+            name("d"),
+            1,
+            32,
+        ]); // 2: anon struct
         push(&[0, info(KIND_UNION, 2), 8, name("b"), 1, 0, 0, 2, 0]); // 3: anon union
-        push(&[name("s"), info(KIND_STRUCT, 2), 12, name("a"), 1, 0, 0, 3, 32]); // 4: s
+        push(&[
+            name("s"),
+            info(KIND_STRUCT, 2),
+            12,
+            name("a"),
+            1,
+            0,
+            0,
+            3,
+            32,
+        ]); // 4: s
         push(&[0, info(KIND_FUNC_PROTO, 2), 0, 0, 0, 0, 1]); // 5: proto
         push(&[0, info(KIND_PTR, 0), 5]); // 6: pointer to it
         push(&[name("btf_trace_t"), info(KIND_TYPEDEF, 0), 6]); // 7
         let mut data = Vec::new();
         data.extend_from_slice(&MAGIC.to_le_bytes());
         data.extend_from_slice(&[1, 0]);
-        for w in [24u32, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+        for w in [
+            24u32,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
             data.extend_from_slice(&w.to_le_bytes());
         }
         data.extend_from_slice(&types);

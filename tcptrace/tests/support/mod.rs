@@ -247,7 +247,13 @@ impl Endpoint {
 
     /// A server bound to `ip` and `port` (0: chosen by the kernel), with SO_REUSEPORT when
     /// `reuseport`, inside network namespace `netns` when given; not yet listening.
-    pub fn server_at(netns: Option<&str>, ip: &str, port: u16, comm: &str, reuseport: bool) -> Self {
+    pub fn server_at(
+        netns: Option<&str>,
+        ip: &str,
+        port: u16,
+        comm: &str,
+        reuseport: bool,
+    ) -> Self {
         let mut command = match netns {
             Some(netns) => {
                 let mut command = Command::new("ip");
