@@ -18,7 +18,9 @@ pub const LISTENERS_MAP: &str = "LISTENERS";
 pub const FORKED_MAP: &str = "FORKED";
 /// BTF mode: for a process that exited, the process it forked last (its sockets' new holder).
 pub const SUCCESSORS_MAP: &str = "SUCCESSORS";
-/// Capacity of `FORKED` and `SUCCESSORS` (LRU).
+/// BTF mode: the command name a process took at its last exec, for successors that exec'd.
+pub const EXECS_MAP: &str = "EXECS";
+/// Capacity of `FORKED`, `SUCCESSORS` and `EXECS` (LRU).
 pub const MAX_PROCESSES: u32 = 16_384;
 /// Set of owner pids (tgid) to keep; consulted when `FILTER_PID` is set.
 pub const PID_FILTER_MAP: &str = "PID_FILTER";

@@ -25,7 +25,7 @@ use tcptrace_common::{
 };
 
 use crate::{
-    CONFIG, FORKED, OFFSETS, SOCKET_STORAGE, SUCCESSION_EPOCH, SUCCESSORS,
+    CONFIG, EXECS, FORKED, OFFSETS, SOCKET_STORAGE, SUCCESSION_EPOCH, SUCCESSORS,
     emit::{Owner, UNKNOWN_OWNER, emit, family_wanted, owner_wanted, ports_wanted},
 };
 
@@ -159,8 +159,14 @@ fn live_owner(state: &mut SocketState) -> Owner {
                 None => break,
             }
         }
-        // A forked child starts with its parent's comm, and a daemon keeps it.
-        state.pid = pid;
+        if pid != state.pid {
+            // A forked child starts with its parent's comm, unless it exec'd since.
+            // SAFETY: plain bytes.
+            if let Some(comm) = unsafe { EXECS.get(pid) } {
+                state.comm = *comm;
+            }
+            state.pid = pid;
+        }
         state.epoch = now;
     }
     Owner {
@@ -188,8 +194,25 @@ pub fn forked(ctx: &BtfTracePointContext) {
         return;
     }
     let _ = FORKED.insert(parent_tgid, child_tgid, 0);
-    // The pid is in use again: whatever once exited under it has nothing to hand over now.
+    // The pid is in use again: whatever once ran under it is gone.
     let _ = SUCCESSORS.remove(child_tgid);
+    let _ = EXECS.remove(child_tgid);
+}
+
+/// `sched_process_exec(task, old_pid, bprm)`: the process's new command name, for when it takes
+/// over the sockets of the parent that forked it (a launcher that hands a listener to the server
+/// it starts).
+pub fn executed(ctx: &BtfTracePointContext) {
+    let task: *const u8 = ctx.arg(0);
+    let offsets = OFFSETS.load();
+    // SAFETY: as in `forked`; after exec the task is its process's leader.
+    let (tgid, comm) = unsafe {
+        (
+            field::<i32>(task, offsets.task_tgid) as u32,
+            bytes16(task, offsets.task_comm),
+        )
+    };
+    let _ = EXECS.insert(tgid, comm, 0);
 }
 
 /// `sched_process_exit(task)`: when a process that forked exits, its newest child becomes the

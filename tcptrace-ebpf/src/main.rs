@@ -20,9 +20,9 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use tcptrace_common::{
-    COUNTER_SLOTS, Config, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BUFFER_BYTES, KIND_RETRANSMIT,
-    KIND_RETRANSMIT_SYNACK, KernelOffsets, ListenerOwner, MAX_FILTER_ENTRIES, MAX_LISTENERS,
-    MAX_PROCESSES, RetransmitLayout, SocketState, StateLayout,
+    Bytes16, COUNTER_SLOTS, Config, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BUFFER_BYTES,
+    KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KernelOffsets, ListenerOwner, MAX_FILTER_ENTRIES,
+    MAX_LISTENERS, MAX_PROCESSES, RetransmitLayout, SocketState, StateLayout,
 };
 
 #[unsafe(no_mangle)]
@@ -60,6 +60,9 @@ static FORKED: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX_PROCESSES
 
 #[map]
 static SUCCESSORS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX_PROCESSES, 0);
+
+#[map]
+static EXECS: LruHashMap<u32, Bytes16> = LruHashMap::with_max_entries(MAX_PROCESSES, 0);
 
 /// Bumped whenever an owner may have handed its sockets to a successor: a socket whose storage
 /// holds an older value checks its owner again.
@@ -151,6 +154,12 @@ pub fn btf_sched_process_fork(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn btf_sched_process_exit(ctx: BtfTracePointContext) -> i32 {
     btf::exited(&ctx);
+    0
+}
+
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn btf_sched_process_exec(ctx: BtfTracePointContext) -> i32 {
+    btf::executed(&ctx);
     0
 }
 

@@ -50,6 +50,13 @@ fn sockets_that_predate_tracing_get_their_owners() {
         &port.to_string(),
     ]);
     // The snapshot comes first: the listener and both ends of the open connection.
+    tracer.wait_for(Duration::from_secs(5), "three snapshot lines", |lines| {
+        lines
+            .iter()
+            .filter(|l| l.starts_with("{\"type\":\"socket\""))
+            .count()
+            >= 3
+    });
     let snapshot = support::parse_and_validate(&tracer.lines_so_far());
     let mut existing: Vec<(String, u64, u64)> = snapshot
         .iter()
@@ -448,4 +455,171 @@ fn nginx_started_after_tracing() {
     let lines = tracer.stop().json();
     // The listener's own line names the process that called listen(), before it daemonized.
     check_nginx_lines(&lines, &nginx, &holders, ab);
+}
+
+/// A `handover_server` (see tcptrace/examples/handover_server.rs); ended by the pid it reports.
+struct Handover {
+    child: std::process::Child,
+    pid: i32,
+    port: u16,
+}
+
+impl Handover {
+    fn start(args: &[&str], port: u16) -> Self {
+        let exe = std::env::current_exe().expect("current_exe");
+        let binary = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .expect("target dir")
+            .join("examples/handover_server");
+        let mut child = std::process::Command::new(binary)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("handover_server");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("read");
+        let pid = line
+            .trim()
+            .strip_prefix("ready ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("handover_server said {line:?}"));
+        Self { child, pid, port }
+    }
+
+    /// Connections that each send a byte and read it back.
+    fn load(&self, connections: usize) {
+        for _ in 0..connections {
+            let mut stream =
+                TcpStream::connect(socket_addr("127.0.0.1", self.port)).expect("connect");
+            std::io::Write::write_all(&mut stream, b"x").expect("write");
+            let mut byte = [0];
+            std::io::Read::read_exact(&mut stream, &mut byte).expect("read");
+        }
+    }
+
+    fn listener_holders(&self) -> Vec<u64> {
+        let out = std::process::Command::new("ss")
+            .args(["-Htlnp", &format!("sport = :{}", self.port)])
+            .output()
+            .expect("ss");
+        String::from_utf8_lossy(&out.stdout)
+            .split("pid=")
+            .skip(1)
+            .filter_map(|rest| rest.split(',').next()?.parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for Handover {
+    fn drop(&mut self) {
+        // SAFETY: signalling the server this test started (the launcher's pid when it stays).
+        unsafe { libc::kill(self.pid, libc::SIGTERM) };
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// The server side's state lines (not the listener's own).
+fn server_side(lines: &[Value], port: u16) -> Vec<&Value> {
+    lines
+        .iter()
+        .filter(|l| l["type"] == "state" && l["sport"] == port && l["dport"] != 0)
+        .collect()
+}
+
+#[test]
+fn a_pre_forked_server_is_named_after_a_holder_of_its_listener() {
+    for mode in MODES {
+        let _serial = serial();
+        let port = free_port();
+        let tracer = Tracer::start(&[
+            "--format",
+            "json",
+            "-4",
+            "--mode",
+            mode,
+            "--port",
+            &port.to_string(),
+        ]);
+        let server = Handover::start(&["prefork", &port.to_string(), "3"], port);
+        server.load(20);
+        tracer.wait_for(
+            Duration::from_secs(5),
+            "20 server-side CLOSE lines",
+            |lines| {
+                lines
+                    .iter()
+                    .filter(|l| {
+                        l.contains("\"newstate\":\"CLOSE\"")
+                            && l.contains(&format!("\"sport\":{port},\"daddr\":\"127.0.0.1\""))
+                    })
+                    .count()
+                    >= 20
+            },
+        );
+        let holders = server.listener_holders();
+        assert_eq!(holders.len(), 4, "ss lists {holders:?}");
+        let lines = tracer.stop().json();
+        let served = server_side(&lines, port);
+        assert!(served.len() >= 20 * 4, "{mode}: {} lines", served.len());
+        for line in served {
+            let pid = line["pid"].as_u64().unwrap();
+            assert!(
+                holders.contains(&pid),
+                "{mode}: {line} names {pid}, not one of {holders:?}"
+            );
+            assert_eq!(line["comm"], "tt-prefork", "{mode}: {line}");
+        }
+    }
+}
+
+#[test]
+fn a_listener_handed_over_exec_is_named_after_the_server_that_holds_it() {
+    let _serial = serial();
+    let port = free_port();
+    let tracer = Tracer::start(&[
+        "--format",
+        "json",
+        "-4",
+        "--mode",
+        "btf",
+        "--port",
+        &port.to_string(),
+    ]);
+    let server = Handover::start(&["exec", &port.to_string()], port);
+    server.load(20);
+    tracer.wait_for(
+        Duration::from_secs(5),
+        "20 server-side CLOSE lines",
+        |lines| {
+            lines
+                .iter()
+                .filter(|l| {
+                    l.contains("\"newstate\":\"CLOSE\"")
+                        && l.contains(&format!("\"sport\":{port},\"daddr\":\"127.0.0.1\""))
+                })
+                .count()
+                >= 20
+        },
+    );
+    assert_eq!(server.listener_holders(), [server.pid as u64]);
+    let lines = tracer.stop().json();
+    // The listen() call itself was the launcher's.
+    let listen = lines
+        .iter()
+        .find(|l| l["type"] == "state" && l["newstate"] == "LISTEN")
+        .expect("the LISTEN line");
+    assert_eq!(listen["comm"], "tt-launcher");
+    let served = server_side(&lines, port);
+    assert!(served.len() >= 20 * 4, "{} lines", served.len());
+    for line in served {
+        assert_eq!(line["pid"].as_i64(), Some(i64::from(server.pid)), "{line}");
+        assert_eq!(line["comm"], "handover_server", "{line}");
+    }
 }

@@ -117,6 +117,7 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
     for (program, tracepoint) in [
         ("btf_sched_process_fork", "sched_process_fork"),
         ("btf_sched_process_exit", "sched_process_exit"),
+        ("btf_sched_process_exec", "sched_process_exec"),
     ] {
         programs.push(attach(&mut ebpf, &btf, program, tracepoint)?);
     }
