@@ -55,7 +55,13 @@ struct Traced {
     lost: u64,
     cpu_seconds: f64,
     peak_rss_kib: u64,
+    /// Kernel time and runs of the state program (with `kernel.bpf_stats_enabled`).
+    program_ns: u64,
+    program_runs: u64,
 }
+
+/// The modes compared, side by side in one run.
+const MODES: [&str; 2] = ["btf", "tracefs"];
 
 pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
     crate::cargo(
@@ -74,45 +80,33 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let window = Duration::from_secs_f64(options.seconds);
     PIN.store(options.pin, Ordering::Relaxed);
+    let _stats = BpfStats::enable();
 
     // Warm up: the first connections of a fresh run pay for port allocation and caches.
     churn(Duration::from_millis(500))?;
-    let mut ratios = Vec::new();
-    let mut traced_runs = Vec::new();
+    let mut ratios = vec![Vec::new(); MODES.len()];
+    let mut traced_runs: Vec<Vec<Traced>> = MODES.iter().map(|_| Vec::new()).collect();
     for pair in 0..options.pairs {
         let (base_conns, base_secs) = churn(window)?;
         let untraced = base_conns as f64 / base_secs;
-        let run = traced(&tcptrace, &dir.join(format!("events-{pair}.json")), window)?;
-        let traced_rate = run.connections as f64 / run.seconds;
-        eprintln!(
-            "xtask: pair {}: untraced {untraced:.0} conn/s, traced {traced_rate:.0} conn/s, ratio {:.3}",
-            pair + 1,
-            traced_rate / untraced
-        );
-        ratios.push(traced_rate / untraced);
-        traced_runs.push(run);
+        let mut line = format!("xtask: round {}: untraced {untraced:.0} conn/s", pair + 1);
+        for (i, mode) in MODES.iter().enumerate() {
+            let output = dir.join(format!("events-{pair}-{mode}.json"));
+            let run = traced(&tcptrace, mode, &output, window)?;
+            let rate = run.connections as f64 / run.seconds;
+            line.push_str(&format!(
+                ", {mode} {rate:.0} conn/s ({:.3})",
+                rate / untraced
+            ));
+            ratios[i].push(rate / untraced);
+            traced_runs[i].push(run);
+        }
+        eprintln!("{line}");
     }
-    ratios.sort_by(f64::total_cmp);
-    let median = if ratios.len() % 2 == 1 {
-        ratios[ratios.len() / 2]
-    } else {
-        (ratios[ratios.len() / 2 - 1] + ratios[ratios.len() / 2]) / 2.0
-    };
-
-    let connections: u64 = traced_runs.iter().map(|r| r.connections).sum();
-    let written: u64 = traced_runs.iter().map(|r| r.written).sum();
-    let lost: u64 = traced_runs.iter().map(|r| r.lost).sum();
-    let cpu: f64 = traced_runs.iter().map(|r| r.cpu_seconds).sum();
-    let peak_rss = traced_runs
-        .iter()
-        .map(|r| r.peak_rss_kib)
-        .max()
-        .unwrap_or(0);
-    let expected = connections * EVENTS_PER_CONNECTION;
     let consumer = consumer_throughput(root, if options.quick { 200_000 } else { 5_000_000 })?;
 
     println!(
-        "tcptrace bench: {} pairs of {:.1} s, loopback churn ({}), JSON lines to a file",
+        "tcptrace bench: {} rounds of {:.1} s per run, loopback churn ({}), JSON lines to a file",
         options.pairs,
         options.seconds,
         if options.pin {
@@ -121,39 +115,135 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
             "threads not pinned"
         }
     );
-    let pairs = ratios
-        .iter()
-        .map(|r| format!("{r:.3}"))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let mut failures = Vec::new();
+    for (i, mode) in MODES.iter().enumerate() {
+        let runs = &traced_runs[i];
+        let ratios = &mut ratios[i];
+        ratios.sort_by(f64::total_cmp);
+        let median = if ratios.len() % 2 == 1 {
+            ratios[ratios.len() / 2]
+        } else {
+            (ratios[ratios.len() / 2 - 1] + ratios[ratios.len() / 2]) / 2.0
+        };
+        let connections: u64 = runs.iter().map(|r| r.connections).sum();
+        let written: u64 = runs.iter().map(|r| r.written).sum();
+        let lost: u64 = runs.iter().map(|r| r.lost).sum();
+        let cpu: f64 = runs.iter().map(|r| r.cpu_seconds).sum();
+        let peak_rss = runs.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0);
+        let (run_ns, runs_counted) = runs
+            .iter()
+            .fold((0, 0), |(ns, n), r| (ns + r.program_ns, n + r.program_runs));
+        let expected = connections * EVENTS_PER_CONNECTION;
+        let pairs = ratios
+            .iter()
+            .map(|r| format!("{r:.3}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        println!("{mode} mode:");
+        println!(
+            "  {:<44} {median:.3} (median; rounds: {pairs})",
+            "traced/untraced connections per second"
+        );
+        println!(
+            "  {:<44} {written} of {expected} expected",
+            "events written"
+        );
+        println!("  {:<44} {lost}", "events lost");
+        println!(
+            "  {:<44} {}",
+            "kernel ns per state program run",
+            if runs_counted > 0 {
+                format!(
+                    "{:.0} ({runs_counted} runs)",
+                    run_ns as f64 / runs_counted as f64
+                )
+            } else {
+                "not measured (kernel.bpf_stats_enabled unavailable)".to_owned()
+            }
+        );
+        println!(
+            "  {:<44} {:.2} us",
+            "tcptrace CPU time per event",
+            cpu * 1e6 / written.max(1) as f64
+        );
+        println!(
+            "  {:<44} {:.1} MiB",
+            "tcptrace peak RSS",
+            peak_rss as f64 / 1024.0
+        );
+        // Every event of the bench's connections is written, or counted lost (lost counts the
+        // whole host's events, so it may exceed what the bench missed).
+        if !(written <= expected && written + lost >= expected) {
+            failures.push(format!(
+                "{mode} mode wrote {written} and lost {lost} events for {connections} connections ({expected} expected)"
+            ));
+        }
+    }
     println!(
-        "{:<44} {median:.3} (median; pairs: {pairs})",
-        "traced/untraced connections per second"
-    );
-    println!("{:<44} {written} of {expected} expected", "events written");
-    println!("{:<44} {lost}", "events lost");
-    println!(
-        "{:<44} {:.2} us",
-        "tcptrace CPU time per event",
-        cpu * 1e6 / written.max(1) as f64
-    );
-    println!(
-        "{:<44} {:.1} MiB",
-        "tcptrace peak RSS",
-        peak_rss as f64 / 1024.0
-    );
-    println!(
-        "{:<44} {:.0} events/s",
+        "{:<46} {:.0} events/s",
         "consumer (decode + JSON, one core)", consumer
     );
-
-    // Every event of the bench's connections is written, or counted lost (lost counts the whole
-    // host's events, so it may exceed what the bench missed).
-    ensure!(
-        written <= expected && written + lost >= expected,
-        "tcptrace wrote {written} and lost {lost} events for {connections} connections ({expected} expected)"
-    );
+    ensure!(failures.is_empty(), "{}", failures.join("; "));
     Ok(())
+}
+
+/// `kernel.bpf_stats_enabled` on while this lives (the kernel then times every program run),
+/// restored when dropped.
+struct BpfStats {
+    before: Option<String>,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> Self {
+        let before = std::fs::read_to_string(BPF_STATS).ok();
+        if before.is_some() {
+            let _ = std::fs::write(BPF_STATS, "1");
+        }
+        Self { before }
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Some(before) = &self.before {
+            let _ = std::fs::write(BPF_STATS, before.trim());
+        }
+    }
+}
+
+/// Total run time (ns) and run count of the state-transition programs loaded now (the bench's
+/// tcptrace, the only one running), from bpftool.
+fn program_stats() -> (u64, u64) {
+    let Ok(out) = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+    else {
+        return (0, 0);
+    };
+    let Ok(text) = String::from_utf8(out.stdout) else {
+        return (0, 0);
+    };
+    // One object per program; a small scan keeps xtask free of a JSON dependency.
+    let mut total = (0, 0);
+    for program in text.split("},{") {
+        if program.contains("\"name\":\"btf_inet_sock_set_state\"")
+            || program.contains("\"name\":\"inet_sock_set_state\"")
+        {
+            let number = |key: &str| {
+                program
+                    .split(&format!("\"{key}\":"))
+                    .nth(1)
+                    .and_then(|rest| rest.split([',', '}']).next())
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            total.0 += number("run_time_ns");
+            total.1 += number("run_cnt");
+        }
+    }
+    total
 }
 
 /// Runs the churn for `window` and returns (connections completed, seconds taken).
@@ -284,11 +374,19 @@ pub fn start_tcptrace(
     Ok((child, reader))
 }
 
-/// One churn window with tcptrace running as users run it.
-fn traced(tcptrace: &Path, output: &PathBuf, window: Duration) -> anyhow::Result<Traced> {
+/// One churn window with tcptrace running as users run it, in `mode`.
+fn traced(
+    tcptrace: &Path,
+    mode: &str,
+    output: &PathBuf,
+    window: Duration,
+) -> anyhow::Result<Traced> {
     let _ = std::fs::remove_file(output);
     let output_arg = output.to_string_lossy();
-    let (child, reader) = start_tcptrace(tcptrace, &["--format", "json", "--output", &output_arg])?;
+    let (child, reader) = start_tcptrace(
+        tcptrace,
+        &["--mode", mode, "--format", "json", "--output", &output_arg],
+    )?;
     let mut port = 0;
     let (connections, seconds) = churn_on(window, |p| port = p)?;
     thread::sleep(Duration::from_millis(200));
@@ -306,6 +404,7 @@ fn traced(tcptrace: &Path, output: &PathBuf, window: Duration) -> anyhow::Result
                 .ok()
         })
         .context("no VmHWM in tcptrace's /proc status")?;
+    let (program_ns, program_runs) = program_stats();
     // SAFETY: signalling our own child by its pid.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
     let mut status = 0;
@@ -356,6 +455,8 @@ fn traced(tcptrace: &Path, output: &PathBuf, window: Duration) -> anyhow::Result
         lost,
         cpu_seconds: cpu(usage.ru_utime) + cpu(usage.ru_stime),
         peak_rss_kib,
+        program_ns,
+        program_runs,
     })
 }
 

@@ -35,11 +35,15 @@ pub fn supported() -> anyhow::Result<()> {
 }
 
 pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
-    let vmlinux = vmlinux::Btf::from_file(Path::new(VMLINUX_BTF))?;
-    let mut offsets = offsets(&vmlinux)?;
+    let (mut offsets, retransmit_args, synack_args) = {
+        let vmlinux = vmlinux::Btf::from_file(Path::new(VMLINUX_BTF))?;
+        (
+            offsets(&vmlinux)?,
+            vmlinux.tracepoint_args("tcp_retransmit_skb"),
+            vmlinux.tracepoint_args("tcp_retransmit_synack"),
+        )
+    };
     let retransmits = settings.filters.bits & TRACE_RETRANSMITS != 0;
-    let retransmit_args = vmlinux.tracepoint_args("tcp_retransmit_skb");
-    let synack_args = vmlinux.tracepoint_args("tcp_retransmit_synack");
     if retransmit_args.is_some_and(|args| args >= 3) {
         offsets.features |= KERNEL_RETRANSMIT_ERR;
     }
@@ -83,8 +87,10 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
     let mut ebpf = loader
         .load(EBPF_OBJECT)
         .context("failed to load the eBPF program")?;
+    drop(loader);
     fill_filters(&mut ebpf, settings.filters)?;
 
+    // The object has no CO-RE relocations: the kernel's BTF is needed only now, to attach.
     let btf = Btf::from_sys_fs().context("failed to read the kernel's BTF")?;
     let mut programs = vec![attach(
         &mut ebpf,

@@ -149,7 +149,10 @@ fn config(settings: &Settings<'_>, extra_bits: u32) -> Config {
 /// A loader with what both modes set: the configuration and the ring buffer's size.
 fn loader(config: &Config, ring_buffer_bytes: u32) -> EbpfLoader<'_> {
     let mut loader = EbpfLoader::new();
+    // The object has no CO-RE relocations, so the loader needs no kernel BTF of its own (it
+    // parses one when created; dropping it here keeps tcptrace's peak memory to one copy).
     loader
+        .btf(None)
         .override_global(CONFIG_GLOBAL, config, true)
         .map_max_entries(EVENTS_MAP, ring_buffer_bytes);
     loader

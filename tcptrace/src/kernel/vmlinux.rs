@@ -3,7 +3,7 @@
 //! this kernel, never of the build machine's headers.
 //! Format: <https://docs.kernel.org/bpf/btf.html>
 
-use std::{collections::HashMap, path::Path};
+use std::path::Path;
 
 /// Why BTF could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -43,21 +43,24 @@ struct Member {
     bit_offset: u32,
 }
 
-#[derive(Clone, Debug)]
-enum Type {
-    Composite { members: Vec<Member> },
-    Typedef { type_id: u32 },
-    Ptr { type_id: u32 },
-    FuncProto { params: usize },
-    Other,
+/// The type section, indexed but not decoded: each type is decoded when a lookup reaches it, so
+/// reading the kernel's BTF costs little more memory than the file itself.
+pub struct Btf {
+    data: Vec<u8>,
+    /// Byte offset in `data` of each type (index = type id; id 0, void, has none).
+    types: Vec<u32>,
+    strings: std::ops::Range<usize>,
 }
 
-/// The parsed type section: types by id, names of the named ones.
-pub struct Btf {
-    types: Vec<Type>,
-    names: Vec<u32>,
-    strings: Vec<u8>,
-    by_name: HashMap<String, Vec<u32>>,
+/// One type's header fields.
+struct Header {
+    name: u32,
+    kind: u32,
+    vlen: usize,
+    kind_flag: bool,
+    size_or_type: u32,
+    /// Where the kind-specific data starts.
+    rest: usize,
 }
 
 impl Btf {
@@ -66,158 +69,158 @@ impl Btf {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&data)
+        Self::parse(data)
     }
 
-    pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
-        let u16_at = |at: usize| -> Option<u16> {
-            Some(u16::from_le_bytes(data.get(at..at + 2)?.try_into().ok()?))
-        };
-        let u32_at = |at: usize| -> Option<u32> {
+    pub fn parse(data: Vec<u8>) -> Result<Self, BtfError> {
+        let read = |at: usize| -> Option<u32> {
             Some(u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?))
         };
-        if u16_at(0) != Some(MAGIC) {
+        if data.get(0..2) != Some(&MAGIC.to_le_bytes()[..]) {
             return Err(BtfError::BadHeader);
         }
-        let header = (|| {
-            let hdr_len = u32_at(4)? as usize;
-            let type_off = u32_at(8)? as usize;
-            let type_len = u32_at(12)? as usize;
-            let str_off = u32_at(16)? as usize;
-            let str_len = u32_at(20)? as usize;
-            Some((hdr_len + type_off, type_len, hdr_len + str_off, str_len))
+        let (types_start, types_len, strings_start, strings_len) = (|| {
+            let hdr_len = read(4)? as usize;
+            Some((
+                hdr_len + read(8)? as usize,
+                read(12)? as usize,
+                hdr_len + read(16)? as usize,
+                read(20)? as usize,
+            ))
         })()
         .ok_or(BtfError::BadHeader)?;
-        let (types_start, types_len, strings_start, strings_len) = header;
-        let strings = data
-            .get(strings_start..strings_start + strings_len)
-            .ok_or(BtfError::BadHeader)?
-            .to_vec();
         let end = types_start + types_len;
-        if data.len() < end {
+        if data.len() < end || data.len() < strings_start + strings_len {
             return Err(BtfError::BadHeader);
         }
-
-        // Type id 0 is void.
-        let mut types = vec![Type::Other];
-        let mut names = vec![0];
+        let mut types = vec![0];
         let mut at = types_start;
         while at < end {
             let id = types.len() as u32;
-            let bad = || BtfError::Malformed(id);
-            let name = u32_at(at).ok_or_else(bad)?;
-            let info = u32_at(at + 4).ok_or_else(bad)?;
-            let size_or_type = u32_at(at + 8).ok_or_else(bad)?;
-            at += 12;
+            let info = read(at + 4).ok_or(BtfError::Malformed(id))?;
+            if at + 12 > end {
+                return Err(BtfError::Malformed(id));
+            }
+            types.push(at as u32);
             let vlen = (info & 0xffff) as usize;
-            let kind = (info >> 24) & 0x1f;
-            let kind_flag = info >> 31 == 1;
-            let ty = match kind {
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => {
-                    at += 4;
-                    Type::Other
-                }
-                KIND_ARRAY => {
-                    at += 12;
-                    Type::Other
-                }
-                KIND_STRUCT | KIND_UNION => {
-                    let mut members = Vec::with_capacity(vlen);
-                    for _ in 0..vlen {
-                        let offset = u32_at(at + 8).ok_or_else(bad)?;
-                        members.push(Member {
-                            name: u32_at(at).ok_or_else(bad)?,
-                            type_id: u32_at(at + 4).ok_or_else(bad)?,
-                            // With kind_flag the top 8 bits hold a bitfield's size.
-                            bit_offset: if kind_flag {
-                                offset & 0xff_ffff
-                            } else {
-                                offset
-                            },
-                        });
-                        at += 12;
-                    }
-                    Type::Composite { members }
-                }
-                KIND_ENUM => {
-                    at += 8 * vlen;
-                    Type::Other
-                }
-                KIND_FUNC_PROTO => {
-                    at += 8 * vlen;
-                    Type::FuncProto { params: vlen }
-                }
-                KIND_DATASEC | KIND_ENUM64 => {
-                    at += 12 * vlen;
-                    Type::Other
-                }
-                KIND_TYPEDEF => Type::Typedef {
-                    type_id: size_or_type,
-                },
-                KIND_PTR => Type::Ptr {
-                    type_id: size_or_type,
-                },
-                // FWD, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG: nothing follows.
-                7 | 9..=12 | 16 | 18 => Type::Other,
-                _ => return Err(bad()),
-            };
-            types.push(ty);
-            names.push(name);
+            at += 12
+                + match (info >> 24) & 0x1f {
+                    KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                    KIND_ARRAY => 12,
+                    KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
+                    KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
+                    // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG.
+                    2 | 7..=12 | 16 | 18 => 0,
+                    _ => return Err(BtfError::Malformed(id)),
+                };
         }
         if at != end {
             return Err(BtfError::Malformed(types.len() as u32));
         }
-        let mut btf = Self {
+        Ok(Self {
+            data,
             types,
-            names,
-            strings,
-            by_name: HashMap::new(),
-        };
-        for id in 1..btf.types.len() as u32 {
-            let name = btf.name(id);
-            if !name.is_empty() {
-                btf.by_name.entry(name.to_owned()).or_default().push(id);
+            strings: strings_start..strings_start + strings_len,
+        })
+    }
+
+    fn u32_at(&self, at: usize) -> u32 {
+        self.data
+            .get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u32::from_le_bytes)
+    }
+
+    fn header(&self, id: u32) -> Option<Header> {
+        let at = *self.types.get(id as usize)? as usize;
+        if id == 0 {
+            return None;
+        }
+        let info = self.u32_at(at + 4);
+        Some(Header {
+            name: self.u32_at(at),
+            kind: (info >> 24) & 0x1f,
+            vlen: (info & 0xffff) as usize,
+            kind_flag: info >> 31 == 1,
+            size_or_type: self.u32_at(at + 8),
+            rest: at + 12,
+        })
+    }
+
+    fn name(&self, offset: u32) -> &[u8] {
+        let strings = self.data.get(self.strings.clone()).unwrap_or_default();
+        let bytes = strings.get(offset as usize..).unwrap_or_default();
+        let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+        &bytes[..len]
+    }
+
+    /// Ids of the types named `name`.
+    fn named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = u32> + 'a {
+        (1..self.types.len() as u32).filter(move |&id| {
+            self.header(id)
+                .is_some_and(|h| h.name != 0 && self.name(h.name) == name.as_bytes())
+        })
+    }
+
+    /// Members of a struct or union; None for other kinds.
+    fn members(&self, id: u32) -> Option<Vec<Member>> {
+        let h = self.header(id)?;
+        if h.kind != KIND_STRUCT && h.kind != KIND_UNION {
+            return None;
+        }
+        Some(
+            (0..h.vlen)
+                .map(|i| {
+                    let at = h.rest + 12 * i;
+                    let offset = self.u32_at(at + 8);
+                    Member {
+                        name: self.u32_at(at),
+                        type_id: self.u32_at(at + 4),
+                        // With kind_flag the top 8 bits hold a bitfield's size.
+                        bit_offset: if h.kind_flag {
+                            offset & 0xff_ffff
+                        } else {
+                            offset
+                        },
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    /// Follows typedefs (and nothing else).
+    fn resolve(&self, mut id: u32) -> u32 {
+        for _ in 0..16 {
+            match self.header(id) {
+                Some(h) if h.kind == KIND_TYPEDEF => id = h.size_or_type,
+                _ => break,
             }
         }
-        Ok(btf)
-    }
-
-    fn name(&self, id: u32) -> &str {
-        let Some(&offset) = self.names.get(id as usize) else {
-            return "";
-        };
-        let bytes = self.strings.get(offset as usize..).unwrap_or_default();
-        let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-        std::str::from_utf8(&bytes[..len]).unwrap_or_default()
-    }
-
-    /// The struct named `name` (the first one with members: forward declarations have none).
-    fn composite(&self, name: &str) -> Option<&[Member]> {
-        self.by_name
-            .get(name)?
-            .iter()
-            .find_map(|&id| match &self.types[id as usize] {
-                Type::Composite { members } if !members.is_empty() => Some(members.as_slice()),
-                _ => None,
-            })
+        id
     }
 
     /// Byte offset of `member` in struct `name`, looking inside anonymous structs and unions as C
     /// does. None when the struct or member does not exist or is a bitfield.
     pub fn member_offset(&self, name: &str, member: &str) -> Option<u32> {
-        let bits = self.find_member(self.composite(name)?, member, 0)?;
+        // The first struct of that name with members (forward declarations have none).
+        let members = self
+            .named(name)
+            .find_map(|id| self.members(id).filter(|m| !m.is_empty()))?;
+        let bits = self.find_member(&members, member, 0, 0)?;
         (bits % 8 == 0).then_some(bits / 8)
     }
 
-    fn find_member(&self, members: &[Member], wanted: &str, base: u32) -> Option<u32> {
+    fn find_member(&self, members: &[Member], wanted: &str, base: u32, depth: u32) -> Option<u32> {
         for m in members {
-            let name = self.name_at(m.name);
-            if name == wanted {
+            let name = self.name(m.name);
+            if name == wanted.as_bytes() {
                 return Some(base + m.bit_offset);
             }
             if name.is_empty()
-                && let Type::Composite { members: inner } = self.resolve(m.type_id)
-                && let Some(found) = self.find_member(inner, wanted, base + m.bit_offset)
+                && depth < 8
+                && let Some(inner) = self.members(self.resolve(m.type_id))
+                && let Some(found) =
+                    self.find_member(&inner, wanted, base + m.bit_offset, depth + 1)
             {
                 return Some(found);
             }
@@ -225,34 +228,17 @@ impl Btf {
         None
     }
 
-    fn name_at(&self, offset: u32) -> &str {
-        let bytes = self.strings.get(offset as usize..).unwrap_or_default();
-        let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-        std::str::from_utf8(&bytes[..len]).unwrap_or_default()
-    }
-
-    /// Follows typedefs (and nothing else).
-    fn resolve(&self, mut id: u32) -> &Type {
-        for _ in 0..16 {
-            match self.types.get(id as usize) {
-                Some(Type::Typedef { type_id }) => id = *type_id,
-                Some(ty) => return ty,
-                None => break,
-            }
-        }
-        &Type::Other
-    }
-
     /// Arguments of BTF-enabled tracepoint `name` (`btf_trace_<name>`, whose first parameter is
     /// the tracepoint's private data and not counted). None when the kernel has no such type.
     pub fn tracepoint_args(&self, name: &str) -> Option<usize> {
-        let ids = self.by_name.get(&format!("btf_trace_{name}"))?;
-        ids.iter().find_map(|&id| match self.resolve(id) {
-            Type::Ptr { type_id } => match self.types.get(*type_id as usize)? {
-                Type::FuncProto { params } => params.checked_sub(1),
-                _ => None,
-            },
-            _ => None,
+        let typedef = format!("btf_trace_{name}");
+        self.named(&typedef).find_map(|id| {
+            let ptr = self.header(self.resolve(id))?;
+            if ptr.kind != KIND_PTR {
+                return None;
+            }
+            let proto = self.header(ptr.size_or_type)?;
+            (proto.kind == KIND_FUNC_PROTO).then(|| proto.vlen.checked_sub(1))?
         })
     }
 }
@@ -326,7 +312,7 @@ mod tests {
 
     #[test]
     fn finds_members_inside_anonymous_unions_and_structs() {
-        let btf = Btf::parse(&blob()).expect("parses");
+        let btf = Btf::parse(blob()).expect("parses");
         assert_eq!(btf.member_offset("s", "a"), Some(0));
         assert_eq!(btf.member_offset("s", "b"), Some(4));
         assert_eq!(btf.member_offset("s", "c"), Some(4));
@@ -337,17 +323,20 @@ mod tests {
 
     #[test]
     fn counts_tracepoint_arguments_without_the_private_pointer() {
-        let btf = Btf::parse(&blob()).expect("parses");
+        let btf = Btf::parse(blob()).expect("parses");
         assert_eq!(btf.tracepoint_args("t"), Some(1));
         assert_eq!(btf.tracepoint_args("missing"), None);
     }
 
     #[test]
     fn refuses_garbage_and_truncation() {
-        assert!(Btf::parse(b"nonsense").is_err());
+        assert!(Btf::parse(b"nonsense".to_vec()).is_err());
         let data = blob();
         for len in [0, 10, 24, 40, data.len() - 1] {
-            assert!(Btf::parse(&data[..len]).is_err(), "accepted {len} bytes");
+            assert!(
+                Btf::parse(data[..len].to_vec()).is_err(),
+                "accepted {len} bytes"
+            );
         }
     }
 
