@@ -475,3 +475,190 @@ fn consumer_throughput(root: &Path, events: u64) -> anyhow::Result<f64> {
         .find_map(|l| l.strip_prefix("events_per_second ")?.parse().ok())
         .context("consumer benchmark printed no figure")
 }
+
+/// `cargo xtask bench --startup`: tcptrace starting on a host that already holds `connections`
+/// established loopback connections (two sockets each): how long until it traces, its peak
+/// memory, and (with `--snapshot`) that every socket is listed.
+pub fn startup(root: &Path, connections: usize) -> anyhow::Result<()> {
+    crate::cargo(
+        root,
+        &["build", "--release", "--package", "tcptrace", "--bins"],
+    )?;
+    let tcptrace = root.join("target/release/tcptrace");
+    // A process may hold only so many descriptors: the connections are spread over holders.
+    let holders = Holders::start(connections)?;
+    let ports = holders.ports.clone();
+    let sockets = 2 * connections;
+    println!(
+        "tcptrace startup bench: {connections} established loopback connections ({sockets} sockets) open in {} processes",
+        ports.len()
+    );
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let output = dir.join("startup.json");
+    for snapshot in [false, true] {
+        let _ = std::fs::remove_file(&output);
+        let output_arg = output.to_string_lossy();
+        let mut args = vec!["--mode", "btf", "--format", "json", "--output", &output_arg];
+        if snapshot {
+            args.push("--snapshot");
+        }
+        let start = Instant::now();
+        let (child, reader) = start_tcptrace(&tcptrace, &args)?;
+        let ready = start.elapsed();
+        thread::sleep(Duration::from_millis(500));
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+        let peak_rss_kib: u64 = status
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("VmHWM:")?
+                    .trim()
+                    .strip_suffix(" kB")?
+                    .parse()
+                    .ok()
+            })
+            .context("no VmHWM in tcptrace's /proc status")?;
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+        let mut child = child;
+        child.wait()?;
+        let _ = reader.join();
+        let listed = if snapshot {
+            let file = std::fs::File::open(&output)?;
+            BufReader::new(file)
+                .lines()
+                .map_while(Result::ok)
+                .filter(|l| {
+                    l.starts_with("{\"type\":\"socket\"")
+                        && ports.iter().any(|p| {
+                            l.contains(&format!("\"sport\":{p},"))
+                                || l.contains(&format!("\"dport\":{p},"))
+                        })
+                        && l.contains("\"state\":\"ESTABLISHED\"")
+                })
+                .count()
+        } else {
+            0
+        };
+        let what = if snapshot {
+            "with --snapshot"
+        } else {
+            "without --snapshot"
+        };
+        println!(
+            "  {what:<22} tracing after {:.2} s, peak RSS {:.1} MiB{}",
+            ready.as_secs_f64(),
+            peak_rss_kib as f64 / 1024.0,
+            if snapshot {
+                format!(", {listed} of {sockets} sockets listed")
+            } else {
+                String::new()
+            }
+        );
+        if snapshot {
+            ensure!(
+                listed == sockets,
+                "the snapshot listed {listed} of {sockets} sockets"
+            );
+        }
+    }
+    let _ = std::fs::remove_file(&output);
+    drop(holders);
+    Ok(())
+}
+
+/// Child processes holding both ends of the startup bench's connections, each with a listener
+/// of its own; they exit when dropped (their pipe closes).
+struct Holders {
+    children: Vec<libc::pid_t>,
+    ports: Vec<u16>,
+    /// Closing it tells the children to exit.
+    release: Option<std::fs::File>,
+}
+
+impl Holders {
+    /// Connections per child: two descriptors each, under the usual 20,000 descriptor limit.
+    const PER_CHILD: usize = 9_000;
+
+    fn start(connections: usize) -> anyhow::Result<Self> {
+        use std::os::fd::FromRawFd as _;
+        let pipe = || -> anyhow::Result<(std::fs::File, std::fs::File)> {
+            let mut fds = [0; 2];
+            // SAFETY: a valid array of two descriptors.
+            ensure!(unsafe { libc::pipe(fds.as_mut_ptr()) } == 0, "pipe failed");
+            // SAFETY: fresh descriptors we own.
+            Ok(unsafe {
+                (
+                    std::fs::File::from_raw_fd(fds[0]),
+                    std::fs::File::from_raw_fd(fds[1]),
+                )
+            })
+        };
+        let (ready_read, ready_write) = pipe()?;
+        let (release_read, release_write) = pipe()?;
+        let mut holders = Self {
+            children: Vec::new(),
+            ports: Vec::new(),
+            release: Some(release_write),
+        };
+        let mut left = connections;
+        while left > 0 {
+            let count = left.min(Self::PER_CHILD);
+            left -= count;
+            // SAFETY: xtask is single-threaded here; the child only uses the pipes and sockets
+            // and leaves with _exit.
+            match unsafe { libc::fork() } {
+                0 => {
+                    drop(holders.release.take());
+                    let code = match hold(count, &ready_write, &release_read) {
+                        Ok(()) => 0,
+                        Err(e) => {
+                            eprintln!("xtask: startup holder: {e:#}");
+                            1
+                        }
+                    };
+                    // SAFETY: ends the child without running the parent's destructors.
+                    unsafe { libc::_exit(code) };
+                }
+                -1 => bail!("fork failed: {}", std::io::Error::last_os_error()),
+                child => holders.children.push(child),
+            }
+        }
+        drop(ready_write);
+        drop(release_read);
+        let mut ready = ready_read;
+        for _ in 0..holders.children.len() {
+            let mut port = [0u8; 2];
+            ready
+                .read_exact(&mut port)
+                .context("a holder of the startup bench's connections failed")?;
+            holders.ports.push(u16::from_le_bytes(port));
+        }
+        Ok(holders)
+    }
+}
+
+/// A child's work: `count` connections to a listener of its own, then wait for the release.
+fn hold(count: usize, ready: &std::fs::File, release: &std::fs::File) -> anyhow::Result<()> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let addr = listener.local_addr()?;
+    let mut held = Vec::with_capacity(2 * count);
+    for _ in 0..count {
+        held.push(TcpStream::connect(addr)?);
+        held.push(listener.accept()?.0);
+    }
+    (&*ready).write_all(&addr.port().to_le_bytes())?;
+    let _ = (&*release).read(&mut [0]);
+    Ok(())
+}
+
+impl Drop for Holders {
+    fn drop(&mut self) {
+        drop(self.release.take());
+        for &child in &self.children {
+            // SAFETY: our own children, which exit once the release pipe closes.
+            unsafe { libc::waitpid(child, std::ptr::null_mut(), 0) };
+        }
+    }
+}

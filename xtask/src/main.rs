@@ -48,6 +48,10 @@ enum Task {
         /// and 1, so that the workload keeps every core busy).
         #[arg(long)]
         no_pin: bool,
+        /// Instead: how fast tcptrace starts (BTF mode) on a host already holding this many
+        /// established connections, its peak memory, and that --snapshot lists every socket.
+        #[arg(long, value_name = "CONNECTIONS", num_args = 0..=1, default_missing_value = "50000")]
+        startup: Option<usize>,
     },
     /// Many short connections under tcptrace (as root), to show its memory stays flat.
     Soak {
@@ -114,9 +118,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             seconds,
             quick,
             no_pin,
+            startup,
         } => {
             setup::setup()?;
             require_root("the benchmark loads eBPF programs")?;
+            if let Some(connections) = startup {
+                return bench::startup(&root, connections.max(1));
+            }
             let options = if quick {
                 bench::Options {
                     pin: !no_pin,
