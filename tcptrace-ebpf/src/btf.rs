@@ -18,6 +18,7 @@ use aya_ebpf::{
     },
     programs::BtfTracePointContext,
 };
+use aya_log_ebpf::warn;
 use tcptrace_common::{
     AF_INET, Bytes16, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, Event, KERNEL_HAS_IPV6,
     KERNEL_RETRANSMIT_ERR, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_SNAPSHOT, KIND_STATE,
@@ -282,6 +283,12 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
     // SAFETY: `sk` as above; a storage value is this socket's, and the kernel holds the socket
     // lock across a transition.
     let stored = unsafe { storage(sk, newstate != tcp_state::CLOSE) };
+    if stored.is_null() && newstate != tcp_state::CLOSE {
+        warn!(
+            ctx,
+            "no socket storage could be created: this socket's owner is not kept"
+        );
+    }
     let (owner, since_ns, retransmits) = if opened {
         (current_owner(&offsets), 0, 0)
     } else if let Some(state) = unsafe { stored.as_mut() } {

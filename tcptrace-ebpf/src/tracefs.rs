@@ -4,6 +4,7 @@
 //! their port, and none when two listeners share it.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TracePointContext};
+use aya_log_ebpf::warn;
 use tcptrace_common::{
     AF_INET, AF_INET6, Bytes16, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, Event,
     FIELD_ABSENT, IPPROTO_TCP, KIND_RETRANSMIT_SYNACK, KIND_STATE, ListenerOwner, RetransmitLayout,
@@ -38,7 +39,10 @@ pub fn state(ctx: &TracePointContext) -> Result<(), ()> {
     let filters = config.filters;
     let layout = &STATE_LAYOUT.load();
     let mut record = Record::uninit();
-    record.fill(ctx, layout.record_size)?;
+    if record.fill(ctx, layout.record_size).is_err() {
+        warn!(ctx, "the inet_sock_set_state record could not be read");
+        return Err(());
+    }
     // Cheapest checks first: SCTP, MPTCP and others fire this tracepoint too.
     let protocol = if layout.protocol_size == 1 {
         u16::from(record.get::<u8>(layout.protocol))
@@ -219,7 +223,10 @@ pub fn retransmit(ctx: &TracePointContext, layout: &RetransmitLayout, kind: u16)
         return Ok(());
     }
     let mut record = Record::uninit();
-    record.fill(ctx, layout.record_size)?;
+    if record.fill(ctx, layout.record_size).is_err() {
+        warn!(ctx, "a retransmit record could not be read");
+        return Err(());
+    }
     let skaddr: u64 = record.get(layout.skaddr);
     let family = if layout.family != FIELD_ABSENT {
         record.get(layout.family)

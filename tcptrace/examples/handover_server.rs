@@ -31,6 +31,10 @@ fn main() {
             // SAFETY: clearing FD_CLOEXEC on a descriptor we own, so the server inherits it.
             unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
             let exe = std::env::current_exe().unwrap_or_else(|e| fail(&format!("exe: {e}")));
+            #[expect(
+                clippy::zombie_processes,
+                reason = "the launcher exits at once and leaves the server running, as it must"
+            )]
             Command::new(exe)
                 .args(["serve", &fd.to_string()])
                 .spawn()

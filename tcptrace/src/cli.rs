@@ -100,6 +100,13 @@ pub struct Cli {
     #[arg(long = "snapshot")]
     pub snapshot: bool,
 
+    /// Write the kernel side's own diagnostics to stderr (a socket whose owner could not be
+    /// kept, a tracepoint record that could not be read). Also on when RUST_LOG is set (its
+    /// level: error, warn, info, debug, trace). Off by default, and then compiled out of the
+    /// programs at load time.
+    #[arg(long = "debug")]
+    pub debug: bool,
+
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics. They count everything that passes
     /// the filters, whatever the output format.
     #[arg(long = "metrics-addr", value_name = "ADDR:PORT")]

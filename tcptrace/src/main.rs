@@ -56,6 +56,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ring_buffer_bytes: cli.ring_buffer_size,
         max_sockets: cli.max_sockets,
         snapshot: cli.snapshot,
+        debug: cli.debug,
     })?;
     // Attached: nothing from here on needs a capability.
     privileges::drop_all()?;

@@ -90,7 +90,10 @@ pub async fn run(
                 tracer.drain(guard.get_inner_mut())?;
                 guard.clear_ready();
             }
-            _ = drain_tick.tick() => tracer.drain(ring.get_mut())?,
+            _ = drain_tick.tick() => {
+                tracer.drain(ring.get_mut())?;
+                tracer.attached.flush_log();
+            }
             _ = lost_tick.tick() => tracer.report_lost()?,
             _ = sighup.recv() => tracer.reopen()?,
             _ = sigint.recv() => break,

@@ -183,6 +183,24 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
         "{:<46} {:.0} events/s",
         "consumer (decode + JSON, one core)", consumer
     );
+    // Kernel-side logging is a load-time constant: off, the verifier drops its code.
+    let mut sizes = Vec::new();
+    for debug in [false, true] {
+        let mut args = vec!["--mode", "btf", "--format", "none"];
+        if debug {
+            args.push("--debug");
+        }
+        let (mut child, reader) = start_tcptrace(&tcptrace, &args)?;
+        sizes.push(program_size());
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+        child.wait()?;
+        let _ = reader.join();
+    }
+    println!(
+        "{:<46} {} bytes translated with logging off, {} with --debug",
+        "BTF-mode state program", sizes[0], sizes[1]
+    );
     ensure!(failures.is_empty(), "{}", failures.join("; "));
     Ok(())
 }
@@ -211,6 +229,28 @@ impl Drop for BpfStats {
             let _ = std::fs::write(BPF_STATS, before.trim());
         }
     }
+}
+
+/// Translated size of the BTF-mode state program loaded now, from bpftool.
+fn program_size() -> u64 {
+    let Ok(out) = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+    else {
+        return 0;
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .split("},{")
+        .find(|p| p.contains("\"name\":\"btf_inet_sock_set_state\""))
+        .and_then(|p| {
+            p.split("\"bytes_xlated\":")
+                .nth(1)?
+                .split([',', '}'])
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }
 
 /// Total run time (ns) and run count of the state-transition programs loaded now (the bench's

@@ -72,8 +72,9 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
 
     let snapshot_bit = if settings.snapshot { TRACE_SNAPSHOT } else { 0 };
     let config = config(settings, snapshot_bit);
+    let log_level = super::diagnostics::level(settings.debug);
     super::raise_memlock_limit();
-    let mut loader = loader(&config, settings.ring_buffer_bytes);
+    let mut loader = loader(&config, settings.ring_buffer_bytes, &log_level);
     loader.override_global(OFFSETS_GLOBAL, &offsets, true);
     for (name, layout) in &classic {
         let global = if *name == "tcp_retransmit_skb" {
@@ -137,7 +138,7 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
             Vec::new()
         }
     };
-    finish(ebpf, programs, Mode::Btf, snapshot)
+    finish(ebpf, programs, Mode::Btf, snapshot, log_level)
 }
 
 /// Where BTF mode reads kernel structs on this kernel.

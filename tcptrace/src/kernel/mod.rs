@@ -9,6 +9,7 @@
 //!   in an LRU map. For kernels without BTF (5.8 to 5.10).
 
 mod btf_mode;
+mod diagnostics;
 mod tracefs_mode;
 pub mod vmlinux;
 
@@ -70,6 +71,8 @@ pub struct Attached {
     counters: PerCpuArray<MapData, u64>,
     /// The attached programs, for the kernel's count of the runs it skipped.
     programs: Vec<ProgramFd>,
+    /// The programs' own log (`--debug`, `RUST_LOG`).
+    log: Option<aya_log::EbpfLogger<diagnostics::StderrLogger>>,
 }
 
 /// The kernel side's counters, summed over CPUs, since load.
@@ -82,6 +85,13 @@ pub struct Counters {
 }
 
 impl Attached {
+    /// Writes what the programs logged since the last call (nothing unless logging is on).
+    pub fn flush_log(&mut self) {
+        if let Some(log) = &mut self.log {
+            log.flush();
+        }
+    }
+
     pub fn counters(&self) -> anyhow::Result<Counters> {
         let slot = |index: u32| -> anyhow::Result<u64> {
             let per_cpu = self
@@ -109,6 +119,8 @@ pub struct Settings<'a> {
     pub max_sockets: u32,
     /// Write a record of every existing socket (BTF mode).
     pub snapshot: bool,
+    /// Log the kernel side's diagnostics.
+    pub debug: bool,
 }
 
 /// Loads and attaches the mode `settings.mode` asks for; `auto` takes BTF mode where the kernel
@@ -124,7 +136,7 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
             let why = match btf_mode::supported() {
                 Ok(()) => match btf_mode::load(settings) {
                     Ok(loaded) => return Ok(loaded),
-                    Err(e) => format!("{e:#}"),
+                    Err(e) => brief(&format!("{e:#}"), settings.debug),
                 },
                 Err(e) => format!("{e:#}"),
             };
@@ -137,6 +149,17 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
     }
 }
 
+/// A reason on one short line: the kernel's verifier log, which can run to thousands of lines,
+/// only with `--debug`.
+fn brief(message: &str, debug: bool) -> String {
+    match message.split_once("Verifier output:") {
+        Some((head, _)) if !debug => {
+            format!("{}; --debug shows the verifier's log", head.trim_end())
+        }
+        _ => message.to_owned(),
+    }
+}
+
 /// The configuration every program reads.
 fn config(settings: &Settings<'_>, extra_bits: u32) -> Config {
     Config {
@@ -146,14 +169,15 @@ fn config(settings: &Settings<'_>, extra_bits: u32) -> Config {
     }
 }
 
-/// A loader with what both modes set: the configuration and the ring buffer's size.
-fn loader(config: &Config, ring_buffer_bytes: u32) -> EbpfLoader<'_> {
+/// A loader with what both modes set: the configuration, the ring buffer's size, the log level.
+fn loader<'a>(config: &'a Config, ring_buffer_bytes: u32, log_level: &'a u8) -> EbpfLoader<'a> {
     let mut loader = EbpfLoader::new();
     // The object has no CO-RE relocations, so the loader needs no kernel BTF of its own (it
     // parses one when created; dropping it here keeps tcptrace's peak memory to one copy).
     loader
         .btf(None)
         .override_global(CONFIG_GLOBAL, config, true)
+        .override_global(aya_log::LEVEL, log_level, true)
         .map_max_entries(EVENTS_MAP, ring_buffer_bytes);
     loader
 }
@@ -181,7 +205,9 @@ fn finish(
     programs: Vec<ProgramFd>,
     mode: Mode,
     snapshot: Vec<u8>,
+    log_level: u8,
 ) -> anyhow::Result<Loaded> {
+    let log = diagnostics::reader(&mut ebpf, log_level)?;
     let events = RingBuf::try_from(take_map(&mut ebpf, EVENTS_MAP)?)?;
     let counters = PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS_MAP)?)?;
     Ok(Loaded {
@@ -190,6 +216,7 @@ fn finish(
             _ebpf: ebpf,
             counters,
             programs,
+            log,
         },
         mode,
         snapshot,

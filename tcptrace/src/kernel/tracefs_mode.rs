@@ -37,8 +37,9 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
         }
     }
 
+    let log_level = super::diagnostics::level(settings.debug);
     super::raise_memlock_limit();
-    let mut ebpf = loader(&config, settings.ring_buffer_bytes)
+    let mut ebpf = loader(&config, settings.ring_buffer_bytes, &log_level)
         .override_global(STATE_LAYOUT_GLOBAL, &state_layout, true)
         .override_global(RETRANSMIT_LAYOUT_GLOBAL, &retransmit_layout, true)
         .override_global(
@@ -58,7 +59,7 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
             programs.push(attach(&mut ebpf, "tcp", "tcp_retransmit_synack")?);
         }
     }
-    finish(ebpf, programs, Mode::Tracefs, Vec::new())
+    finish(ebpf, programs, Mode::Tracefs, Vec::new(), log_level)
 }
 
 /// The layout of a retransmit tracepoint (`tcp_retransmit_skb` or `tcp_retransmit_synack`).
