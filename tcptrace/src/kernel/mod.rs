@@ -141,9 +141,6 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
                 Err(e) => format!("{e:#}"),
             };
             eprintln!("tcptrace: BTF mode unavailable ({why}); using tracefs mode");
-            if settings.snapshot {
-                eprintln!("tcptrace: warning: --snapshot needs BTF mode; no snapshot is written");
-            }
             tracefs_mode::load(settings)
         }
     }

@@ -17,6 +17,9 @@ use super::{EBPF_OBJECT, Loaded, Mode, Settings, config, fill_filters, finish, l
 use crate::tracefs;
 
 pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
+    if settings.snapshot {
+        eprintln!("tcptrace: warning: --snapshot needs BTF mode; no snapshot is written");
+    }
     let tracefs = tracefs::ensure_mounted()?;
     let retransmits = settings.filters.bits & TRACE_RETRANSMITS != 0;
     let config = config(settings, 0);
