@@ -122,5 +122,7 @@ fn daemonset_runs_tcptrace_with_flags_that_exist_and_announces_its_metrics_port(
         serde_json::json!(["BPF", "PERFMON"])
     );
     assert_eq!(security["privileged"], false);
+    // The socket iterator must see the node's processes, and lines carry the node's pids.
+    assert_eq!(manifest["spec"]["template"]["spec"]["hostPID"], true);
     assert_eq!(security["allowPrivilegeEscalation"], false);
 }

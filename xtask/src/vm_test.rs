@@ -4,8 +4,10 @@
 //! machine, and the kernel's own modules the retransmit tests need; the guest runs the tests and
 //! says its verdict on the serial console, which becomes this command's exit status.
 //!
-//! The kernel is a parameter (`--kernel-package`): any Debian `linux-image-*-unsigned` package
-//! whose kernel has BTF, tracefs and the two tracepoints.
+//! By default it runs each kernel series of [`SERIES`], each with the newest package of that series
+//! the archive lists (old ABIs leave the archive). `--kernel-package` runs one package instead:
+//! any Debian `linux-image-*-unsigned` package whose kernel has BTF, tracefs and the two
+//! tracepoints.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -16,7 +18,12 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 
-pub const DEFAULT_KERNEL_PACKAGE: &str = "linux-image-6.1.0-47-amd64-unsigned";
+/// Kernel series tested by default: (name, the package names of the series as `prefix`,
+/// a version, `suffix`).
+pub const SERIES: &[(&str, &str, &str)] = &[
+    ("6.1", "linux-image-6.1.0-", "-amd64-unsigned"),
+    ("6.12", "linux-image-6.12.", "+deb12-amd64-unsigned"),
+];
 const TARGET: &str = "x86_64-unknown-linux-musl";
 /// Modules the guest loads, dependencies first: veth pairs, iptables on nftables.
 const MODULES: &[&str] = &[
@@ -29,8 +36,10 @@ const MODULES: &[&str] = &[
     "nft_compat",
     "xt_tcpudp",
 ];
+/// Modules loaded when the kernel builds them as modules (`ss` asks sock_diag for sockets).
+const OPTIONAL_MODULES: &[&str] = &["inet_diag", "tcp_diag"];
 /// Host programs the tests run inside the guest, with their libraries.
-const HOST_PROGRAMS: &[&str] = &["/usr/sbin/ip", "/usr/sbin/xtables-nft-multi"];
+const HOST_PROGRAMS: &[&str] = &["/usr/sbin/ip", "/usr/sbin/xtables-nft-multi", "/usr/bin/ss"];
 /// The tests run in the guest: (test binary, test name filters; empty for all).
 const TESTS: &[(&str, &[&str])] = &[
     (
@@ -46,11 +55,77 @@ const TESTS: &[(&str, &[&str])] = &[
         ],
     ),
     ("retransmits", &[]),
+    (
+        "owners",
+        &[
+            "predate",
+            "namespaces",
+            "so_reuseport",
+            "pre_forked",
+            "handed_over_exec",
+        ],
+    ),
+    ("modes", &["logging", "snapshot_needs"]),
+    ("hardening", &["btf_mode_accounts"]),
 ];
 const VERDICT: &str = "TCPTRACE-VM-VERDICT";
 const GUEST_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
-pub fn vm_test(root: &Path, kernel_package: &str) -> anyhow::Result<()> {
+/// Runs the guest tests on `kernel_package`, or on the newest package of each of [`SERIES`].
+pub fn vm_test(root: &Path, kernel_package: Option<&str>) -> anyhow::Result<()> {
+    let packages = match kernel_package {
+        Some(package) => vec![package.to_owned()],
+        None => SERIES
+            .iter()
+            .map(|&(name, prefix, suffix)| newest_package(name, prefix, suffix))
+            .collect::<anyhow::Result<_>>()?,
+    };
+    for package in &packages {
+        println!("xtask: vm-test on {package}");
+        vm_test_one(root, package).with_context(|| format!("vm-test on {package}"))?;
+    }
+    Ok(())
+}
+
+/// The newest `prefix<version>suffix` package the archive lists (package lists refreshed once
+/// when none is found).
+fn newest_package(series: &str, prefix: &str, suffix: &str) -> anyhow::Result<String> {
+    let search = || -> anyhow::Result<Vec<String>> {
+        let out = Command::new("apt-cache")
+            .args(["search", "--names-only", &format!("^{}", prefix.replace('.', "\\."))])
+            .output()
+            .context("failed to run apt-cache")?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|name| {
+                name.strip_prefix(prefix)
+                    .and_then(|rest| rest.strip_suffix(suffix))
+                    .is_some_and(|version| {
+                        !version.is_empty() && version.chars().all(|c| c.is_ascii_digit() || c == '.')
+                    })
+            })
+            .map(str::to_owned)
+            .collect())
+    };
+    let mut names = search()?;
+    if names.is_empty() {
+        let _ = Command::new("apt-get").arg("update").stdout(Stdio::null()).status();
+        names = search()?;
+    }
+    let version = |name: &String| -> Vec<u64> {
+        name[prefix.len()..name.len() - suffix.len()]
+            .split('.')
+            .map(|n| n.parse().unwrap_or(0))
+            .collect()
+    };
+    names
+        .into_iter()
+        .max_by_key(version)
+        .with_context(|| format!("the package archive lists no Linux {series} kernel ({prefix}*{suffix})"))
+}
+
+fn vm_test_one(root: &Path, kernel_package: &str) -> anyhow::Result<()> {
     let work = root.join("target/vm");
     std::fs::create_dir_all(&work)
         .with_context(|| format!("failed to create {}", work.display()))?;
@@ -128,7 +203,7 @@ fn unpack_kernel(work: &Path, package: &str) -> anyhow::Result<Kernel> {
 /// Paths of the static binaries, where the tests expect them (their compile-time paths).
 struct Binaries {
     tcptrace: PathBuf,
-    workload: PathBuf,
+    examples: Vec<PathBuf>,
     tests: Vec<(PathBuf, &'static [&'static str])>,
 }
 
@@ -195,7 +270,10 @@ fn build_static(root: &Path) -> anyhow::Result<Binaries> {
     let release = root.join("target").join(TARGET).join("release");
     Ok(Binaries {
         tcptrace: release.join("tcptrace"),
-        workload: release.join("examples/tcp_workload"),
+        examples: vec![
+            release.join("examples/tcp_workload"),
+            release.join("examples/handover_server"),
+        ],
         tests,
     })
 }
@@ -267,7 +345,10 @@ fn initramfs(
     }
     // Modules, decompressed if needed, in load order.
     let mut order = String::new();
-    for module in MODULES {
+    let optional = OPTIONAL_MODULES
+        .iter()
+        .filter(|module| find_module(&kernel.modules, module).is_ok());
+    for module in MODULES.iter().chain(optional) {
         let path = find_module(&kernel.modules, module)?;
         let target = stage.join("modules").join(format!("{module}.ko"));
         if path.extension().is_some_and(|e| e == "ko") {
@@ -287,7 +368,9 @@ fn initramfs(
     std::fs::write(stage.join("modules/order"), order)?;
     // The tests find these at their build-time paths.
     place(&stage, &binaries.tcptrace)?;
-    place(&stage, &binaries.workload)?;
+    for example in &binaries.examples {
+        place(&stage, example)?;
+    }
     place(&stage, &root.join("schema/tcptrace-events.schema.json"))?;
     std::fs::create_dir_all(
         stage.join(
