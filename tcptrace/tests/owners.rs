@@ -22,6 +22,21 @@ fn lines_of(lines: &[Value], local: u16, remote: u16) -> Vec<&Value> {
         .collect()
 }
 
+/// Every state line of the server-side socket (local port `local`) whose remote port is `remote`.
+/// Joined by `skaddr`: before Linux 6.x an accepted socket's `LISTEN -> SYN_RECV` line shows the
+/// remote port as 0, the kernel filling it in right after.
+fn accepted_lines(lines: &[Value], local: u16, remote: u16) -> Vec<&Value> {
+    let sockets: Vec<&Value> = lines_of(lines, local, remote)
+        .iter()
+        .map(|l| &l["skaddr"])
+        .collect();
+    lines
+        .iter()
+        .filter(|l| l["type"] == "state" && l["sport"] == local && sockets.contains(&&l["skaddr"]))
+        .filter(|l| l["newstate"] != "LISTEN" && l["oldstate"] != "CLOSE")
+        .collect()
+}
+
 fn pids(lines: &[&Value]) -> Vec<u64> {
     lines
         .iter()
@@ -192,7 +207,7 @@ fn listeners_on_one_port_in_two_network_namespaces() {
         });
         let lines = tracer.stop().json();
         for (peer, server) in [(peers_a[0], &server_a), (peers_b[0], &server_b)] {
-            let accepted = lines_of(&lines, port, peer);
+            let accepted = accepted_lines(&lines, port, peer);
             assert!(accepted.len() >= 2, "{mode}: {lines:?}");
             let expected = if mode == "btf" {
                 u64::from(server.pid())
@@ -253,7 +268,7 @@ fn so_reuseport_listeners_of_two_processes() {
                 0
             };
             for &peer in peers {
-                let accepted = lines_of(&lines, port, peer);
+                let accepted = accepted_lines(&lines, port, peer);
                 assert_eq!(accepted.len(), 2, "{mode}: {accepted:?}");
                 assert!(
                     pids(&accepted).iter().all(|&p| p == expected),

@@ -107,6 +107,23 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
             cargo(&root, &test)?;
             if args.is_empty() {
+                // The scenarios once more in the fallback mode (the run above is BTF mode's).
+                cargo_with_env(
+                    &root,
+                    &[
+                        "test",
+                        "--release",
+                        "--package",
+                        "tcptrace",
+                        "--test",
+                        "end_to_end",
+                        "--test",
+                        "retransmits",
+                        "--",
+                        "--test-threads=1",
+                    ],
+                    ("TCPTRACE_TEST_MODE", "tracefs"),
+                )?;
                 // The benchmark's smoke run: it runs, and every event is accounted for.
                 bench::bench(&root, &bench::Options::QUICK)?;
                 // The same scenarios on a second kernel.
@@ -188,8 +205,21 @@ fn require_root(why: &str) -> anyhow::Result<()> {
 
 /// Runs cargo in the workspace, failing on a non-zero exit.
 pub fn cargo(root: &Path, args: &[&str]) -> anyhow::Result<()> {
+    cargo_command(root, args, None)
+}
+
+/// Like [`cargo`], with one more environment variable.
+pub fn cargo_with_env(root: &Path, args: &[&str], env: (&str, &str)) -> anyhow::Result<()> {
+    cargo_command(root, args, Some(env))
+}
+
+fn cargo_command(root: &Path, args: &[&str], env: Option<(&str, &str)>) -> anyhow::Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
+    let mut command = Command::new(cargo);
+    if let Some((key, value)) = env {
+        command.env(key, value);
+    }
+    let status = command
         .args(args)
         .current_dir(root)
         .status()

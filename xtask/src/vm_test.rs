@@ -92,7 +92,11 @@ pub fn vm_test(root: &Path, kernel_package: Option<&str>) -> anyhow::Result<()> 
 fn newest_package(series: &str, prefix: &str, suffix: &str) -> anyhow::Result<String> {
     let search = || -> anyhow::Result<Vec<String>> {
         let out = Command::new("apt-cache")
-            .args(["search", "--names-only", &format!("^{}", prefix.replace('.', "\\."))])
+            .args([
+                "search",
+                "--names-only",
+                &format!("^{}", prefix.replace('.', "\\.")),
+            ])
             .output()
             .context("failed to run apt-cache")?;
         Ok(String::from_utf8_lossy(&out.stdout)
@@ -102,7 +106,8 @@ fn newest_package(series: &str, prefix: &str, suffix: &str) -> anyhow::Result<St
                 name.strip_prefix(prefix)
                     .and_then(|rest| rest.strip_suffix(suffix))
                     .is_some_and(|version| {
-                        !version.is_empty() && version.chars().all(|c| c.is_ascii_digit() || c == '.')
+                        !version.is_empty()
+                            && version.chars().all(|c| c.is_ascii_digit() || c == '.')
                     })
             })
             .map(str::to_owned)
@@ -110,7 +115,10 @@ fn newest_package(series: &str, prefix: &str, suffix: &str) -> anyhow::Result<St
     };
     let mut names = search()?;
     if names.is_empty() {
-        let _ = Command::new("apt-get").arg("update").stdout(Stdio::null()).status();
+        let _ = Command::new("apt-get")
+            .arg("update")
+            .stdout(Stdio::null())
+            .status();
         names = search()?;
     }
     let version = |name: &String| -> Vec<u64> {
@@ -119,10 +127,9 @@ fn newest_package(series: &str, prefix: &str, suffix: &str) -> anyhow::Result<St
             .map(|n| n.parse().unwrap_or(0))
             .collect()
     };
-    names
-        .into_iter()
-        .max_by_key(version)
-        .with_context(|| format!("the package archive lists no Linux {series} kernel ({prefix}*{suffix})"))
+    names.into_iter().max_by_key(version).with_context(|| {
+        format!("the package archive lists no Linux {series} kernel ({prefix}*{suffix})")
+    })
 }
 
 fn vm_test_one(root: &Path, kernel_package: &str) -> anyhow::Result<()> {
@@ -397,6 +404,8 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 # /run and /tmp stay on the (writable) initramfs: the test binaries may live under /tmp.
 ip link set lo up
+# The burst test holds 3,000 sockets in one process.
+ulimit -n 65536
 for module in $(cat /modules/order); do insmod /modules/$module.ko || echo "insmod $module failed"; done
 echo "guest: Linux $(uname -r)"
 verdict=pass

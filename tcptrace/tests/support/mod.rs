@@ -20,6 +20,9 @@ use serde_json::Value;
 
 pub const TCPTRACE: &str = env!("CARGO_BIN_EXE_tcptrace");
 
+/// When set, the mode every tracer a test starts runs in, unless the test names one.
+pub const TEST_MODE_VAR: &str = "TCPTRACE_TEST_MODE";
+
 /// Panics unless running as root: a privileged test must fail, not skip, where it cannot run.
 pub fn require_root() {
     // SAFETY: geteuid cannot fail.
@@ -81,6 +84,13 @@ impl Tracer {
     pub fn start(args: &[&str]) -> Self {
         let mut command = Command::new(TCPTRACE);
         command.args(args);
+        // `cargo xtask test` runs the scenarios once more in tracefs mode; a test that names a
+        // mode keeps it.
+        if let Ok(mode) = std::env::var(TEST_MODE_VAR)
+            && !args.contains(&"--mode")
+        {
+            command.args(["--mode", &mode]);
+        }
         Self::start_command(command)
     }
 
