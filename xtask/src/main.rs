@@ -99,12 +99,8 @@ fn run(args: Args) -> anyhow::Result<()> {
                 "--package",
                 "tcptrace-common",
             ];
+            // The privileged tests take turns by themselves (tests/support: `serial`).
             test.extend(args.iter().map(String::as_str));
-            if args.is_empty() {
-                // One test at a time: they share the kernel, and a burst of one test's traffic
-                // makes the kernel skip BPF runs that another test's exact counts would notice.
-                test.extend(["--", "--test-threads=1"]);
-            }
             cargo(&root, &test)?;
             if args.is_empty() {
                 // The scenarios once more in the fallback mode (the run above is BTF mode's).
@@ -119,8 +115,6 @@ fn run(args: Args) -> anyhow::Result<()> {
                         "end_to_end",
                         "--test",
                         "retransmits",
-                        "--",
-                        "--test-threads=1",
                     ],
                     ("TCPTRACE_TEST_MODE", "tracefs"),
                 )?;

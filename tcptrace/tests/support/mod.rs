@@ -36,6 +36,7 @@ pub fn require_root() {
 /// A running tcptrace, its stdout collected line by line.
 pub struct Tracer {
     child: Child,
+    _serial: Serial,
     lines: Arc<Mutex<Vec<String>>>,
     stdout_reader: Option<thread::JoinHandle<()>>,
     stderr: Arc<Mutex<String>>,
@@ -97,6 +98,7 @@ impl Tracer {
     /// Starts `command` (tcptrace, perhaps under a wrapper) and waits until it says it is tracing.
     pub fn start_command(mut command: Command) -> Self {
         require_root();
+        let serial = serial();
         let args = format!("{command:?}");
         let mut child = command
             .stdin(Stdio::null())
@@ -128,6 +130,7 @@ impl Tracer {
         });
         let mut tracer = Self {
             child,
+            _serial: serial,
             lines,
             stdout_reader: Some(stdout_reader),
             stderr: stderr_text,
@@ -242,6 +245,7 @@ fn workload_binary() -> PathBuf {
 /// One TCP endpoint in its own process, driven step by step.
 pub struct Endpoint {
     child: Child,
+    _serial: Serial,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
     pub comm: String,
@@ -350,6 +354,7 @@ impl Endpoint {
     }
 
     fn spawn_command(mut command: Command, comm: &str) -> Self {
+        let serial = serial();
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -359,6 +364,7 @@ impl Endpoint {
         let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
         Self {
             child,
+            _serial: serial,
             stdin,
             stdout,
             comm: comm.to_owned(),
@@ -480,12 +486,51 @@ pub fn socket_addr(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
-/// Serialises tests whose filters could match each other's traffic (a port number is unique only
-/// within one address family and one network namespace).
-pub fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+/// One privileged test at a time, however the tests are run (`cargo test` runs a binary's tests
+/// on parallel threads, and its binaries one after another): a burst of one test's traffic makes
+/// the kernel skip BPF runs that another test's exact counts would notice, and a port number is
+/// unique only within one address family and one network namespace. Every tracer, endpoint and
+/// namespace holds this while it lives, and a test may hold it for longer; the thread that holds
+/// it may take it again.
+pub struct Serial {
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+thread_local! {
+    /// How many `Serial`s this thread holds, and the lock while it holds any.
+    static HELD: std::cell::RefCell<(usize, Option<std::sync::MutexGuard<'static, ()>>)> =
+        const { std::cell::RefCell::new((0, None)) };
+}
+
+pub fn serial() -> Serial {
+    HELD.with(|held| {
+        let mut held = held.borrow_mut();
+        if held.0 == 0 {
+            held.1 = Some(
+                SERIAL
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+        }
+        held.0 += 1;
+    });
+    Serial {
+        _not_send: std::marker::PhantomData,
+    }
+}
+
+impl Drop for Serial {
+    fn drop(&mut self) {
+        HELD.with(|held| {
+            let mut held = held.borrow_mut();
+            held.0 -= 1;
+            if held.0 == 0 {
+                held.1 = None;
+            }
+        });
+    }
 }
 
 /// Runs a command that must succeed.
@@ -506,6 +551,7 @@ pub fn sh(program: &str, args: &[&str]) {
 /// `host_ip`, the namespace end `ns_ip`. Removed (with the veth pair and any iptables rules
 /// inside) when dropped, also when the test fails.
 pub struct Netns {
+    _serial: Serial,
     pub name: String,
     pub host_ip: String,
     pub ns_ip: String,
@@ -518,6 +564,7 @@ impl Netns {
         let id = format!("{}{index}", std::process::id() % 100_000);
         let name = format!("tcptrace-test-{id}");
         let netns = Self {
+            _serial: serial(),
             name: name.clone(),
             host_ip: format!("10.213.{index}.1"),
             ns_ip: format!("10.213.{index}.2"),
