@@ -102,6 +102,19 @@ pub const RECORD_START: usize = 8;
 /// ...and end within this many bytes of it (a power of two).
 pub const RECORD_WINDOW: usize = 128;
 
+/// How many bytes of a record the eBPF side copies for a layout's `record_size`: all of them, at
+/// most the window. Written as the verifier wants it (a bounded value); shared so that userspace
+/// tests prove it for every layout the format parser accepts.
+#[inline(always)]
+pub const fn record_copy_len(record_size: u16) -> u32 {
+    let size = record_size as u32;
+    if size > RECORD_WINDOW as u32 {
+        RECORD_WINDOW as u32
+    } else {
+        size
+    }
+}
+
 /// An offset value meaning "this kernel's tracepoint has no such field".
 pub const FIELD_ABSENT: u16 = u16::MAX;
 

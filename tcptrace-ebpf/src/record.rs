@@ -12,7 +12,7 @@ use core::mem::MaybeUninit;
 use aya_ebpf::{
     EbpfContext as _, helpers::generated::bpf_probe_read_kernel, programs::TracePointContext,
 };
-use tcptrace_common::{RECORD_START, RECORD_WINDOW};
+use tcptrace_common::{RECORD_START, RECORD_WINDOW, record_copy_len};
 
 /// Words of the copied window, plus slack so that a 16-byte read at the highest masked offset
 /// stays inside.
@@ -46,7 +46,7 @@ impl Record {
             words.add(WORDS - 2).write_volatile(0);
             words.add(WORDS - 1).write_volatile(0);
         }
-        let size = u32::from(size) & (RECORD_WINDOW as u32 - 1);
+        let size = record_copy_len(size);
         // SAFETY: the destination holds at least `size` bytes; the helper checks the source.
         let rc = unsafe {
             bpf_probe_read_kernel(

@@ -245,12 +245,20 @@ pub fn retransmit(ctx: &TracePointContext, layout: &RetransmitLayout, kind: u16)
     let sport: u16 = record.get(layout.sport);
     let dport: u16 = record.get(layout.dport);
 
+    let err = if layout.err != FIELD_ABSENT {
+        Some(record.get::<i32>(layout.err))
+    } else {
+        None
+    };
     // Retransmits fire from the kernel's timers, where "current" is unrelated to the socket: the
-    // owner comes from the per-socket state, or for a SYN-ACK from the listener.
+    // owner comes from the per-socket state, or for a SYN-ACK from the listener. Since 2025 the
+    // tracepoint also fires for attempts that failed (`err` < 0): only what went out counts.
     let mut retransmits = 0;
     let owner = match SOCKETS.get_ptr_mut(skaddr) {
         Some(state) => unsafe {
-            (*state).retransmits += 1;
+            if err.unwrap_or(0) == 0 {
+                (*state).retransmits += 1;
+            }
             retransmits = (*state).retransmits;
             Owner {
                 pid: (*state).pid,
@@ -272,11 +280,6 @@ pub fn retransmit(ctx: &TracePointContext, layout: &RetransmitLayout, kind: u16)
         Some(tcp_state::SYN_RECV)
     } else if layout.state != FIELD_ABSENT {
         Some(record.get::<i32>(layout.state) as u32)
-    } else {
-        None
-    };
-    let err = if layout.err != FIELD_ABSENT {
-        Some(record.get::<i32>(layout.err))
     } else {
         None
     };

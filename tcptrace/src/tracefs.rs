@@ -261,7 +261,29 @@ impl Format {
 
 #[cfg(test)]
 mod tests {
+    use tcptrace_common::record_copy_len;
+
     use super::*;
+
+    /// A field ending at the window's last byte (136) is accepted, and the eBPF side copies the
+    /// whole 128-byte record (a mask of the size once turned 128 into 0).
+    #[test]
+    fn a_field_ending_at_the_windows_edge_is_copied() {
+        let text = "\tfield:void * skaddr;\toffset:8;\tsize:8;\tsigned:0;\n\
+            \tfield:__u16 sport;\toffset:16;\tsize:2;\tsigned:0;\n\
+            \tfield:__u16 dport;\toffset:18;\tsize:2;\tsigned:0;\n\
+            \tfield:__u8 saddr[4];\toffset:20;\tsize:4;\tsigned:0;\n\
+            \tfield:__u8 daddr[4];\toffset:24;\tsize:4;\tsigned:0;\n\
+            \tfield:__u8 saddr_v6[16];\toffset:28;\tsize:16;\tsigned:0;\n\
+            \tfield:__u8 daddr_v6[16];\toffset:44;\tsize:16;\tsigned:0;\n\
+            \tfield:int err;\toffset:132;\tsize:4;\tsigned:1;\n";
+        let layout = Format::parse(text)
+            .expect("parses")
+            .retransmit_layout()
+            .expect("a valid layout");
+        assert_eq!(layout.record_size, 128);
+        assert_eq!(record_copy_len(layout.record_size), 128);
+    }
 
     fn fixture(name: &str) -> Format {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -439,12 +461,15 @@ mod tests {
                 if let Ok(format) = Format::parse(&text) {
                     if let Ok(layout) = format.retransmit_layout() {
                         prop_assert!(usize::from(layout.record_size) <= RECORD_WINDOW);
+                        // The eBPF side copies the whole record, also one ending at the window's edge.
+                        prop_assert_eq!(record_copy_len(layout.record_size), u32::from(layout.record_size));
                         for offset in [layout.skaddr, layout.sport, layout.dport, layout.saddr, layout.daddr, layout.saddr_v6, layout.daddr_v6] {
                             prop_assert!(usize::from(offset) >= RECORD_START);
                         }
                     }
                     if let Ok(layout) = format.state_layout() {
                         prop_assert!(usize::from(layout.record_size) <= RECORD_WINDOW);
+                        prop_assert_eq!(record_copy_len(layout.record_size), u32::from(layout.record_size));
                     }
                 }
             }
