@@ -197,6 +197,9 @@ pub struct KernelOffsets {
     pub skc_v6_rcv_saddr: u32,
     /// `struct inet_sock` (at the start of `struct tcp_sock`): the bound local port, network order.
     pub inet_sport: u32,
+    /// `struct tcp_sock`: segments retransmitted (an accepted socket starts with its SYN-ACK
+    /// retransmits).
+    pub tcp_total_retrans: u32,
     /// `struct task_struct`.
     pub task_tgid: u32,
     pub task_pid: u32,
@@ -207,8 +210,9 @@ pub struct KernelOffsets {
     pub socket_sk: u32,
     /// `KERNEL_*` bits.
     pub features: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 64);
+const _: () = assert!(size_of::<KernelOffsets>() == 72);
 
 /// Load-time settings of the eBPF program, set by the loader through `CONFIG`. The tracepoint
 /// layouts are globals of their own, so each program loads only what it reads.

@@ -315,6 +315,15 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
     if filters & TRACE_STATES == 0 || !owner_wanted(filters, owner.pid) {
         return Ok(());
     }
+    // The CLOSE line carries the kernel's own count: it covers retransmits from before tracing
+    // began, and an accepted socket's SYN-ACK retransmits (copied from its request socket).
+    // https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/tcp_minisocks.c (tcp_create_openreq_child)
+    let retransmits = if newstate == tcp_state::CLOSE {
+        // SAFETY: `tp` is the BTF-typed tcp_sock of this socket.
+        unsafe { field::<u32>(tp, offsets.tcp_total_retrans) }
+    } else {
+        retransmits
+    };
     // SAFETY: as above.
     let ends = unsafe { endpoints(&offsets, sk as *const u8, tp) };
     if !ports_wanted(filters, ends.sport, ends.dport) {

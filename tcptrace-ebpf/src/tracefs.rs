@@ -256,7 +256,8 @@ pub fn retransmit(ctx: &TracePointContext, layout: &RetransmitLayout, kind: u16)
     let mut retransmits = 0;
     let owner = match SOCKETS.get_ptr_mut(skaddr) {
         Some(state) => unsafe {
-            if err.unwrap_or(0) == 0 {
+            // A SYN-ACK is the request socket's, not the listener's this entry belongs to.
+            if err.unwrap_or(0) == 0 && kind != KIND_RETRANSMIT_SYNACK {
                 (*state).retransmits += 1;
             }
             retransmits = (*state).retransmits;

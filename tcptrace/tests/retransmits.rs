@@ -245,11 +245,15 @@ fn data_syn_and_synack_retransmits_with_their_owners_and_filters() {
     }
     let skaddr = &data[0]["skaddr"];
     let close = close_after(&everything, data[0]);
-    assert_eq!(
-        close["retransmits"],
-        data.iter().filter(|l| l["skaddr"] == *skaddr).count(),
-        "{close}"
-    );
+    let traced = data.iter().filter(|l| l["skaddr"] == *skaddr).count() as u64;
+    let counted = close["retransmits"].as_u64().expect("retransmits");
+    if btf_mode() {
+        // The kernel's own count also holds retransmits the tracepoint does not show (tail loss
+        // probes).
+        assert!(counted >= traced, "{traced} traced: {close}");
+    } else {
+        assert_eq!(counted, traced, "{close}");
+    }
     assert_eq!(close["pid"], data_client.pid());
 
     // SYN retransmits: state SYN_SENT, owner the process that called connect().
@@ -266,7 +270,16 @@ fn data_syn_and_synack_retransmits_with_their_owners_and_filters() {
     }
     let syn_close = close_after(&everything, syn[0]);
     assert_eq!(syn_close["pid"], syn_client.pid());
-    assert_eq!(syn_close["retransmits"], syn.len(), "{syn_close}");
+    let counted = syn_close["retransmits"].as_u64().expect("retransmits");
+    if btf_mode() {
+        assert!(
+            counted >= syn.len() as u64,
+            "{} traced: {syn_close}",
+            syn.len()
+        );
+    } else {
+        assert_eq!(counted, syn.len() as u64, "{syn_close}");
+    }
 
     // SYN-ACK retransmits: attributed to the server that listens, local side the server's.
     let synack = retransmit_lines(&everything, "sport", aport);
@@ -279,6 +292,28 @@ fn data_syn_and_synack_retransmits_with_their_owners_and_filters() {
             (&netns.host_ip, line["dport"].as_u64().unwrap() as u16),
         );
         assert_eq!(line["synack"], true);
+    }
+    // The accepted socket's CLOSE line counts its SYN-ACK retransmits in BTF mode (the kernel's
+    // own count, copied from the request socket); tracefs mode cannot see them there. Neither
+    // counts them on the listener.
+    let accepted_close = everything
+        .iter()
+        .find(|l| {
+            l["type"] == "state"
+                && l["sport"] == aport
+                && l["newstate"] == "CLOSE"
+                && l["oldstate"] != "LISTEN"
+        })
+        .unwrap_or_else(|| panic!("no CLOSE line of the accepted socket: {everything:?}"));
+    let counted = accepted_close["retransmits"].as_u64().expect("retransmits");
+    if btf_mode() {
+        assert!(
+            counted >= synack.len() as u64,
+            "{} traced: {accepted_close}",
+            synack.len()
+        );
+    } else {
+        assert_eq!(counted, 0, "{accepted_close}");
     }
 
     // --events retransmits --pid CLIENT: only that client's retransmits.
@@ -310,6 +345,11 @@ fn data_syn_and_synack_retransmits_with_their_owners_and_filters() {
     ] {
         endpoint.exit();
     }
+}
+
+/// Whether the tracers of this run are in BTF mode (`cargo xtask test` runs these tests in both).
+fn btf_mode() -> bool {
+    std::env::var(support::TEST_MODE_VAR).as_deref() != Ok("tracefs")
 }
 
 #[test]

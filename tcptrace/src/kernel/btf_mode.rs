@@ -161,6 +161,7 @@ fn offsets(btf: &vmlinux::Btf) -> anyhow::Result<KernelOffsets> {
         skc_v6_daddr: v6.0.unwrap_or_default(),
         skc_v6_rcv_saddr: v6.1.unwrap_or_default(),
         inet_sport: need("inet_sock", "inet_sport")?,
+        tcp_total_retrans: need("tcp_sock", "total_retrans")?,
         task_tgid: need("task_struct", "tgid")?,
         task_pid: need("task_struct", "pid")?,
         task_real_parent: need("task_struct", "real_parent")?,
@@ -172,6 +173,7 @@ fn offsets(btf: &vmlinux::Btf) -> anyhow::Result<KernelOffsets> {
         } else {
             0
         },
+        _pad: 0,
     })
 }
 

@@ -569,8 +569,23 @@ impl Netns {
             host_ip: format!("10.213.{index}.1"),
             ns_ip: format!("10.213.{index}.2"),
         };
-        // Leftovers of an earlier run killed before its cleanup would collide.
+        // Leftovers of an earlier run killed before its cleanup would collide. A deleted
+        // namespace also lives on (with its veth pair and the host end's address) while sockets
+        // in it are still closing: remove any host end of the test's that holds the subnet.
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let subnet = format!("10.213.{index}.0/24");
+        if let Ok(out) = Command::new("ip")
+            .args(["-o", "addr", "show", "to", &subnet])
+            .output()
+        {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                if let Some(interface) = line.split_whitespace().nth(1)
+                    && interface.starts_with("tth")
+                {
+                    let _ = Command::new("ip").args(["link", "del", interface]).output();
+                }
+            }
+        }
         let (host_if, ns_if) = (format!("tth{id}"), format!("ttn{id}"));
         let _ = Command::new("ip").args(["link", "del", &host_if]).output();
         sh("ip", &["netns", "add", &name]);
@@ -618,9 +633,20 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        // Deleting the namespace removes its veth end, and with it the host end.
+        // Rules that drop packets first, so that sockets still closing in the namespace can
+        // finish; then the namespace, which removes its veth end, and with it the host end.
+        for table in ["filter", "raw", "mangle"] {
+            let _ = Command::new("ip")
+                .args(["netns", "exec", &self.name, "iptables", "-t", table, "-F"])
+                .output();
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
+            .output();
+        // The host end goes at once even while the namespace lingers.
+        let id = self.name.trim_start_matches("tcptrace-test-");
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("tth{id}")])
             .output();
     }
 }
