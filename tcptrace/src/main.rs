@@ -58,8 +58,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         snapshot: cli.snapshot,
         debug: cli.debug,
     })?;
-    // Attached: nothing from here on needs a capability.
-    privileges::drop_all()?;
+    // Attached: nothing from here on needs a capability (but CAP_BPF to read the kernel side's
+    // counters on kernels before 5.19 with unprivileged BPF disabled).
+    privileges::drop_all(privileges::bpf_needed_after_attach())?;
     let summary = tracer::run(loaded, formatter, destination, metrics).await?;
     if !summary.reader_gone {
         let malformed = match summary.malformed {

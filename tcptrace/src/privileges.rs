@@ -45,9 +45,41 @@ pub fn check() -> anyhow::Result<()> {
     );
 }
 
+/// Whether reading the kernel side's counters after attaching still takes a capability: before
+/// Linux 5.19, `kernel.unprivileged_bpf_disabled` (on by default in many distributions) refuses
+/// every bpf() command to a process without CAP_BPF, map reads and program statistics included.
+/// Fixed by c8644cd0efe7 ("bpf: refine kernel.unprivileged_bpf_disabled behaviour").
+pub fn bpf_needed_after_attach() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let disabled = std::fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled")
+        .unwrap_or_default();
+    needs_bpf_after_attach(&release, &disabled)
+}
+
+fn needs_bpf_after_attach(release: &str, unprivileged_bpf_disabled: &str) -> bool {
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    version < (5, 19) && unprivileged_bpf_disabled.trim() != "0"
+}
+
 /// Gives up every capability for good and sets no_new_privs: after attaching, tcptrace only
 /// reads what it already holds open. Irreversible, also for anything tcptrace might execute.
-pub fn drop_all() -> anyhow::Result<()> {
+/// With `keep_bpf` (see [`bpf_needed_after_attach`]) CAP_BPF stays in the effective and permitted
+/// sets, or CAP_SYS_ADMIN where the process loaded with that instead.
+pub fn drop_all(keep_bpf: bool) -> anyhow::Result<()> {
+    let kept: u64 = if keep_bpf {
+        let effective = effective_capabilities()?;
+        if effective & (1 << CAP_BPF) != 0 {
+            1 << CAP_BPF
+        } else {
+            effective & (1 << CAP_SYS_ADMIN)
+        }
+    } else {
+        0
+    };
     // SAFETY: plain prctl calls with integer arguments.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(std::io::Error::last_os_error()).context("failed to set no_new_privs");
@@ -58,7 +90,7 @@ pub fn drop_all() -> anyhow::Result<()> {
         .unwrap_or(63);
     // The bounding set first: dropping from it takes CAP_SETPCAP, which goes with the rest below.
     if effective_capabilities()? & (1 << CAP_SETPCAP) != 0 {
-        for cap in 0..=last_cap {
+        for cap in (0..=last_cap).filter(|&cap| kept & (1 << cap) == 0) {
             // SAFETY: as above. EINVAL for a capability the kernel lacks is harmless.
             unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
         }
@@ -91,18 +123,39 @@ pub fn drop_all() -> anyhow::Result<()> {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
     };
-    let data = [Data {
-        effective: 0,
-        permitted: 0,
-        inheritable: 0,
-    }; 2];
+    let data = [
+        Data {
+            effective: kept as u32,
+            permitted: kept as u32,
+            inheritable: 0,
+        },
+        Data {
+            effective: (kept >> 32) as u32,
+            permitted: (kept >> 32) as u32,
+            inheritable: 0,
+        },
+    ];
     // SAFETY: a version-3 header and two data structs, as capset(2) expects.
     let rc = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error()).context("failed to drop capabilities");
     }
-    if effective_capabilities()? != 0 {
+    if effective_capabilities()? != kept {
         bail!("capabilities remain after dropping them");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::needs_bpf_after_attach;
+
+    #[test]
+    fn kernels_before_5_19_with_unprivileged_bpf_disabled_keep_cap_bpf() {
+        assert!(needs_bpf_after_attach("5.10.0-28-amd64\n", "2\n"));
+        assert!(needs_bpf_after_attach("5.18.19", "1"));
+        assert!(!needs_bpf_after_attach("5.10.0-28-amd64", "0"));
+        assert!(!needs_bpf_after_attach("5.19.0", "2"));
+        assert!(!needs_bpf_after_attach("6.18.0", "2"));
+    }
 }
