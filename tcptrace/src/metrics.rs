@@ -171,15 +171,34 @@ pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Serves `GET /metrics` until the process ends.
+/// Connections served at once; more are closed as soon as they are accepted, so that idle or
+/// hostile clients cost a bounded number of descriptors.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client has to send its request and read the answer.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed accept (out of descriptors, say), instead of retrying at once in a loop.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(_) => {
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            // At the limit: the client is told no by the connection closing.
+            drop(stream);
             continue;
         };
         let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
             // A scraper that stalls is dropped; the tracer never waits for it.
-            let _ = tokio::time::timeout(Duration::from_secs(10), respond(stream, &metrics)).await;
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, respond(stream, &metrics)).await;
+            drop(permit);
         });
     }
 }

@@ -51,8 +51,8 @@ pub fn check() -> anyhow::Result<()> {
 /// Fixed by c8644cd0efe7 ("bpf: refine kernel.unprivileged_bpf_disabled behaviour").
 pub fn bpf_needed_after_attach() -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let disabled = std::fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled")
-        .unwrap_or_default();
+    let disabled =
+        std::fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled").unwrap_or_default();
     needs_bpf_after_attach(&release, &disabled)
 }
 
