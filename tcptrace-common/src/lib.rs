@@ -275,11 +275,26 @@ pub struct SocketState {
     /// BTF mode: the value of `SUCCESSION_EPOCH` when the owner was last checked for having
     /// exited (and handed its sockets to the process it forked).
     pub epoch: u64,
+    /// BTF mode: when the owner took the socket (`CLOCK_MONOTONIC` ns): only a process forked
+    /// after that holds a copy of it.
+    pub owned_ns: u64,
     pub comm: Bytes16,
     pub pid: u32,
     pub retransmits: u32,
 }
-const _: () = assert!(size_of::<SocketState>() == 40);
+const _: () = assert!(size_of::<SocketState>() == 48);
+
+/// A process forked by another (BTF mode's `FORKED` and `SUCCESSORS` values).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Forked {
+    /// When it was forked (`CLOCK_MONOTONIC` ns).
+    pub at_ns: u64,
+    /// Its tgid.
+    pub pid: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<Forked>() == 16);
 
 /// Owner of the listening sockets on one port (tracefs mode).
 #[repr(C)]

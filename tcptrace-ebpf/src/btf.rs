@@ -20,7 +20,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use tcptrace_common::{
-    AF_INET, Bytes16, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, Event, KERNEL_HAS_IPV6,
+    AF_INET, Bytes16, EVENT_HAS_DURATION, Forked, EVENT_HAS_ERR, EVENT_HAS_STATE, Event, KERNEL_HAS_IPV6,
     KERNEL_RETRANSMIT_ERR, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_SNAPSHOT, KIND_STATE,
     KernelOffsets, SocketState, TRACE_RETRANSMITS, TRACE_SNAPSHOT, TRACE_STATES, tcp_state,
 };
@@ -152,14 +152,19 @@ fn epoch() -> u64 {
 fn live_owner(state: &mut SocketState) -> Owner {
     let now = epoch();
     if state.epoch != now && state.pid != 0 {
-        let mut pid = state.pid;
+        let (mut pid, mut owned_ns) = (state.pid, state.owned_ns);
         for _ in 0..4 {
-            // SAFETY: plain u32 values.
+            // SAFETY: plain integers.
             match unsafe { SUCCESSORS.get(pid) } {
-                Some(&next) => pid = next,
-                None => break,
+                // Only a process forked after its parent took the socket holds a copy of it.
+                Some(next) if next.at_ns > owned_ns => {
+                    pid = next.pid;
+                    owned_ns = next.at_ns;
+                }
+                _ => break,
             }
         }
+        state.owned_ns = owned_ns;
         if pid != state.pid {
             // A forked child starts with its parent's comm, unless it exec'd since.
             // SAFETY: plain bytes.
@@ -194,7 +199,12 @@ pub fn forked(ctx: &BtfTracePointContext) {
         // A new thread, not a new process.
         return;
     }
-    let _ = FORKED.insert(parent_tgid, child_tgid, 0);
+    let forked = Forked {
+        at_ns: unsafe { bpf_ktime_get_ns() },
+        pid: child_tgid,
+        _pad: 0,
+    };
+    let _ = FORKED.insert(parent_tgid, forked, 0);
     // The pid is in use again: whatever once ran under it is gone.
     let _ = SUCCESSORS.remove(child_tgid);
     let _ = EXECS.remove(child_tgid);
@@ -236,7 +246,7 @@ pub fn exited(ctx: &BtfTracePointContext) {
     }
     // A child that dies hands nothing over through its parent.
     // SAFETY: plain u32 values.
-    if unsafe { FORKED.get(parent_tgid) } == Some(&tgid) {
+    if unsafe { FORKED.get(parent_tgid) }.is_some_and(|f| f.pid == tgid) {
         let _ = FORKED.remove(parent_tgid);
     }
     let Some(&child) = (unsafe { FORKED.get(tgid) }) else {
@@ -303,9 +313,11 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
         (UNKNOWN_OWNER, 0, 0)
     };
     if let Some(state) = unsafe { stored.as_mut() } {
+        let owned_ns = if opened { now } else { state.owned_ns };
         *state = SocketState {
             since_ns: now,
             epoch: epoch(),
+            owned_ns,
             comm: owner.comm,
             pid: owner.pid,
             retransmits,
@@ -507,6 +519,8 @@ pub fn snapshot(ctx: *const TaskFileContext) -> Result<(), ()> {
     };
     if stored.pid == 0 {
         stored.epoch = epoch();
+        // It holds the socket now; whatever it forked before may not.
+        stored.owned_ns = unsafe { bpf_ktime_get_ns() };
         // SAFETY: as above; group_leader is never NULL.
         unsafe {
             stored.pid = field::<i32>(task, offsets.task_tgid) as u32;

@@ -20,7 +20,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use tcptrace_common::{
-    Bytes16, COUNTER_SLOTS, Config, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BUFFER_BYTES,
+    Bytes16, COUNTER_SLOTS, Forked, Config, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BUFFER_BYTES,
     KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KernelOffsets, ListenerOwner, MAX_FILTER_ENTRIES,
     MAX_LISTENERS, MAX_PROCESSES, RetransmitLayout, SocketState, StateLayout,
 };
@@ -56,10 +56,10 @@ static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(DEFA
 static LISTENERS: LruHashMap<u16, ListenerOwner> = LruHashMap::with_max_entries(MAX_LISTENERS, 0);
 
 #[map]
-static FORKED: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX_PROCESSES, 0);
+static FORKED: LruHashMap<u32, Forked> = LruHashMap::with_max_entries(MAX_PROCESSES, 0);
 
 #[map]
-static SUCCESSORS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(MAX_PROCESSES, 0);
+static SUCCESSORS: LruHashMap<u32, Forked> = LruHashMap::with_max_entries(MAX_PROCESSES, 0);
 
 #[map]
 static EXECS: LruHashMap<u32, Bytes16> = LruHashMap::with_max_entries(MAX_PROCESSES, 0);

@@ -126,6 +126,7 @@ pub fn state(ctx: &TracePointContext) -> Result<(), ()> {
         let state = SocketState {
             since_ns: now,
             epoch: 0,
+            owned_ns: 0,
             comm: owner.comm,
             pid: owner.pid,
             retransmits,
