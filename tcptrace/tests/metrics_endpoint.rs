@@ -7,7 +7,6 @@ mod support;
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
-    process::Command,
     thread,
     time::{Duration, Instant},
 };
