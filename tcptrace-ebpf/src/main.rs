@@ -20,7 +20,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use tcptrace_common::{
-    Bytes16, COUNTER_SLOTS, Forked, Config, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BUFFER_BYTES,
+    Bytes16, COUNTER_SLOTS, Config, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BUFFER_BYTES, Forked,
     KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KernelOffsets, ListenerOwner, MAX_FILTER_ENTRIES,
     MAX_LISTENERS, MAX_PROCESSES, RetransmitLayout, SocketState, StateLayout,
 };

@@ -3,7 +3,9 @@
 //! one byte per connection) while the parent waits; `handover_server exec PORT` listens, then
 //! starts itself as `handover_server serve FD` with the listener inherited across exec (as socket
 //! activation hands a listener over) and exits. Each prints `ready PID` once serving (for `exec`,
-//! once the launcher has exited): the pid to end it by.
+//! once the launcher has exited): the pid to end it by. `handover_server early-fork PORT` forks a
+//! child that only sleeps, then listens, answers one connection and exits with it still open,
+//! printing `ready PID CHILD`: the child never held the sockets.
 
 use std::{
     io::{Read as _, Write as _},
@@ -56,8 +58,35 @@ fn main() {
             say(&format!("ready {}", std::process::id()));
             serve(&listener);
         }
-        _ => fail("usage: handover_server prefork PORT N | exec PORT"),
+        [_, "early-fork", port] => early_fork(port),
+        _ => fail("usage: handover_server prefork PORT N | exec PORT | early-fork PORT"),
     }
+}
+
+fn early_fork(port: &str) {
+    set_comm("tt-early");
+    // SAFETY: single-threaded; the child only sleeps and exits.
+    let child = match unsafe { libc::fork() } {
+        0 => {
+            std::thread::sleep(std::time::Duration::from_secs(60));
+            // SAFETY: ends the child without running the parent's destructors.
+            unsafe { libc::_exit(0) };
+        }
+        -1 => fail(&format!("fork: {}", std::io::Error::last_os_error())),
+        child => child,
+    };
+    let listener = listen(port);
+    say(&format!("ready {} {child}", std::process::id()));
+    let (mut stream, _) = listener
+        .accept()
+        .unwrap_or_else(|e| fail(&format!("accept: {e}")));
+    let mut byte = [0];
+    if stream.read_exact(&mut byte).is_ok() {
+        let _ = stream.write_all(&byte);
+    }
+    // Exits with the connection open: the kernel closes it after this process is gone.
+    std::mem::forget(stream);
+    std::process::exit(0);
 }
 
 fn listen(port: &str) -> TcpListener {

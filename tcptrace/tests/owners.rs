@@ -638,3 +638,75 @@ fn a_listener_handed_over_exec_is_named_after_the_server_that_holds_it() {
         assert_eq!(line["comm"], "handover_server", "{line}");
     }
 }
+
+#[test]
+fn an_exited_owner_hands_nothing_to_a_child_forked_before_the_socket() {
+    let _serial = serial();
+    let port = free_port();
+    let tracer = Tracer::start(&[
+        "--format",
+        "json",
+        "-4",
+        "--mode",
+        "btf",
+        "--port",
+        &port.to_string(),
+    ]);
+    let exe = std::env::current_exe().expect("current_exe");
+    let binary = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join("examples/handover_server");
+    let mut server = std::process::Command::new(binary)
+        .args(["early-fork", &port.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("handover_server");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("read");
+    let pids: Vec<i32> = line
+        .trim()
+        .strip_prefix("ready ")
+        .map(|rest| rest.split(' ').filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default();
+    let [parent, child] = pids[..] else {
+        panic!("handover_server said {line:?}");
+    };
+    struct Kill(i32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            // SAFETY: signalling the sleeping child this test's server forked.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let _child = Kill(child);
+    let mut stream = TcpStream::connect(socket_addr("127.0.0.1", port)).expect("connect");
+    std::io::Write::write_all(&mut stream, b"x").expect("write");
+    let mut byte = [0];
+    std::io::Read::read_exact(&mut stream, &mut byte).expect("read");
+    assert!(server.wait().expect("wait").success());
+    drop(stream);
+    tracer.wait_for(
+        Duration::from_secs(5),
+        "the server side's CLOSE line",
+        |lines| {
+            lines.iter().any(|l| {
+                l.contains("\"newstate\":\"CLOSE\"")
+                    && l.contains(&format!("\"sport\":{port},\"daddr\":\"127.0.0.1\""))
+            })
+        },
+    );
+    let lines = tracer.stop().json();
+    let served = server_side(&lines, port);
+    assert!(served.len() >= 4, "{served:?}");
+    for line in served {
+        // Its transitions after the exit (FIN_WAIT1 and on) still name the server, not the
+        // child that never held the socket.
+        assert_eq!(line["pid"].as_i64(), Some(i64::from(parent)), "{line}");
+    }
+}

@@ -63,6 +63,7 @@ const TESTS: &[(&str, &[&str])] = &[
             "so_reuseport",
             "pre_forked",
             "handed_over_exec",
+            "exited_owner",
         ],
     ),
     ("modes", &["logging", "snapshot_needs"]),
