@@ -10,16 +10,18 @@ use tcptrace::{
     loader,
     metrics::{self, Metrics},
     output::{Destination, Formatter, text::Text},
-    privileges, tracefs, tracer,
+    privileges, signals, tracefs, tracer,
 };
 
 fn main() -> ExitCode {
+    // First: a SIGHUP (systemd's reload), SIGINT or SIGTERM while starting must not kill us.
+    let held = signals::hold();
     let cli = Cli::parse_checked();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("failed to start the runtime");
-    match runtime.and_then(|runtime| runtime.block_on(run(cli))) {
+    match runtime.and_then(|runtime| runtime.block_on(run(cli, held))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tcptrace: {}", one_line(&format!("{e:#}")));
@@ -28,7 +30,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
     loader::check_kernel()?;
     privileges::check()?;
     let filters = Filters::from_cli(&cli);
@@ -59,7 +61,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     })?;
     // Attached: nothing from here on needs a capability.
     privileges::drop_all()?;
-    let summary = tracer::run(loaded, formatter, destination, metrics).await?;
+    // Held until now: a signal during BPF_PROG_LOAD would make the verifier give up (EAGAIN).
+    let signals = held.handle()?;
+    let summary = tracer::run(loaded, formatter, destination, metrics, signals).await?;
     if !summary.reader_gone {
         let malformed = match summary.malformed {
             0 => String::new(),

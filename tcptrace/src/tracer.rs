@@ -6,7 +6,6 @@ use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::{Interest, unix::AsyncFd},
-    signal::unix::{SignalKind, signal},
     time::{MissedTickBehavior, interval},
 };
 
@@ -15,6 +14,7 @@ use crate::{
     loader::{Attached, Loaded},
     metrics::Metrics,
     output::{Destination, Formatter},
+    signals::Signals,
 };
 
 /// How often the ring buffer is drained when the kernel side has not woken us: the longest an
@@ -49,6 +49,7 @@ pub async fn run(
     formatter: Formatter,
     destination: Destination,
     metrics: Option<Arc<Metrics>>,
+    mut signals: Signals,
 ) -> anyhow::Result<Summary> {
     let Loaded { events, attached } = loaded;
     let mut tracer = Tracer {
@@ -70,10 +71,6 @@ pub async fn run(
     drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut lost_tick = interval(LOST_INTERVAL);
     lost_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
-    let mut sighup = signal(SignalKind::hangup()).context("failed to handle SIGHUP")?;
-    // Only now: a signal that arrives after this line is handled, not fatal.
     eprintln!("tcptrace: tracing; Ctrl-C to stop");
 
     loop {
@@ -85,9 +82,9 @@ pub async fn run(
             }
             _ = drain_tick.tick() => tracer.drain(ring.get_mut())?,
             _ = lost_tick.tick() => tracer.report_lost()?,
-            _ = sighup.recv() => tracer.reopen()?,
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
+            _ = signals.hangup.recv() => tracer.reopen()?,
+            _ = signals.interrupt.recv() => break,
+            _ = signals.terminate.recv() => break,
         }
         if tracer.summary.reader_gone {
             return Ok(tracer.summary);
