@@ -4,6 +4,7 @@ use std::{io, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
+use bytes::BytesMut;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     time::{MissedTickBehavior, interval},
@@ -40,7 +41,7 @@ struct Tracer {
     destination: Destination,
     metrics: Option<Arc<Metrics>>,
     attached: Attached,
-    buf: Vec<u8>,
+    buf: BytesMut,
     summary: Summary,
 }
 
@@ -57,7 +58,7 @@ pub async fn run(
         destination,
         metrics,
         attached,
-        buf: Vec::with_capacity(2 * WRITE_CHUNK),
+        buf: BytesMut::with_capacity(2 * WRITE_CHUNK),
         summary: Summary::default(),
     };
     if tracer.destination.is_empty_file() {
@@ -149,7 +150,9 @@ impl Tracer {
     }
 
     fn write(&mut self) -> anyhow::Result<()> {
-        match self.destination.write_all(&mut self.buf) {
+        let written = self.destination.write_all(&self.buf);
+        self.buf.clear();
+        match written {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
                 self.summary.reader_gone = true;
