@@ -63,14 +63,26 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
     privileges::drop_all()?;
     // Held until now: a signal during BPF_PROG_LOAD would make the verifier give up (EAGAIN).
     let signals = held.handle()?;
-    let summary = tracer::run(loaded, formatter, destination, metrics, signals).await?;
+    let summary = tracer::run(
+        loaded,
+        formatter,
+        destination,
+        metrics,
+        signals,
+        cli.buffer_size,
+    )
+    .await?;
     if !summary.reader_gone {
+        let unwritten = match summary.unwritten {
+            0 => String::new(),
+            n => format!(", {n} events not written (the output was still blocked at exit)"),
+        };
         let malformed = match summary.malformed {
             0 => String::new(),
             n => format!(", {n} malformed records skipped"),
         };
         eprintln!(
-            "tcptrace: {} events written, {} events lost{malformed}",
+            "tcptrace: {} events written, {} events lost{unwritten}{malformed}",
             summary.written, summary.lost
         );
     }

@@ -1,17 +1,21 @@
-//! Output: formatters (one file per format) and the destination lines go to.
+//! Output: formatters (one file per format), the destination lines go to, and the writer thread
+//! that owns it.
 
 mod destination;
 pub mod json;
 pub mod text;
 mod write;
+mod writer;
 
 use bytes::BytesMut;
 pub use destination::Destination;
+pub use writer::{Chunk, Outcome, Room, Writer};
 
 use crate::event::TcpEvent;
 
 /// The most one line takes, in bytes, whatever the event (a JSON line with an IPv6 pair and a
-/// fully escaped command name is about 600). Checked by the formatters' fuzz test.
+/// fully escaped command name is about 600): room the run loop keeps free in a buffer before it
+/// formats the next event. Checked by the formatters' fuzz test.
 pub const MAX_LINE: usize = 1024;
 
 /// The chosen line format. Formatters append to a `BytesMut`, which grows as needed and cannot
