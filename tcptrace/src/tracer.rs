@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     time::{MissedTickBehavior, interval, sleep},
@@ -26,7 +26,8 @@ const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 /// How often lost events are reported (at most one report per interval).
 const LOST_INTERVAL: Duration = Duration::from_secs(1);
 /// Lines are formatted into buffers of this size and go to the writer in chunks cut from them,
-/// one after another, so a buffer is freed once the writer has written its last chunk.
+/// one after another; a buffer is used again (or freed) once the writer has written every chunk
+/// cut from it.
 const BUFFER: usize = 64 << 10;
 /// After SIGINT or SIGTERM, how long tcptrace waits for a blocked output to take what is queued
 /// before it exits anyway; a second signal ends the wait at once.
@@ -53,6 +54,9 @@ struct Tracer {
     /// Lines not yet handed to the writer, and how many events they hold.
     buf: BytesMut,
     buf_events: u64,
+    /// The buffer before `buf`: used again once the writer is done with it, which saves an
+    /// allocation (and cold memory) per buffer while the writer keeps up.
+    spare: BytesMut,
     /// A chunk waiting for room in the writer's queue. While one waits the ring buffer is not
     /// read: the kernel holds what it can and counts the rest as lost.
     waiting: Option<Chunk>,
@@ -82,6 +86,7 @@ pub async fn run(
         writer: Writer::spawn(destination, buffer_size)?,
         buf,
         buf_events: 0,
+        spare: BytesMut::new(),
         waiting: None,
         chunked: 0,
         lost: 0,
@@ -121,18 +126,27 @@ pub async fn run(
 }
 
 impl Tracer {
-    /// Formats waiting records into chunks for the writer, as long as its queue has room.
+    /// Formats waiting records into chunks for the writer, as long as its queue has room, and
+    /// wakes the writer once for all of them.
     fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        self.fill(ring);
+        self.writer.wake();
+    }
+
+    fn fill(&mut self, ring: &mut RingBuf<MapData>) {
         let clock = WallClock::sample();
         loop {
             self.push();
             if self.waiting.is_some() {
                 return;
             }
-            // `buf` is empty here. Once its buffer cannot take another line, a fresh one (or the
-            // same, when the writer is done with every chunk cut from it).
+            // `buf` is empty here. Once its buffer cannot take another line, the spare one if the
+            // writer is done with it, a new one otherwise.
             if self.buf.capacity() < MAX_LINE {
-                self.buf.reserve(BUFFER);
+                std::mem::swap(&mut self.buf, &mut self.spare);
+                if !self.buf.try_reclaim(BUFFER) {
+                    self.buf.reserve(BUFFER);
+                }
             }
             let before = self.buf_events + self.malformed;
             while self.buf.len() + MAX_LINE <= self.buf.capacity()
@@ -169,7 +183,11 @@ impl Tracer {
             return;
         }
         let chunk = Chunk {
-            bytes: self.buf.split().freeze(),
+            bytes: if self.buf.is_empty() {
+                Bytes::new()
+            } else {
+                self.buf.split().freeze()
+            },
             events: std::mem::take(&mut self.buf_events),
         };
         self.chunked += chunk.events;
@@ -202,6 +220,7 @@ impl Tracer {
             );
         }
         self.push();
+        self.writer.wake();
         Ok(())
     }
 

@@ -2,13 +2,17 @@
 //! bounded in bytes. A write that blocks (a stalled pipe, a collector restarting, a slow disk)
 //! stops only this thread: the run loop keeps draining the ring buffer into the queue, and keeps
 //! answering signals and `/metrics`, until the queue is full.
+//!
+//! The budget is a semaphore of bytes the run loop can wait on without blocking its thread; each
+//! queued chunk holds its bytes until it is written. The queue itself is a mutex and a condition
+//! variable: the run loop queues a drain's chunks and wakes the thread once for all of them.
 
 use std::{
+    collections::VecDeque,
     io,
     sync::{
-        Arc,
+        Arc, Condvar, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicU64, Ordering},
-        mpsc,
     },
     thread,
 };
@@ -26,7 +30,7 @@ pub struct Chunk {
 }
 
 impl Chunk {
-    /// What the chunk holds against the queue's budget: its bytes and its place in the channel.
+    /// What the chunk holds against the queue's budget: its bytes and its place in the queue.
     pub fn cost(&self) -> usize {
         self.bytes.len() + size_of::<Message>()
     }
@@ -53,9 +57,32 @@ pub enum Outcome {
     Failed(anyhow::Error),
 }
 
+#[derive(Default)]
+struct Queue {
+    state: Mutex<State>,
+    /// Signalled when there is something to write, or the queue closed.
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    messages: VecDeque<Message>,
+    /// Nothing more will come (the run loop is done), or nothing more is taken (the writer ended).
+    closed: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing panics while holding the lock; should it ever, the queue is still consistent.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// The run loop's end of the writer.
 pub struct Writer {
-    messages: Option<mpsc::Sender<Message>>,
+    queue: Arc<Queue>,
+    /// Something was queued since the writer thread was last woken.
+    unannounced: bool,
     budget: Arc<Semaphore>,
     capacity: usize,
     written: Arc<AtomicU64>,
@@ -66,18 +93,25 @@ impl Writer {
     /// Starts the writer thread; the queue holds at most `capacity` bytes.
     pub fn spawn(mut destination: Destination, capacity: usize) -> anyhow::Result<Self> {
         let capacity = capacity.min(Semaphore::MAX_PERMITS);
-        let (messages, queue) = mpsc::channel();
+        let queue = Arc::new(Queue::default());
         let (finished, done) = oneshot::channel();
         let written = Arc::new(AtomicU64::new(0));
-        let counter = Arc::clone(&written);
+        let (thread_queue, counter) = (Arc::clone(&queue), Arc::clone(&written));
         thread::Builder::new()
             .name("writer".to_owned())
             .spawn(move || {
-                let _ = finished.send(write_all(&mut destination, &queue, &counter));
+                let outcome = write_all(&mut destination, &thread_queue, &counter);
+                // Whatever is still queued will not be written: its room goes back.
+                let mut state = thread_queue.lock();
+                state.closed = true;
+                state.messages.clear();
+                drop(state);
+                let _ = finished.send(outcome);
             })
             .context("failed to start the writer thread")?;
         Ok(Self {
-            messages: Some(messages),
+            queue,
+            unannounced: false,
             budget: Arc::new(Semaphore::new(capacity)),
             capacity,
             written,
@@ -86,7 +120,7 @@ impl Writer {
     }
 
     /// Queues `chunk` if there is room for it; gives it back otherwise.
-    pub fn try_send(&self, chunk: Chunk) -> Result<(), Chunk> {
+    pub fn try_send(&mut self, chunk: Chunk) -> Result<(), Chunk> {
         match Arc::clone(&self.budget).try_acquire_many_owned(self.permits(chunk.cost())) {
             Ok(permit) => {
                 self.send(chunk, Room { _permit: permit });
@@ -109,24 +143,32 @@ impl Writer {
         }
     }
 
-    /// Queues `chunk` in the room waited for.
-    pub fn send(&self, chunk: Chunk, room: Room) {
-        if let Some(messages) = &self.messages {
-            // A writer that has ended says why through `finished`.
-            let _ = messages.send(Message::Chunk(chunk, room));
-        }
+    /// Queues `chunk` in the room waited for. The writer thread sees it at the next [`wake`].
+    ///
+    /// [`wake`]: Writer::wake
+    pub fn send(&mut self, chunk: Chunk, room: Room) {
+        self.queue(Message::Chunk(chunk, room));
     }
 
     /// Reopens the file once what is queued before is written.
-    pub fn reopen(&self) {
-        if let Some(messages) = &self.messages {
-            let _ = messages.send(Message::Reopen);
+    pub fn reopen(&mut self) {
+        self.queue(Message::Reopen);
+        self.wake();
+    }
+
+    /// Wakes the writer thread for what was queued since the last call: once per drain rather
+    /// than once per chunk.
+    pub fn wake(&mut self) {
+        if std::mem::take(&mut self.unannounced) {
+            self.queue.ready.notify_one();
         }
     }
 
     /// Nothing more will be queued: the writer ends once the queue is written.
     pub fn close(&mut self) {
-        self.messages = None;
+        self.queue.lock().closed = true;
+        self.unannounced = false;
+        self.queue.ready.notify_one();
     }
 
     /// Events written so far.
@@ -141,42 +183,68 @@ impl Writer {
         })
     }
 
+    fn queue(&mut self, message: Message) {
+        let mut state = self.queue.lock();
+        // Once the writer has ended, what comes is dropped (and its room given back); the run
+        // loop learns why through `finished`.
+        if !state.closed {
+            state.messages.push_back(message);
+            self.unannounced = true;
+        }
+    }
+
     /// Permits for `cost` bytes; a chunk larger than the whole queue takes all of it.
     fn permits(&self, cost: usize) -> u32 {
         u32::try_from(cost.min(self.capacity)).unwrap_or(u32::MAX)
     }
 }
 
-/// The writer thread: writes chunks in order until the queue closes or a write fails.
-fn write_all(
-    destination: &mut Destination,
-    queue: &mpsc::Receiver<Message>,
-    written: &AtomicU64,
-) -> Outcome {
-    for message in queue {
-        match message {
-            Message::Chunk(chunk, room) => {
-                match destination.write_all(&chunk.bytes) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Outcome::ReaderGone,
-                    Err(e) => {
-                        return Outcome::Failed(
-                            anyhow::Error::new(e)
-                                .context(format!("failed to write to {}", destination.describe())),
+/// The writer thread: takes everything queued at once and writes it in order, until the queue is
+/// closed and empty or a write fails.
+fn write_all(destination: &mut Destination, queue: &Queue, written: &AtomicU64) -> Outcome {
+    let mut batch = VecDeque::new();
+    loop {
+        {
+            let mut state = queue.lock();
+            while state.messages.is_empty() && !state.closed {
+                state = queue
+                    .ready
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            if state.messages.is_empty() {
+                return Outcome::Done;
+            }
+            std::mem::swap(&mut batch, &mut state.messages);
+        }
+        while let Some(message) = batch.pop_front() {
+            match message {
+                Message::Chunk(chunk, room) => {
+                    match destination.write_all(&chunk.bytes) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                            return Outcome::ReaderGone;
+                        }
+                        Err(e) => {
+                            return Outcome::Failed(anyhow::Error::new(e).context(format!(
+                                "failed to write to {}",
+                                destination.describe()
+                            )));
+                        }
+                    }
+                    written.fetch_add(chunk.events, Ordering::Relaxed);
+                    // Only now is the chunk's memory free: its room goes back to the run loop.
+                    drop(chunk);
+                    drop(room);
+                }
+                Message::Reopen => {
+                    if let Err(e) = destination.reopen() {
+                        eprintln!(
+                            "tcptrace: warning: {e:#}; still writing to the file already open"
                         );
                     }
-                }
-                written.fetch_add(chunk.events, Ordering::Relaxed);
-                // Only now is the chunk's memory free: its room goes back to the run loop.
-                drop(chunk);
-                drop(room);
-            }
-            Message::Reopen => {
-                if let Err(e) = destination.reopen() {
-                    eprintln!("tcptrace: warning: {e:#}; still writing to the file already open");
                 }
             }
         }
     }
-    Outcome::Done
 }
