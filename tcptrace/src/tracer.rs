@@ -126,14 +126,8 @@ pub async fn run(
 }
 
 impl Tracer {
-    /// Formats waiting records into chunks for the writer, as long as its queue has room, and
-    /// wakes the writer once for all of them.
+    /// Formats waiting records into chunks for the writer, as long as its queue has room.
     fn drain(&mut self, ring: &mut RingBuf<MapData>) {
-        self.fill(ring);
-        self.writer.wake();
-    }
-
-    fn fill(&mut self, ring: &mut RingBuf<MapData>) {
         let clock = WallClock::sample();
         loop {
             self.push();
@@ -220,7 +214,6 @@ impl Tracer {
             );
         }
         self.push();
-        self.writer.wake();
         Ok(())
     }
 

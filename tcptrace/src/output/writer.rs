@@ -5,7 +5,7 @@
 //!
 //! The budget is a semaphore of bytes the run loop can wait on without blocking its thread; each
 //! queued chunk holds its bytes until it is written. The queue itself is a mutex and a condition
-//! variable: the run loop queues a drain's chunks and wakes the thread once for all of them.
+//! variable, signalled only when the thread waits for work: a busy writer costs no wakeups.
 
 use std::{
     collections::VecDeque,
@@ -69,6 +69,8 @@ struct State {
     messages: VecDeque<Message>,
     /// Nothing more will come (the run loop is done), or nothing more is taken (the writer ended).
     closed: bool,
+    /// The writer thread waits for `ready`.
+    idle: bool,
 }
 
 impl Queue {
@@ -81,8 +83,6 @@ impl Queue {
 /// The run loop's end of the writer.
 pub struct Writer {
     queue: Arc<Queue>,
-    /// Something was queued since the writer thread was last woken.
-    unannounced: bool,
     budget: Arc<Semaphore>,
     capacity: usize,
     written: Arc<AtomicU64>,
@@ -111,7 +111,6 @@ impl Writer {
             .context("failed to start the writer thread")?;
         Ok(Self {
             queue,
-            unannounced: false,
             budget: Arc::new(Semaphore::new(capacity)),
             capacity,
             written,
@@ -143,9 +142,7 @@ impl Writer {
         }
     }
 
-    /// Queues `chunk` in the room waited for. The writer thread sees it at the next [`wake`].
-    ///
-    /// [`wake`]: Writer::wake
+    /// Queues `chunk` in the room waited for.
     pub fn send(&mut self, chunk: Chunk, room: Room) {
         self.queue(Message::Chunk(chunk, room));
     }
@@ -153,21 +150,11 @@ impl Writer {
     /// Reopens the file once what is queued before is written.
     pub fn reopen(&mut self) {
         self.queue(Message::Reopen);
-        self.wake();
-    }
-
-    /// Wakes the writer thread for what was queued since the last call: once per drain rather
-    /// than once per chunk.
-    pub fn wake(&mut self) {
-        if std::mem::take(&mut self.unannounced) {
-            self.queue.ready.notify_one();
-        }
     }
 
     /// Nothing more will be queued: the writer ends once the queue is written.
     pub fn close(&mut self) {
         self.queue.lock().closed = true;
-        self.unannounced = false;
         self.queue.ready.notify_one();
     }
 
@@ -189,7 +176,9 @@ impl Writer {
         // loop learns why through `finished`.
         if !state.closed {
             state.messages.push_back(message);
-            self.unannounced = true;
+            if state.idle {
+                self.queue.ready.notify_one();
+            }
         }
     }
 
@@ -207,10 +196,12 @@ fn write_all(destination: &mut Destination, queue: &Queue, written: &AtomicU64) 
         {
             let mut state = queue.lock();
             while state.messages.is_empty() && !state.closed {
+                state.idle = true;
                 state = queue
                     .ready
                     .wait(state)
                     .unwrap_or_else(PoisonError::into_inner);
+                state.idle = false;
             }
             if state.messages.is_empty() {
                 return Outcome::Done;
