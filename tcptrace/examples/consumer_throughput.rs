@@ -58,7 +58,7 @@ fn main() {
         .collect();
     let formatter = Formatter::Json;
     let mut sink = std::fs::File::create("/dev/null").expect("/dev/null");
-    let mut buf = Vec::with_capacity(128 << 10);
+    let mut buf = bytes::BytesMut::with_capacity(128 << 10);
     let mut bytes = 0u64;
     let start = Instant::now();
     let clock = WallClock::sample();

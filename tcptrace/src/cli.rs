@@ -80,6 +80,14 @@ pub struct Cli {
           value_parser = RangedU64ValueParser::<u32>::new().range(1024..=4_194_304))]
     pub max_sockets: u32,
 
+    /// How much formatted output may wait for a slow or stalled reader (a pipe under
+    /// backpressure, a collector restarting), in bytes (K, M and G suffixes accepted), at least
+    /// 1M. When it is full, tcptrace stops draining: the ring buffer holds what it can and counts
+    /// the rest as lost.
+    #[arg(long = "buffer-size", value_name = "BYTES", default_value = "64M",
+          value_parser = parse_buffer_size)]
+    pub buffer_size: usize,
+
     /// Append output to this file (created with mode 0640) instead of stdout. SIGHUP reopens
     /// it, for logrotate's rename-then-signal.
     #[arg(long = "output", value_name = "PATH")]
@@ -148,22 +156,35 @@ fn port_parser() -> RangedU64ValueParser<u16> {
     RangedU64ValueParser::<u16>::new().range(1..=65535)
 }
 
-fn parse_ring_buffer_size(value: &str) -> Result<u32, String> {
+/// A size in bytes, with an optional K, M or G suffix.
+fn parse_size(value: &str) -> Result<u64, String> {
     let (digits, unit) = match value.as_bytes().last() {
         Some(b'k' | b'K') => (&value[..value.len() - 1], 1u64 << 10),
         Some(b'm' | b'M') => (&value[..value.len() - 1], 1 << 20),
         Some(b'g' | b'G') => (&value[..value.len() - 1], 1 << 30),
         _ => (value, 1),
     };
-    let bytes = digits
+    digits
         .parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(unit))
-        .ok_or_else(|| format!("`{value}` is not a size in bytes (for example 4M)"))?;
+        .ok_or_else(|| format!("`{value}` is not a size in bytes (for example 4M)"))
+}
+
+fn parse_ring_buffer_size(value: &str) -> Result<u32, String> {
+    let bytes = parse_size(value)?;
     if !bytes.is_power_of_two() || !(4096..=1 << 30).contains(&bytes) {
         return Err(format!("{bytes} is not a power of two between 4K and 1G"));
     }
     u32::try_from(bytes).map_err(|_| format!("{bytes} is too large"))
+}
+
+fn parse_buffer_size(value: &str) -> Result<usize, String> {
+    let bytes = parse_size(value)?;
+    if !(1 << 20..=1 << 40).contains(&bytes) {
+        return Err(format!("{bytes} is not between 1M and 1024G"));
+    }
+    usize::try_from(bytes).map_err(|_| format!("{bytes} is too large"))
 }
 
 impl Cli {
@@ -212,6 +233,7 @@ mod tests {
         assert_eq!(cli.max_sockets, 65536);
         assert_eq!(cli.mode, ModeChoice::Auto);
         assert!(!cli.snapshot);
+        assert_eq!(cli.buffer_size, 64 << 20);
     }
 
     #[test]
@@ -242,6 +264,9 @@ mod tests {
             &["--ring-buffer-size", "2G"],
             &["--max-sockets", "10"],
             &["--mode", "kprobe"],
+            &["--buffer-size", "64K"],
+            &["--buffer-size", "2000G"],
+            &["--buffer-size", "lots"],
             &["--metrics-addr", "localhost"],
             &["--metrics-addr", "1.2.3.4:99999"],
         ] {
@@ -257,6 +282,9 @@ mod tests {
         assert_eq!(parse_ring_buffer_size("4096"), Ok(4096));
         assert!(parse_ring_buffer_size("").is_err());
         assert!(parse_ring_buffer_size("99999999999999999999G").is_err());
+        assert_eq!(parse_buffer_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_buffer_size("3000000"), Ok(3_000_000));
+        assert_eq!(parse_buffer_size("2g"), Ok(2 << 30));
     }
 
     #[test]

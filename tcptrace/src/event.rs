@@ -412,7 +412,7 @@ pub mod tests {
         use proptest::prelude::*;
 
         use super::*;
-        use crate::output::{Formatter, text::Text};
+        use crate::output::{Formatter, MAX_LINE, text::Text};
 
         proptest! {
             #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
@@ -439,10 +439,11 @@ pub mod tests {
                 prop_assert!(event.is_ok());
                 if let Ok(event) = decode(&bytes) {
                     for formatter in [Formatter::Json, Formatter::Text(Text::new(true, false))] {
-                        let mut out = Vec::new();
+                        let mut out = bytes::BytesMut::new();
                         formatter.event(&mut out, &event, u64::MAX);
-                        let text = String::from_utf8(out).expect("UTF-8");
+                        let text = String::from_utf8(out.to_vec()).expect("UTF-8");
                         prop_assert_eq!(text.matches('\n').count(), 1);
+                        prop_assert!(text.len() <= MAX_LINE, "{} bytes: {}", text.len(), text);
                         prop_assert!(text.ends_with('\n'));
                         if matches!(formatter, Formatter::Json) {
                             serde_json::from_str::<serde_json::Value>(&text).expect("valid JSON");

@@ -9,5 +9,6 @@ pub mod kernel;
 pub mod metrics;
 pub mod output;
 pub mod privileges;
+pub mod signals;
 pub mod tracefs;
 pub mod tracer;

@@ -10,16 +10,18 @@ use tcptrace::{
     kernel,
     metrics::{self, Metrics},
     output::{Destination, Formatter, text::Text},
-    privileges, tracer,
+    privileges, signals, tracer,
 };
 
 fn main() -> ExitCode {
+    // First: a SIGHUP (systemd's reload), SIGINT or SIGTERM while starting must not kill us.
+    let held = signals::hold();
     let cli = Cli::parse_checked();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("failed to start the runtime");
-    match runtime.and_then(|runtime| runtime.block_on(run(cli))) {
+    match runtime.and_then(|runtime| runtime.block_on(run(cli, held))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tcptrace: {}", one_line(&format!("{e:#}")));
@@ -28,7 +30,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
     kernel::check_kernel()?;
     privileges::check()?;
     let filters = Filters::from_cli(&cli);
@@ -61,14 +63,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // Attached: nothing from here on needs a capability (but CAP_BPF to read the kernel side's
     // counters on kernels before 5.19 with unprivileged BPF disabled).
     privileges::drop_all(privileges::bpf_needed_after_attach())?;
-    let summary = tracer::run(loaded, formatter, destination, metrics).await?;
+    // Held until now: a signal during BPF_PROG_LOAD would make the verifier give up (EAGAIN).
+    let signals = held.handle()?;
+    let summary = tracer::run(
+        loaded,
+        formatter,
+        destination,
+        metrics,
+        signals,
+        cli.buffer_size,
+    )
+    .await?;
     if !summary.reader_gone {
+        let unwritten = match summary.unwritten {
+            0 => String::new(),
+            n => format!(", {n} events not written (the output was still blocked at exit)"),
+        };
         let malformed = match summary.malformed {
             0 => String::new(),
             n => format!(", {n} malformed records skipped"),
         };
         eprintln!(
-            "tcptrace: {} events written, {} events lost{malformed}",
+            "tcptrace: {} events written, {} events lost{unwritten}{malformed}",
             summary.written, summary.lost
         );
     }

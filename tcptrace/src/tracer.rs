@@ -1,20 +1,23 @@
-//! The run loop: drain the ring buffer into the output until a signal says stop.
+//! The run loop: drain the ring buffer, format the events and hand the lines to the writer thread
+//! in chunks, until a signal says stop. It never writes itself, so a blocked output stops neither
+//! the draining (until the writer's queue is full) nor signals nor `/metrics`.
 
-use std::{io, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
+use bytes::{Bytes, BytesMut};
 use tokio::{
     io::{Interest, unix::AsyncFd},
-    signal::unix::{SignalKind, signal},
-    time::{MissedTickBehavior, interval},
+    time::{MissedTickBehavior, interval, sleep},
 };
 
 use crate::{
     event::{WallClock, decode},
     kernel::{Attached, Loaded},
     metrics::Metrics,
-    output::{Destination, Formatter},
+    output::{Chunk, Destination, Formatter, MAX_LINE, Outcome, Room, Writer},
+    signals::Signals,
 };
 
 /// How often the ring buffer is drained when the kernel side has not woken us: the longest an
@@ -22,8 +25,13 @@ use crate::{
 const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 /// How often lost events are reported (at most one report per interval).
 const LOST_INTERVAL: Duration = Duration::from_secs(1);
-/// Output is written in chunks of about this size.
-const WRITE_CHUNK: usize = 64 << 10;
+/// Lines are formatted into buffers of this size and go to the writer in chunks cut from them,
+/// one after another; a buffer is used again (or freed) once the writer has written every chunk
+/// cut from it.
+const BUFFER: usize = 64 << 10;
+/// After SIGINT or SIGTERM, how long tcptrace waits for a blocked output to take what is queued
+/// before it exits anyway; a second signal ends the wait at once.
+pub const FLUSH_AT_EXIT: Duration = Duration::from_secs(2);
 
 /// What a run did, for the exit summary.
 #[derive(Debug, Default)]
@@ -31,17 +39,31 @@ pub struct Summary {
     pub written: u64,
     pub lost: u64,
     pub malformed: u64,
+    /// Events the kernel handed over that were not written: the output was still blocked when
+    /// the time to flush at exit ran out.
+    pub unwritten: u64,
     /// The reader of our output went away (a closed pipe): stop quietly.
     pub reader_gone: bool,
 }
 
 struct Tracer {
     formatter: Formatter,
-    destination: Destination,
     metrics: Option<Arc<Metrics>>,
     attached: Attached,
-    buf: Vec<u8>,
-    summary: Summary,
+    writer: Writer,
+    /// Lines not yet handed to the writer, and how many events they hold.
+    buf: BytesMut,
+    buf_events: u64,
+    /// The buffer before `buf`: used again once the writer is done with it, which saves an
+    /// allocation (and cold memory) per buffer while the writer keeps up.
+    spare: BytesMut,
+    /// A chunk waiting for room in the writer's queue. While one waits the ring buffer is not
+    /// read: the kernel holds what it can and counts the rest as lost.
+    waiting: Option<Chunk>,
+    /// Events taken from the ring buffer and put into chunks.
+    chunked: u64,
+    lost: u64,
+    malformed: u64,
 }
 
 pub async fn run(
@@ -49,6 +71,8 @@ pub async fn run(
     formatter: Formatter,
     destination: Destination,
     metrics: Option<Arc<Metrics>>,
+    mut signals: Signals,
+    buffer_size: usize,
 ) -> anyhow::Result<Summary> {
     let Loaded {
         events,
@@ -56,17 +80,23 @@ pub async fn run(
         mode,
         snapshot,
     } = loaded;
+    let mut buf = BytesMut::with_capacity(BUFFER);
+    if destination.is_empty_file() {
+        formatter.header(&mut buf);
+    }
     let mut tracer = Tracer {
         formatter,
-        destination,
         metrics,
         attached,
-        buf: Vec::with_capacity(2 * WRITE_CHUNK),
-        summary: Summary::default(),
+        writer: Writer::spawn(destination, buffer_size)?,
+        buf,
+        buf_events: 0,
+        spare: BytesMut::new(),
+        waiting: None,
+        chunked: 0,
+        lost: 0,
+        malformed: 0,
     };
-    if tracer.destination.is_empty_file() {
-        tracer.formatter.header(&mut tracer.buf);
-    }
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged while `ring` lives.
     let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
@@ -75,85 +105,126 @@ pub async fn run(
     drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut lost_tick = interval(LOST_INTERVAL);
     lost_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
-    let mut sighup = signal(SignalKind::hangup()).context("failed to handle SIGHUP")?;
     // The sockets that existed at start, before anything that happened since.
-    tracer.snapshot(&snapshot)?;
-    // Only now: a signal that arrives after this line is handled, not fatal.
+    tracer.snapshot(&snapshot);
     eprintln!("tcptrace: tracing ({mode} mode); Ctrl-C to stop");
 
     loop {
+        let waiting = tracer.waiting.as_ref().map(Chunk::cost);
         tokio::select! {
-            guard = ring.readable_mut() => {
+            guard = ring.readable_mut(), if waiting.is_none() => {
                 let mut guard = guard.context("failed to wait for the ring buffer")?;
-                tracer.drain(guard.get_inner_mut())?;
+                tracer.drain(guard.get_inner_mut());
                 guard.clear_ready();
             }
+            room = tracer.writer.room(waiting.unwrap_or_default()), if waiting.is_some() => {
+                tracer.send_waiting(room);
+                tracer.drain(ring.get_mut());
+            }
             _ = drain_tick.tick() => {
-                tracer.drain(ring.get_mut())?;
+                tracer.drain(ring.get_mut());
                 tracer.attached.flush_log();
             }
             _ = lost_tick.tick() => tracer.report_lost()?,
-            _ = sighup.recv() => tracer.reopen()?,
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-        }
-        if tracer.summary.reader_gone {
-            return Ok(tracer.summary);
+            outcome = tracer.writer.finished() => return tracer.ended(outcome),
+            _ = signals.hangup.recv() => tracer.writer.reopen(),
+            _ = signals.interrupt.recv() => break,
+            _ = signals.terminate.recv() => break,
         }
     }
-    // Whatever the kernel wrote before we stopped still goes out.
-    tracer.drain(ring.get_mut())?;
-    tracer.report_lost()?;
-    Ok(tracer.summary)
+    tracer.stop(ring.get_mut(), &mut signals).await
 }
 
 impl Tracer {
-    /// Formats every waiting record and writes the lines out.
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
-        let clock = WallClock::sample();
-        while let Some(record) = ring.next() {
-            match decode(&record) {
-                Ok(event) => {
-                    self.formatter
-                        .event(&mut self.buf, &event, clock.wall_ns(event.ts_ns));
-                    if let Some(metrics) = &self.metrics {
-                        metrics.record(&event);
-                    }
-                    self.summary.written += 1;
-                }
-                Err(_) => self.summary.malformed += 1,
-            }
-            drop(record);
-            if self.buf.len() >= WRITE_CHUNK {
-                self.write()?;
-            }
-        }
-        self.write()
-    }
-
     /// Formats the snapshot's records, each socket once (a socket several processes or
-    /// descriptors hold comes once per holder).
-    fn snapshot(&mut self, records: &[u8]) -> anyhow::Result<()> {
+    /// descriptors hold comes once per holder), and hands them to the writer.
+    fn snapshot(&mut self, records: &[u8]) {
         let clock = WallClock::sample();
         let mut seen = std::collections::HashSet::new();
         for record in records.chunks(size_of::<tcptrace_common::Event>()) {
             match decode(record) {
                 Ok(event) => {
                     if seen.insert(event.skaddr) {
+                        self.buf.reserve(MAX_LINE);
                         self.formatter
                             .event(&mut self.buf, &event, clock.wall_ns(event.ts_ns));
-                        self.summary.written += 1;
+                        self.buf_events += 1;
                     }
                 }
-                Err(_) => self.summary.malformed += 1,
-            }
-            if self.buf.len() >= WRITE_CHUNK {
-                self.write()?;
+                Err(_) => self.malformed += 1,
             }
         }
-        self.write()
+        self.push();
+    }
+
+    /// Formats waiting records into chunks for the writer, as long as its queue has room.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        let clock = WallClock::sample();
+        loop {
+            self.push();
+            if self.waiting.is_some() {
+                return;
+            }
+            // `buf` is empty here. Once its buffer cannot take another line, the spare one if the
+            // writer is done with it, a new one otherwise.
+            if self.buf.capacity() < MAX_LINE {
+                std::mem::swap(&mut self.buf, &mut self.spare);
+                if !self.buf.try_reclaim(BUFFER) {
+                    self.buf.reserve(BUFFER);
+                }
+            }
+            let before = self.buf_events + self.malformed;
+            while self.buf.len() + MAX_LINE <= self.buf.capacity()
+                && let Some(record) = ring.next()
+            {
+                match decode(&record) {
+                    Ok(event) => {
+                        self.formatter
+                            .event(&mut self.buf, &event, clock.wall_ns(event.ts_ns));
+                        if let Some(metrics) = &self.metrics {
+                            metrics.record(&event);
+                        }
+                        self.buf_events += 1;
+                    }
+                    Err(_) => self.malformed += 1,
+                }
+            }
+            if self.buf_events + self.malformed == before {
+                // The ring buffer is empty.
+                return;
+            }
+        }
+    }
+
+    /// Hands the waiting chunk, then what `buf` holds, to the writer if its queue has room.
+    fn push(&mut self) {
+        if let Some(chunk) = self.waiting.take()
+            && let Err(chunk) = self.writer.try_send(chunk)
+        {
+            self.waiting = Some(chunk);
+            return;
+        }
+        if self.buf.is_empty() && self.buf_events == 0 {
+            return;
+        }
+        let chunk = Chunk {
+            bytes: if self.buf.is_empty() {
+                Bytes::new()
+            } else {
+                self.buf.split().freeze()
+            },
+            events: std::mem::take(&mut self.buf_events),
+        };
+        self.chunked += chunk.events;
+        if let Err(chunk) = self.writer.try_send(chunk) {
+            self.waiting = Some(chunk);
+        }
+    }
+
+    fn send_waiting(&mut self, room: Room) {
+        if let Some(chunk) = self.waiting.take() {
+            self.writer.send(chunk, room);
+        }
     }
 
     /// Reports events the kernel dropped since the last report.
@@ -163,36 +234,95 @@ impl Tracer {
             metrics.update(&counters);
         }
         let total = counters.lost;
-        let new = total.saturating_sub(self.summary.lost);
+        let new = total.saturating_sub(self.lost);
         if new == 0 {
             return Ok(());
         }
-        self.summary.lost = total;
+        self.lost = total;
         if !self.formatter.lost(&mut self.buf, WallClock::now_ns(), new) {
             eprintln!(
-                "tcptrace: warning: {new} events lost (ring buffer full, or program runs the kernel skipped); a larger --ring-buffer-size rides out longer bursts"
+                "tcptrace: warning: {new} events lost (ring buffer full, or program runs the kernel skipped); a larger --ring-buffer-size or --buffer-size rides out longer bursts"
             );
         }
-        self.write()
-    }
-
-    fn reopen(&mut self) -> anyhow::Result<()> {
-        self.write()?;
-        if let Err(e) = self.destination.reopen() {
-            eprintln!("tcptrace: warning: {e:#}; still writing to the file already open");
-        }
+        self.push();
         Ok(())
     }
 
-    fn write(&mut self) -> anyhow::Result<()> {
-        match self.destination.write_all(&mut self.buf) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
-                self.summary.reader_gone = true;
-                Ok(())
+    /// After SIGINT or SIGTERM: what the kernel handed over still goes out, as far as the output
+    /// takes it within [`FLUSH_AT_EXIT`] (or until a second signal).
+    async fn stop(
+        mut self,
+        ring: &mut RingBuf<MapData>,
+        signals: &mut Signals,
+    ) -> anyhow::Result<Summary> {
+        let flush = sleep(FLUSH_AT_EXIT);
+        tokio::pin!(flush);
+        let mut reported = false;
+        let mut gave_up = false;
+        loop {
+            self.drain(ring);
+            let Some(cost) = self.waiting.as_ref().map(Chunk::cost) else {
+                if reported {
+                    break;
+                }
+                self.report_lost()?;
+                reported = true;
+                continue;
+            };
+            tokio::select! {
+                room = self.writer.room(cost) => self.send_waiting(room),
+                outcome = self.writer.finished() => return self.ended(outcome),
+                () = &mut flush => { gave_up = true; break; }
+                _ = signals.interrupt.recv() => { gave_up = true; break; }
+                _ = signals.terminate.recv() => { gave_up = true; break; }
             }
-            Err(e) => Err(e)
-                .with_context(|| format!("failed to write to {}", self.destination.describe())),
+        }
+        self.writer.close();
+        if !gave_up {
+            tokio::select! {
+                outcome = self.writer.finished() => match outcome {
+                    Outcome::Done => {}
+                    outcome => return self.ended(outcome),
+                },
+                () = &mut flush => gave_up = true,
+                _ = signals.interrupt.recv() => gave_up = true,
+                _ = signals.terminate.recv() => gave_up = true,
+            }
+        }
+        let mut unread = 0;
+        if gave_up {
+            // What is still in the ring buffer was handed over too, and is not written either.
+            while let Some(record) = ring.next() {
+                match decode(&record) {
+                    Ok(_) => unread += 1,
+                    Err(_) => self.malformed += 1,
+                }
+            }
+        }
+        let written = self.writer.written();
+        Ok(Summary {
+            written,
+            lost: self.lost,
+            malformed: self.malformed,
+            unwritten: (self.chunked + self.buf_events + unread).saturating_sub(written),
+            reader_gone: false,
+        })
+    }
+
+    /// The writer ended while tracing: the reader went away, or a write failed.
+    fn ended(self, outcome: Outcome) -> anyhow::Result<Summary> {
+        match outcome {
+            Outcome::ReaderGone => Ok(Summary {
+                reader_gone: true,
+                ..Summary::default()
+            }),
+            Outcome::Failed(e) => Err(e),
+            Outcome::Done => Ok(Summary {
+                written: self.writer.written(),
+                lost: self.lost,
+                malformed: self.malformed,
+                ..Summary::default()
+            }),
         }
     }
 }

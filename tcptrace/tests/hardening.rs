@@ -13,18 +13,7 @@ use std::{
 };
 
 use serde_json::Value;
-use support::{Endpoint, TCPTRACE, Tracer, require_root, socket_addr};
-
-/// `Name:\tvalue` from /proc/PID/status.
-fn status_field(pid: u32, name: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}:")))
-        .unwrap_or_else(|| panic!("no {name}"))
-        .trim()
-        .to_owned()
-}
+use support::{Endpoint, TCPTRACE, Tracer, require_root, socket_addr, status_field};
 
 /// One connection through an Endpoint pair on `port`'s server.
 fn one_connection(server: &mut Endpoint, tag: &str) {
@@ -181,6 +170,83 @@ fn sigint_and_sigterm_end_it_within_a_second() {
         assert_eq!(
             output.stderr.lines().last(),
             Some("tcptrace: 0 events written, 0 events lost")
+        );
+    }
+}
+
+/// Whether `signal` is held (blocked) or handled by `pid`: tcptrace's `main` has begun.
+fn takes(pid: u32, signal: libc::c_int) -> bool {
+    let bit = 1u64 << (signal - 1);
+    ["SigBlk", "SigCgt"].iter().any(|field| {
+        u64::from_str_radix(&status_field(pid, field), 16).is_ok_and(|mask| mask & bit != 0)
+    })
+}
+
+fn spawn_tracer(port: &str) -> Tracer {
+    let mut command = Command::new(TCPTRACE);
+    command.args(["--format", "json", "-4", "--port", port]);
+    Tracer::spawn(command, None)
+}
+
+#[test]
+fn sighup_while_starting_is_no_reason_to_die() {
+    let mut server = Endpoint::server("127.0.0.1", "tt-early-srv");
+    let mut tracer = spawn_tracer(&server.port.to_string());
+    // systemd's ExecReload may come at any moment: SIGHUP every millisecond, from the start of
+    // `main` until tcptrace traces.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut sent = 0;
+    while !tracer.is_tracing() {
+        assert!(
+            tracer.is_running(),
+            "a SIGHUP while starting ended tcptrace; stderr:\n{}",
+            tracer.stderr_so_far()
+        );
+        assert!(Instant::now() < deadline, "tcptrace did not start tracing");
+        if takes(tracer.pid(), libc::SIGHUP) {
+            tracer.signal(libc::SIGHUP);
+            sent += 1;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert!(sent > 0, "no SIGHUP reached tcptrace before it traced");
+    tracer.signal(libc::SIGHUP);
+    server.step("listen");
+    one_connection(&mut server, "tt-early-cli");
+    server.step("close-listener");
+    tracer.wait_for(Duration::from_secs(5), "the connection's lines", |lines| {
+        lines.len() == 12
+    });
+    let output = tracer.stop();
+    assert!(output.status.success(), "{}", output.stderr);
+    assert_eq!(
+        output.stderr.lines().last(),
+        Some("tcptrace: 12 events written, 0 events lost")
+    );
+    server.exit();
+}
+
+#[test]
+fn sigint_and_sigterm_while_starting_end_it_cleanly() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let tracer = spawn_tracer("9");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !takes(tracer.pid(), signal) {
+            assert!(Instant::now() < deadline, "tcptrace did not start");
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert!(!tracer.is_tracing(), "the signal would come too late");
+        tracer.signal(signal);
+        let output = tracer.finish(Duration::from_secs(10));
+        assert!(
+            output.status.success(),
+            "signal {signal}: {}",
+            output.stderr
+        );
+        assert_eq!(
+            output.stderr.lines().last(),
+            Some("tcptrace: 0 events written, 0 events lost"),
+            "signal {signal}"
         );
     }
 }

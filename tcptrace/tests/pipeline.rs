@@ -5,17 +5,24 @@
 mod support;
 
 use std::{
+    collections::HashSet,
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, TcpListener, TcpStream},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use support::{Endpoint, TCPTRACE, Tracer, parse_and_validate, require_root, sh, socket_addr};
+use support::{
+    Endpoint, TCPTRACE, Tracer, parse_and_validate, require_root, sh, socket_addr, status_field,
+};
 
 /// A directory of the test's own, removed afterwards.
 struct TempDir(PathBuf);
@@ -295,6 +302,395 @@ fn a_stalled_reader_loses_events_and_says_how_many() {
         tail.iter().filter(|l| l["newstate"] == "CLOSE").count(),
         7,
         "{tail:#?}"
+    );
+}
+
+/// One connection to `listener` that the server closes first, so TIME_WAIT stays on the
+/// listener's side and thousands of them do not use up the client's ephemeral ports. Ten
+/// transitions: five on each side.
+fn server_closes_first(listener: &TcpListener) {
+    let mut client = TcpStream::connect(listener.local_addr().unwrap()).expect("connect");
+    let (server, _) = listener.accept().expect("accept");
+    drop(server);
+    // The server's FIN: the client is in CLOSE_WAIT before it closes.
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).expect("read to EOF");
+    drop(client);
+}
+
+/// Connections at `per_second` (paced) until `duration` has passed, counted in `made`.
+fn churn(listener: &TcpListener, per_second: u32, duration: Duration, made: &AtomicU64) {
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        let due = start + Duration::from_secs(made.load(Ordering::SeqCst)) / per_second;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            thread::sleep(wait);
+        }
+        server_closes_first(listener);
+        made.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Peak resident memory of a process, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let hwm = status_field(pid, "VmHWM");
+    let kib: u64 = hwm
+        .strip_suffix(" kB")
+        .and_then(|k| k.parse().ok())
+        .unwrap_or_else(|| panic!("VmHWM: {hwm}"));
+    kib << 10
+}
+
+/// `cat` between tcptrace and the test: a reader of tcptrace's stdout that the test stops
+/// (SIGSTOP) and resumes. Its output is collected line by line; it is killed when dropped.
+struct Cat {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: Option<thread::JoinHandle<()>>,
+}
+
+impl Cat {
+    fn start() -> Self {
+        let mut child = Command::new("cat")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("cat");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        let reader = thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Self {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    /// The write end of cat's stdin, for tcptrace's stdout (the test keeps no copy of it).
+    fn input(&mut self) -> Stdio {
+        Stdio::from(self.child.stdin.take().expect("piped stdin"))
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+    }
+
+    fn line_count(&self) -> usize {
+        self.lines.lock().unwrap().len()
+    }
+
+    /// Waits for cat to see the end of its input (tcptrace exited) and returns what it passed on.
+    fn finish(mut self) -> Vec<String> {
+        let status = self.child.wait().expect("wait for cat");
+        assert!(status.success(), "cat: {status}");
+        if let Some(reader) = self.reader.take() {
+            reader.join().expect("cat reader");
+        }
+        std::mem::take(&mut *self.lines.lock().unwrap())
+    }
+}
+
+impl Drop for Cat {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            // SIGKILL ends a stopped process too.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// What a run with a reader stopped for three seconds produced.
+struct Stall {
+    /// Connections the workload made (ten transitions each); the listener's close adds one.
+    connections: u64,
+    /// Connections made while the reader was stopped.
+    during_stall: u64,
+    lines: Vec<Value>,
+    written: u64,
+    lost: u64,
+    peak_rss: u64,
+}
+
+/// About 50,000 events a second (5,000 connections) for five seconds through `cat`, which is
+/// stopped for the middle three; then three more connections once the reader has caught up.
+fn stalled_reader(extra_args: &[&str]) -> Stall {
+    let listener = listener();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let mut cat = Cat::start();
+    let mut args = vec!["--format", "json", "-4", "--port", &port];
+    args.extend_from_slice(extra_args);
+    let tracer = Tracer::start_with_stdout(&args, cat.input());
+    let made = AtomicU64::new(0);
+    let (lines_before_stall, during_stall) = thread::scope(|scope| {
+        scope.spawn(|| churn(&listener, 5_000, Duration::from_secs(5), &made));
+        thread::sleep(Duration::from_secs(1));
+        let lines_before_stall = cat.line_count();
+        cat.signal(libc::SIGSTOP);
+        let before = made.load(Ordering::SeqCst);
+        thread::sleep(Duration::from_secs(3));
+        let during_stall = made.load(Ordering::SeqCst) - before;
+        cat.signal(libc::SIGCONT);
+        (lines_before_stall, during_stall)
+    });
+    // Three connections after the backlog is through: tracing goes on normally.
+    thread::sleep(Duration::from_millis(500));
+    for _ in 0..3 {
+        server_closes_first(&listener);
+    }
+    drop(listener);
+    let connections = made.into_inner() + 3;
+    let peak_rss = peak_rss(tracer.pid());
+    // Let the backlog through cat before stopping.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = 0;
+    loop {
+        thread::sleep(Duration::from_millis(500));
+        let now = cat.line_count();
+        if now == seen {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the backlog is still coming");
+        seen = now;
+    }
+    let output = tracer.stop();
+    assert!(output.status.success(), "{}", output.stderr);
+    let &[written, lost] = summary_counts(&output.stderr).as_slice() else {
+        panic!("{}", output.stderr);
+    };
+    let lines = parse_and_validate(&cat.finish());
+    assert!(
+        lines.len() > lines_before_stall,
+        "nothing came through after the stall"
+    );
+    Stall {
+        connections,
+        during_stall,
+        lines,
+        written,
+        lost,
+        peak_rss,
+    }
+}
+
+/// The summary's counts, in order (`tcptrace: 12 events written, 0 events lost, ...`).
+fn summary_counts(stderr: &str) -> Vec<u64> {
+    let summary = stderr.lines().last().unwrap_or_default();
+    summary
+        .strip_prefix("tcptrace: ")
+        .map(|s| {
+            s.split(", ")
+                .filter_map(|part| part.split(' ').next()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every line once (a line holds its event's time in nanoseconds and its socket).
+fn assert_each_line_once(lines: &[Value]) {
+    let distinct: HashSet<String> = lines.iter().map(Value::to_string).collect();
+    assert_eq!(distinct.len(), lines.len(), "a line was written twice");
+}
+
+/// The three connections made after the stall are complete: their thirty transitions and the
+/// listener's close are the last lines.
+fn assert_tail_complete(lines: &[Value]) {
+    let tail: Vec<&Value> = lines
+        .iter()
+        .rev()
+        .filter(|l| l["type"] == "state")
+        .take(31)
+        .collect();
+    assert_eq!(
+        tail.iter().filter(|l| l["newstate"] == "CLOSE").count(),
+        7,
+        "{tail:#?}"
+    );
+}
+
+/// A ring buffer record: the event and the ring buffer's 8-byte header.
+const RECORD_BYTES: u64 = size_of::<tcptrace_common::Event>() as u64 + 8;
+/// What the tracer took before the writer had a queue: the bench's peak RSS is about 22 MiB.
+const FOOTPRINT: u64 = 32 << 20;
+
+#[test]
+fn a_reader_stopped_for_3_s_costs_no_event_with_the_default_buffer() {
+    let stall = stalled_reader(&[]);
+    // The stall caused more events than the kernel's 4 MiB ring buffer holds: draining went on
+    // into the writer's queue.
+    let ring_holds = (4 << 20) / RECORD_BYTES;
+    assert!(
+        stall.during_stall * 10 > 2 * ring_holds,
+        "only {} connections during the stall",
+        stall.during_stall
+    );
+    let expected = stall.connections * 10 + 1;
+    assert_eq!((stall.written, stall.lost), (expected, 0), "written, lost");
+    assert!(stall.lines.iter().all(|l| l["type"] == "state"));
+    assert_eq!(stall.lines.len() as u64, expected);
+    assert_each_line_once(&stall.lines);
+    assert_tail_complete(&stall.lines);
+    assert!(
+        stall.peak_rss < (64 << 20) + FOOTPRINT,
+        "peak RSS {} MiB",
+        stall.peak_rss >> 20
+    );
+}
+
+#[test]
+fn a_small_buffer_loses_events_and_counts_every_one() {
+    let stall = stalled_reader(&["--buffer-size", "1M", "--ring-buffer-size", "64K"]);
+    let expected = stall.connections * 10 + 1;
+    let lost: u64 = stall
+        .lines
+        .iter()
+        .filter(|l| l["type"] == "lost")
+        .map(|l| l["count"].as_u64().unwrap())
+        .sum();
+    let written = stall.lines.iter().filter(|l| l["type"] == "state").count() as u64;
+    assert!(
+        lost > 0,
+        "nothing lost with a 1 MiB queue and a 64 KiB ring buffer"
+    );
+    assert_eq!(
+        (written, lost),
+        (stall.written, stall.lost),
+        "lines against the summary"
+    );
+    assert_eq!(written + lost, expected, "written {written}, lost {lost}");
+    assert_each_line_once(&stall.lines);
+    assert_tail_complete(&stall.lines);
+    assert!(
+        stall.peak_rss < (1 << 20) + FOOTPRINT,
+        "peak RSS {} MiB",
+        stall.peak_rss >> 20
+    );
+}
+
+/// tcptrace writing JSON lines into a pipe nobody reads, with metrics served: a thousand
+/// connections (about 3 MB of lines, far more than a pipe holds) block its writer.
+struct Blocked {
+    tracer: Tracer,
+    metrics_port: u16,
+    _reader: std::io::PipeReader,
+}
+
+/// Events the blocked run's workload causes: a thousand connections and the listener's close.
+const BLOCKED_EVENTS: u64 = 1000 * 10 + 1;
+
+fn blocked_output() -> Blocked {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    let listener = listener();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let metrics_port = free_port();
+    let tracer = Tracer::start_with_stdout(
+        &[
+            "--format",
+            "json",
+            "-4",
+            "--port",
+            &port,
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics_port}"),
+        ],
+        Stdio::from(writer),
+    );
+    for _ in 0..1000 {
+        server_closes_first(&listener);
+    }
+    drop(listener);
+    Blocked {
+        tracer,
+        metrics_port,
+        _reader: reader,
+    }
+}
+
+#[test]
+fn a_blocked_output_keeps_metrics_and_sigterm_answering() {
+    let blocked = blocked_output();
+    // /metrics answers at once, and counts every connection: draining went on.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let asked = Instant::now();
+        let page = http_get(blocked.metrics_port, "/metrics")
+            .expect("GET /metrics while the output is blocked");
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "/metrics took {:?}",
+            asked.elapsed()
+        );
+        if page
+            .contains("tcptrace_state_transitions_total{from=\"SYN_SENT\",to=\"ESTABLISHED\"} 1000")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{page}");
+        thread::sleep(Duration::from_millis(100));
+    }
+    // SIGTERM: tcptrace waits for the output at most 2 s, then exits saying what it could not
+    // write.
+    let sent = Instant::now();
+    blocked.tracer.signal(libc::SIGTERM);
+    let output = blocked.tracer.finish(Duration::from_secs(10));
+    let took = sent.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "SIGTERM took {took:?} to end it"
+    );
+    assert!(output.status.success(), "{}", output.stderr);
+    assert!(
+        output
+            .stderr
+            .ends_with(" events not written (the output was still blocked at exit)\n"),
+        "{}",
+        output.stderr
+    );
+    let &[written, lost, unwritten] = summary_counts(&output.stderr).as_slice() else {
+        panic!("{}", output.stderr);
+    };
+    assert!(unwritten > 0);
+    assert_eq!(
+        written + lost + unwritten,
+        BLOCKED_EVENTS,
+        "{}",
+        output.stderr
+    );
+}
+
+#[test]
+fn a_second_signal_ends_the_wait_for_a_blocked_output() {
+    let mut blocked = blocked_output();
+    thread::sleep(Duration::from_millis(300));
+    blocked.tracer.signal(libc::SIGINT);
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        blocked.tracer.is_running(),
+        "tcptrace did not wait for its output"
+    );
+    let sent = Instant::now();
+    blocked.tracer.signal(libc::SIGINT);
+    let output = blocked.tracer.finish(Duration::from_secs(10));
+    assert!(
+        sent.elapsed() < Duration::from_millis(500),
+        "the second SIGINT took {:?}",
+        sent.elapsed()
+    );
+    assert!(output.status.success(), "{}", output.stderr);
+    let &[written, lost, unwritten] = summary_counts(&output.stderr).as_slice() else {
+        panic!("{}", output.stderr);
+    };
+    assert_eq!(
+        written + lost + unwritten,
+        BLOCKED_EVENTS,
+        "{}",
+        output.stderr
     );
 }
 

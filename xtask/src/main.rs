@@ -26,8 +26,10 @@ enum Task {
     /// Install what building and testing need: nightly rust-src, bpf-linker, Debian packages.
     /// Idempotent: a second run only checks.
     Setup,
-    /// Set up, then run every test: unit tests, the end-to-end tests against the real kernel (as
-    /// root; they fail, never skip, without it), the benchmark's smoke run and the VM tests.
+    /// Set up, then check and run every test: declared dependencies the code does not use
+    /// (cargo-machete) and clippy's lints fail it, then unit tests, the end-to-end tests against
+    /// the real kernel (as root; they fail, never skip, without it), the benchmark's smoke run
+    /// and the VM tests.
     Test {
         /// Extra arguments for `cargo test` (for example a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -90,6 +92,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         Task::Test { args } => {
             setup::setup()?;
             require_root("the end-to-end tests load eBPF programs")?;
+            if args.is_empty() {
+                // Dependency hygiene and lints first: quick, and fixed in a manifest or the code.
+                cargo(&root, &["machete"])?;
+                cargo(&root, &["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            }
             cargo(&root, &["build", "--release", "--package", "tcptrace"])?;
             let mut test = vec![
                 "test",

@@ -30,12 +30,40 @@ const PACKAGES: &[&str] = &[
 ];
 /// The static build for other hosts and for the VM tests.
 const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+/// The test command's check for declared dependencies the code does not use.
+const CARGO_MACHETE_VERSION: &str = "0.9.2";
 
 pub fn setup() -> anyhow::Result<()> {
     rust_src()?;
     musl_target()?;
+    clippy()?;
+    cargo_machete()?;
     bpf_linker()?;
     packages()
+}
+
+/// The test command runs clippy with warnings as errors.
+fn clippy() -> anyhow::Result<()> {
+    if output(Command::new("cargo").args(["+stable", "clippy", "--version"])).is_ok() {
+        return Ok(());
+    }
+    run(Command::new("rustup").args(["component", "add", "clippy", "--toolchain", "stable"]))
+}
+
+fn cargo_machete() -> anyhow::Result<()> {
+    if let Ok(version) = output(Command::new("cargo-machete").arg("--version"))
+        && version.contains(CARGO_MACHETE_VERSION)
+    {
+        return Ok(());
+    }
+    run(Command::new("cargo").args([
+        "+stable",
+        "install",
+        "cargo-machete",
+        "--version",
+        CARGO_MACHETE_VERSION,
+        "--locked",
+    ]))
 }
 
 /// `-Z build-std=core` for the BPF target needs the nightly toolchain's standard library sources.

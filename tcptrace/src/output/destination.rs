@@ -44,20 +44,15 @@ impl Destination {
         }
     }
 
-    /// Writes whole lines; `buf` is emptied.
-    pub fn write_all(&mut self, buf: &mut Vec<u8>) -> io::Result<()> {
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let result = match self {
+    /// Writes whole lines.
+    pub fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
             Self::Stdout(stdout) => {
                 let mut lock = stdout.lock();
                 lock.write_all(buf).and_then(|()| lock.flush())
             }
             Self::File { file, .. } => file.write_all(buf),
-        };
-        buf.clear();
-        result
+        }
     }
 
     pub fn describe(&self) -> String {

@@ -1,12 +1,14 @@
 //! JSON lines: one object per event, the schema documented in the README and
 //! `schema/tcptrace-events.schema.json`.
 
-use std::io::Write as _;
+use std::fmt::Write as _;
+
+use bytes::{BufMut as _, BytesMut};
 
 use super::write;
 use crate::event::{Kind, TcpEvent, TcpState};
 
-pub fn event(out: &mut Vec<u8>, event: &TcpEvent, wall_ns: u64) {
+pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64) {
     let TcpEvent {
         ts_ns: _,
         skaddr,
@@ -93,7 +95,7 @@ pub fn event(out: &mut Vec<u8>, event: &TcpEvent, wall_ns: u64) {
     out.extend_from_slice(b"\"}\n");
 }
 
-pub fn lost(out: &mut Vec<u8>, wall_ns: u64, count: u64) {
+pub fn lost(out: &mut BytesMut, wall_ns: u64, count: u64) {
     out.extend_from_slice(b"{\"type\":\"lost\",\"time\":");
     time(out, wall_ns);
     out.extend_from_slice(b",\"count\":");
@@ -101,12 +103,12 @@ pub fn lost(out: &mut Vec<u8>, wall_ns: u64, count: u64) {
     out.extend_from_slice(b"}\n");
 }
 
-fn state(out: &mut Vec<u8>, state: TcpState) {
+fn state(out: &mut BytesMut, state: TcpState) {
     match state.name() {
         Some(name) => {
-            out.push(b'"');
+            out.put_u8(b'"');
             out.extend_from_slice(name.as_bytes());
-            out.push(b'"');
+            out.put_u8(b'"');
         }
         None => {
             let _ = write!(out, "\"{state}\"");
@@ -114,21 +116,21 @@ fn state(out: &mut Vec<u8>, state: TcpState) {
     }
 }
 
-fn time(out: &mut Vec<u8>, wall_ns: u64) {
-    out.push(b'"');
+fn time(out: &mut BytesMut, wall_ns: u64) {
+    out.put_u8(b'"');
     write::rfc3339(out, wall_ns);
-    out.push(b'"');
+    out.put_u8(b'"');
 }
 
 /// A JSON string: quotes, backslashes and control characters escaped.
-fn string(out: &mut Vec<u8>, s: &str) {
-    out.push(b'"');
+fn string(out: &mut BytesMut, s: &str) {
+    out.put_u8(b'"');
     // The usual comm needs no escaping: copy it whole.
     if s.bytes()
         .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b != 0x7f)
     {
         out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
+        out.put_u8(b'"');
         return;
     }
     for c in s.chars() {
@@ -147,7 +149,7 @@ fn string(out: &mut Vec<u8>, s: &str) {
             }
         }
     }
-    out.push(b'"');
+    out.put_u8(b'"');
 }
 
 #[cfg(test)]
@@ -166,9 +168,9 @@ mod tests {
     const WALL: u64 = 1_795_614_307_000_000_042;
 
     fn line(raw: &tcptrace_common::Event) -> String {
-        let mut out = Vec::new();
+        let mut out = BytesMut::new();
         event(&mut out, &decode(&bytes(raw)).unwrap(), WALL);
-        String::from_utf8(out).unwrap()
+        String::from_utf8(out.to_vec()).unwrap()
     }
 
     #[test]
@@ -248,10 +250,10 @@ mod tests {
 
     #[test]
     fn lost_line() {
-        let mut out = Vec::new();
+        let mut out = BytesMut::new();
         lost(&mut out, WALL, 17);
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            String::from_utf8(out.to_vec()).unwrap(),
             "{\"type\":\"lost\",\"time\":\"2026-11-25T13:45:07.000000042Z\",\"count\":17}\n"
         );
     }

@@ -1,6 +1,8 @@
 //! The aligned table, in the tcpstates tradition.
 
-use std::io::Write as _;
+use std::fmt::Write as _;
+
+use bytes::{BufMut as _, BytesMut};
 
 use super::{Utc, write};
 use crate::event::{Kind, TcpEvent};
@@ -21,7 +23,7 @@ impl Text {
         }
     }
 
-    pub fn header(&self, out: &mut Vec<u8>) {
+    pub fn header(&self, out: &mut BytesMut) {
         if self.timestamp {
             out.extend_from_slice(b"TIME            ");
         }
@@ -33,7 +35,7 @@ impl Text {
         );
     }
 
-    pub fn event(&self, out: &mut Vec<u8>, event: &TcpEvent, wall_ns: u64) {
+    pub fn event(&self, out: &mut BytesMut, event: &TcpEvent, wall_ns: u64) {
         if self.timestamp {
             let Utc {
                 hour,
@@ -51,12 +53,12 @@ impl Text {
         let _ = write!(out, "{:<7} ", event.pid);
         comm(out, event.comm_bytes());
         for (addr, port) in [(event.saddr, event.sport), (event.daddr, event.dport)] {
-            out.push(b' ');
+            out.put_u8(b' ');
             padded(out, self.addr_width, |out| write::ip(out, addr));
-            out.push(b' ');
+            out.put_u8(b' ');
             padded(out, 5, |out| write::uint(out, port));
         }
-        out.push(b' ');
+        out.put_u8(b' ');
         let _ = match event.kind {
             Kind::State {
                 old,
@@ -88,7 +90,7 @@ impl Text {
 }
 
 /// What `write` appends, then spaces up to `width` bytes (addresses and ports are ASCII).
-fn padded(out: &mut Vec<u8>, width: usize, write: impl FnOnce(&mut Vec<u8>)) {
+fn padded(out: &mut BytesMut, width: usize, write: impl FnOnce(&mut BytesMut)) {
     let start = out.len();
     write(out);
     let written = out.len() - start;
@@ -97,7 +99,7 @@ fn padded(out: &mut Vec<u8>, width: usize, write: impl FnOnce(&mut Vec<u8>)) {
 
 /// The comm padded to 16 columns, with anything that could break the line or the columns
 /// (control characters, whitespace) shown as `?`.
-fn comm(out: &mut Vec<u8>, raw: &[u8]) {
+fn comm(out: &mut BytesMut, raw: &[u8]) {
     let mut width = 0;
     for c in String::from_utf8_lossy(raw).chars() {
         let c = if c.is_control() || c.is_whitespace() {
@@ -125,17 +127,17 @@ mod tests {
     const WALL: u64 = 1_795_614_307_123_456_789;
 
     fn line(text: &Text, raw: &tcptrace_common::Event) -> String {
-        let mut out = Vec::new();
+        let mut out = BytesMut::new();
         text.event(&mut out, &decode(&bytes(raw)).unwrap(), WALL);
-        String::from_utf8(out).unwrap()
+        String::from_utf8(out.to_vec()).unwrap()
     }
 
     #[test]
     fn golden_lines_align_with_the_header() {
         let text = Text::new(true, true);
-        let mut header = Vec::new();
+        let mut header = BytesMut::new();
         text.header(&mut header);
-        let header = String::from_utf8(header).unwrap();
+        let header = String::from_utf8(header.to_vec()).unwrap();
         assert_eq!(
             header,
             "TIME            PID     COMM             LADDR           LPORT RADDR           RPORT OLDSTATE        NEWSTATE     MS\n"

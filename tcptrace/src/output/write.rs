@@ -1,25 +1,27 @@
 //! Small writers for the hot path: numbers, addresses and times appended to a byte buffer without
 //! the formatting machinery (the JSON and text formats share them).
 
-use std::{io::Write as _, net::IpAddr};
+use std::{fmt::Write as _, net::IpAddr};
+
+use bytes::{BufMut as _, BytesMut};
 
 use super::Utc;
 
-pub fn uint(out: &mut Vec<u8>, n: impl itoa::Integer) {
+pub fn uint(out: &mut BytesMut, n: impl itoa::Integer) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// An address in its usual text form.
-pub fn ip(out: &mut Vec<u8>, addr: IpAddr) {
+pub fn ip(out: &mut BytesMut, addr: IpAddr) {
     match addr {
         IpAddr::V4(v4) => {
             let [a, b, c, d] = v4.octets();
             uint(out, a);
-            out.push(b'.');
+            out.put_u8(b'.');
             uint(out, b);
-            out.push(b'.');
+            out.put_u8(b'.');
             uint(out, c);
-            out.push(b'.');
+            out.put_u8(b'.');
             uint(out, d);
         }
         IpAddr::V6(v6) => {
@@ -29,17 +31,17 @@ pub fn ip(out: &mut Vec<u8>, addr: IpAddr) {
 }
 
 /// `0x` and lowercase hex digits, no leading zeros.
-pub fn hex(out: &mut Vec<u8>, n: u64) {
+pub fn hex(out: &mut BytesMut, n: u64) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     out.extend_from_slice(b"0x");
     let width = (16 - (n.leading_zeros() / 4) as usize).max(1);
     for i in (0..width).rev() {
-        out.push(DIGITS[((n >> (i * 4)) & 0xf) as usize]);
+        out.put_u8(DIGITS[((n >> (i * 4)) & 0xf) as usize]);
     }
 }
 
 /// `n` as exactly `width` decimal digits (zero-padded; higher digits dropped).
-pub fn fixed(out: &mut Vec<u8>, mut n: u64, width: usize) {
+pub fn fixed(out: &mut BytesMut, mut n: u64, width: usize) {
     let start = out.len();
     out.resize(start + width, b'0');
     for slot in out[start..].iter_mut().rev() {
@@ -49,7 +51,7 @@ pub fn fixed(out: &mut Vec<u8>, mut n: u64, width: usize) {
 }
 
 /// RFC 3339, UTC, nanoseconds: `2026-11-25T13:45:07.000000042Z`.
-pub fn rfc3339(out: &mut Vec<u8>, wall_ns: u64) {
+pub fn rfc3339(out: &mut BytesMut, wall_ns: u64) {
     let Utc {
         year,
         month,
@@ -60,29 +62,29 @@ pub fn rfc3339(out: &mut Vec<u8>, wall_ns: u64) {
         nanos,
     } = Utc::from_unix_ns(wall_ns);
     fixed(out, year.clamp(0, 9999) as u64, 4);
-    out.push(b'-');
+    out.put_u8(b'-');
     fixed(out, month.into(), 2);
-    out.push(b'-');
+    out.put_u8(b'-');
     fixed(out, day.into(), 2);
-    out.push(b'T');
+    out.put_u8(b'T');
     fixed(out, hour.into(), 2);
-    out.push(b':');
+    out.put_u8(b':');
     fixed(out, minute.into(), 2);
-    out.push(b':');
+    out.put_u8(b':');
     fixed(out, second.into(), 2);
-    out.push(b'.');
+    out.put_u8(b'.');
     fixed(out, nanos.into(), 9);
-    out.push(b'Z');
+    out.put_u8(b'Z');
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn text(f: impl FnOnce(&mut Vec<u8>)) -> String {
-        let mut out = Vec::new();
+    fn text(f: impl FnOnce(&mut BytesMut)) -> String {
+        let mut out = BytesMut::new();
         f(&mut out);
-        String::from_utf8(out).unwrap()
+        String::from_utf8(out.to_vec()).unwrap()
     }
 
     #[test]

@@ -11,7 +11,10 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex, mpsc},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -37,10 +40,14 @@ pub fn require_root() {
 pub struct Tracer {
     child: Child,
     _serial: Serial,
+    /// The command line, for messages.
+    args: String,
     lines: Arc<Mutex<Vec<String>>>,
     stdout_reader: Option<thread::JoinHandle<()>>,
     stderr: Arc<Mutex<String>>,
     stderr_reader: Option<thread::JoinHandle<()>>,
+    /// It said it is tracing.
+    tracing: Arc<AtomicBool>,
 }
 
 /// What a stopped tcptrace printed.
@@ -96,54 +103,94 @@ impl Tracer {
     }
 
     /// Starts `command` (tcptrace, perhaps under a wrapper) and waits until it says it is tracing.
-    pub fn start_command(mut command: Command) -> Self {
+    pub fn start_command(command: Command) -> Self {
+        let mut tracer = Self::spawn(command, None);
+        tracer.wait_until_tracing();
+        tracer
+    }
+
+    /// Starts tcptrace with `args`, its stdout going to `stdout` (not collected), and waits until
+    /// it says it is tracing.
+    pub fn start_with_stdout(args: &[&str], stdout: Stdio) -> Self {
+        let mut command = Command::new(TCPTRACE);
+        command.args(args);
+        let mut tracer = Self::spawn(command, Some(stdout));
+        tracer.wait_until_tracing();
+        tracer
+    }
+
+    /// Starts `command` without waiting for it; its stdout is collected unless `stdout` is given.
+    pub fn spawn(mut command: Command, stdout: Option<Stdio>) -> Self {
         require_root();
         let serial = serial();
-        let args = format!("{command:?}");
+        let collect = stdout.is_none();
         let mut child = command
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(stdout.unwrap_or_else(Stdio::piped))
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("failed to start {TCPTRACE}: {e}"));
         let lines = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let sink = Arc::clone(&lines);
-        let stdout_reader = thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
+        let stdout_reader = collect.then(|| {
+            let stdout = child.stdout.take().expect("piped stdout");
+            let sink = Arc::clone(&lines);
+            thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    sink.lock().unwrap().push(line);
+                }
+            })
         });
         let stderr_text = Arc::new(Mutex::new(String::new()));
-        let (ready_tx, ready_rx) = mpsc::channel();
+        let tracing = Arc::new(AtomicBool::new(false));
         let stderr = child.stderr.take().expect("piped stderr");
         let sink = Arc::clone(&stderr_text);
+        let ready = Arc::clone(&tracing);
         let stderr_reader = thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.starts_with("tcptrace: tracing (") {
-                    let _ = ready_tx.send(());
+                    ready.store(true, Ordering::SeqCst);
                 }
                 let mut text = sink.lock().unwrap();
                 text.push_str(&line);
                 text.push('\n');
             }
         });
-        let mut tracer = Self {
+        Self {
             child,
             _serial: serial,
+            args: format!("{command:?}"),
             lines,
-            stdout_reader: Some(stdout_reader),
+            stdout_reader,
             stderr: stderr_text,
             stderr_reader: Some(stderr_reader),
-        };
-        if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
-            let status = tracer.child.try_wait().ok().flatten();
-            panic!(
-                "{args} did not start tracing (exit: {status:?}); stderr:\n{}",
-                tracer.stderr.lock().unwrap()
-            );
+            tracing,
         }
-        tracer
+    }
+
+    /// Whether it has said it is tracing.
+    pub fn is_tracing(&self) -> bool {
+        self.tracing.load(Ordering::SeqCst)
+    }
+
+    /// Waits until it says it is tracing; panics if it does not within 20 s.
+    pub fn wait_until_tracing(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.is_tracing() {
+            if Instant::now() > deadline || !self.is_running() {
+                let status = self.child.try_wait().ok().flatten();
+                panic!(
+                    "{} did not start tracing (exit: {status:?}); stderr:\n{}",
+                    self.args,
+                    self.stderr.lock().unwrap()
+                );
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// What it printed on stderr so far.
+    pub fn stderr_so_far(&self) -> String {
+        self.stderr.lock().unwrap().clone()
     }
 
     pub fn pid(&self) -> u32 {
@@ -531,6 +578,17 @@ impl Drop for Serial {
             }
         });
     }
+}
+
+/// `Name:\tvalue` from /proc/PID/status.
+pub fn status_field(pid: u32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name}"))
+        .trim()
+        .to_owned()
 }
 
 /// Runs a command that must succeed.
