@@ -4,6 +4,8 @@ use std::fmt::Write as _;
 
 use bytes::{BufMut as _, BytesMut};
 
+use unicode_width::UnicodeWidthChar;
+
 use super::{Utc, write};
 use crate::event::{Kind, TcpEvent};
 
@@ -97,20 +99,22 @@ fn padded(out: &mut BytesMut, width: usize, write: impl FnOnce(&mut BytesMut)) {
     out.resize(out.len() + width.saturating_sub(written), b' ');
 }
 
-/// The comm padded to 16 columns, with anything that could break the line or the columns
-/// (control characters, whitespace) shown as `?`.
+/// The comm padded to 16 display columns, with anything that could break the line, reorder it
+/// or disturb the columns shown as `?`.
 fn comm(out: &mut BytesMut, raw: &[u8]) {
     let mut width = 0;
     for c in String::from_utf8_lossy(raw).chars() {
-        let c = if c.is_control() || c.is_whitespace() {
-            '?'
-        } else {
-            c
+        // Control characters, whitespace, and characters of no width (format characters such as
+        // U+202E, which reorders the rest of the line, joiners, combining marks) become `?`.
+        let (c, columns) = match UnicodeWidthChar::width(c) {
+            Some(columns) if columns > 0 && !c.is_whitespace() => (c, columns),
+            _ => ('?', 1),
         };
         let mut buf = [0; 4];
         out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-        width += 1;
+        width += columns;
     }
+    // Padded by display columns: a CJK character takes two.
     out.resize(out.len() + 16usize.saturating_sub(width), b' ');
 }
 
@@ -165,6 +169,26 @@ mod tests {
         let mut raw = raw_state(tcp_state::CLOSE, tcp_state::SYN_SENT);
         raw.flags = 0;
         assert!(line(&text, &raw).ends_with("CLOSE        -> SYN_SENT     -\n"));
+    }
+
+    #[test]
+    fn format_characters_are_replaced_and_wide_names_keep_the_columns() {
+        let text = Text::new(false, true);
+        let mut raw = raw_state(tcp_state::ESTABLISHED, tcp_state::FIN_WAIT1);
+        // "ab" U+202E (right-to-left override) "cd" U+200B (zero width space).
+        let mut comm = [0u8; 16];
+        let name = "ab\u{202e}cd\u{200b}".as_bytes();
+        comm[..name.len()].copy_from_slice(name);
+        raw.comm = tcptrace_common::Bytes16(comm);
+        let out = line(&text, &raw);
+        assert!(out.starts_with("4242    ab?cd?           127.0.0.1"), "{out:?}");
+        // Five CJK characters: 10 columns, padded to 16 like any other name.
+        let mut comm = [0u8; 16];
+        let name = "数据库服务".as_bytes();
+        comm[..name.len()].copy_from_slice(name);
+        raw.comm = tcptrace_common::Bytes16(comm);
+        let out = line(&text, &raw);
+        assert!(out.starts_with("4242    数据库服务       127.0.0.1"), "{out:?}");
     }
 
     #[test]
