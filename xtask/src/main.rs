@@ -94,7 +94,15 @@ fn run(args: Args) -> anyhow::Result<()> {
             require_root("the end-to-end tests load eBPF programs")?;
             if args.is_empty() {
                 // Dependency hygiene and lints first: quick, and fixed in a manifest or the code.
-                cargo(&root, &["machete"])?;
+                // Run directly with the path: under `cargo xtask`, cargo-machete sees cargo's
+                // CARGO_PKG_* variables and would take a `cargo machete` subcommand word for a path.
+                let status = Command::new("cargo-machete")
+                    .arg(&root)
+                    .status()
+                    .context("failed to run cargo-machete (cargo xtask setup installs it)")?;
+                if !status.success() {
+                    bail!("cargo-machete found declared but unused dependencies ({status})");
+                }
                 cargo(&root, &["clippy", "--all-targets", "--", "-D", "warnings"])?;
             }
             cargo(&root, &["build", "--release", "--package", "tcptrace"])?;
