@@ -114,14 +114,23 @@ fn check_line(
     assert_eq!(line.get("err").is_some(), expected, "{line}");
 }
 
-/// Whether the running kernel's `tcp_retransmit_skb` has an `err` field.
+/// Whether the running kernel's `tcp_retransmit_skb` has an `err` field, from its tracefs format
+/// (mounted here when nobody has: BTF mode does not need tracefs, so tcptrace may not have).
 fn kernel_has_retransmit_err() -> bool {
-    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
-        .iter()
-        .find_map(|tracefs| {
-            std::fs::read_to_string(format!("{tracefs}/events/tcp/tcp_retransmit_skb/format")).ok()
+    let read = || {
+        ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+            .iter()
+            .find_map(|tracefs| {
+                std::fs::read_to_string(format!("{tracefs}/events/tcp/tcp_retransmit_skb/format"))
+                    .ok()
+            })
+    };
+    read()
+        .or_else(|| {
+            support::sh("mount", &["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]);
+            read()
         })
-        .expect("tcp_retransmit_skb format (tcptrace mounts tracefs)")
+        .expect("tcp_retransmit_skb format")
         .contains(" err;")
 }
 
