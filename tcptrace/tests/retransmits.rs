@@ -127,7 +127,10 @@ fn kernel_has_retransmit_err() -> bool {
     };
     read()
         .or_else(|| {
-            support::sh("mount", &["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]);
+            support::sh(
+                "mount",
+                &["-t", "tracefs", "tracefs", "/sys/kernel/tracing"],
+            );
             read()
         })
         .expect("tcp_retransmit_skb format")

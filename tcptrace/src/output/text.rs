@@ -181,14 +181,20 @@ mod tests {
         comm[..name.len()].copy_from_slice(name);
         raw.comm = tcptrace_common::Bytes16(comm);
         let out = line(&text, &raw);
-        assert!(out.starts_with("4242    ab?cd?           127.0.0.1"), "{out:?}");
+        assert!(
+            out.starts_with("4242    ab?cd?           127.0.0.1"),
+            "{out:?}"
+        );
         // Five CJK characters: 10 columns, padded to 16 like any other name.
         let mut comm = [0u8; 16];
         let name = "数据库服务".as_bytes();
         comm[..name.len()].copy_from_slice(name);
         raw.comm = tcptrace_common::Bytes16(comm);
         let out = line(&text, &raw);
-        assert!(out.starts_with("4242    数据库服务       127.0.0.1"), "{out:?}");
+        assert!(
+            out.starts_with("4242    数据库服务       127.0.0.1"),
+            "{out:?}"
+        );
     }
 
     #[test]
