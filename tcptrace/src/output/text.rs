@@ -3,7 +3,6 @@
 use std::fmt::Write as _;
 
 use bytes::{BufMut as _, BytesMut};
-
 use unicode_width::UnicodeWidthChar;
 
 use super::{Utc, write};
