@@ -324,17 +324,8 @@ impl Nginx {
             .ok()
     }
 
-    /// The pids `ss` lists as holding the listener.
     fn listener_holders(&self) -> Vec<u64> {
-        let out = std::process::Command::new("ss")
-            .args(["-Htlnp", &format!("sport = :{}", self.port)])
-            .output()
-            .expect("ss");
-        String::from_utf8_lossy(&out.stdout)
-            .split("pid=")
-            .skip(1)
-            .filter_map(|rest| rest.split(',').next()?.parse().ok())
-            .collect()
+        listener_holders(self.port)
     }
 
     /// `ab` against it; returns ab's pid.
@@ -367,6 +358,19 @@ impl Drop for Nginx {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The pids `ss` lists as holding the listener on `port`.
+fn listener_holders(port: u16) -> Vec<u64> {
+    let out = std::process::Command::new("ss")
+        .args(["-Htlnp", &format!("sport = :{port}")])
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&out.stdout)
+        .split("pid=")
+        .skip(1)
+        .filter_map(|rest| rest.split(',').next()?.parse().ok())
+        .collect()
 }
 
 fn free_port() -> u16 {
@@ -519,15 +523,7 @@ impl Handover {
     }
 
     fn listener_holders(&self) -> Vec<u64> {
-        let out = std::process::Command::new("ss")
-            .args(["-Htlnp", &format!("sport = :{}", self.port)])
-            .output()
-            .expect("ss");
-        String::from_utf8_lossy(&out.stdout)
-            .split("pid=")
-            .skip(1)
-            .filter_map(|rest| rest.split(',').next()?.parse().ok())
-            .collect()
+        listener_holders(self.port)
     }
 }
 

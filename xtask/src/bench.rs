@@ -432,18 +432,7 @@ fn traced(
     thread::sleep(Duration::from_millis(200));
     // tcptrace's own high-water mark (wait4's ru_maxrss would also count the image it was
     // spawned from).
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
-    let peak_rss_kib = status
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmHWM:")?
-                .trim()
-                .strip_suffix(" kB")?
-                .parse()
-                .ok()
-        })
-        .context("no VmHWM in tcptrace's /proc status")?;
+    let peak_rss_kib = peak_rss_kib(child.id())?;
     let (program_ns, program_runs) = program_stats();
     // SAFETY: signalling our own child by its pid.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
@@ -500,6 +489,21 @@ fn traced(
     })
 }
 
+/// A process's resident-memory high-water mark (`VmHWM`), in KiB.
+fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmHWM:")?
+                .trim()
+                .strip_suffix(" kB")?
+                .parse()
+                .ok()
+        })
+        .context("no VmHWM in tcptrace's /proc status")
+}
+
 fn consumer_throughput(root: &Path, events: u64) -> anyhow::Result<f64> {
     let out = Command::new(root.join("target/release/examples/consumer_throughput"))
         .arg(events.to_string())
@@ -547,18 +551,7 @@ pub fn startup(root: &Path, connections: usize) -> anyhow::Result<()> {
         let (child, reader) = start_tcptrace(&tcptrace, &args)?;
         let ready = start.elapsed();
         thread::sleep(Duration::from_millis(500));
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
-        let peak_rss_kib: u64 = status
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("VmHWM:")?
-                    .trim()
-                    .strip_suffix(" kB")?
-                    .parse()
-                    .ok()
-            })
-            .context("no VmHWM in tcptrace's /proc status")?;
+        let peak_rss_kib = peak_rss_kib(child.id())?;
         // SAFETY: signalling our own child by its pid.
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
         let mut child = child;
