@@ -9,6 +9,7 @@ use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Write as _},
     net::SocketAddr,
+    os::fd::AsRawFd as _,
     path::PathBuf,
     process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio},
     sync::{
@@ -538,7 +539,8 @@ pub fn socket_addr(ip: &str, port: u16) -> SocketAddr {
 /// the kernel skip BPF runs that another test's exact counts would notice, and a port number is
 /// unique only within one address family and one network namespace. Every tracer, endpoint and
 /// namespace holds this while it lives, and a test may hold it for longer; the thread that holds
-/// it may take it again.
+/// it may take it again. Test binaries of two checkouts on one machine share the kernel too, so
+/// the lock is also a `flock` on a file that every run opens.
 pub struct Serial {
     _not_send: std::marker::PhantomData<*const ()>,
 }
@@ -547,19 +549,32 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 thread_local! {
     /// How many `Serial`s this thread holds, and the lock while it holds any.
-    static HELD: std::cell::RefCell<(usize, Option<std::sync::MutexGuard<'static, ()>>)> =
+    static HELD: std::cell::RefCell<(usize, Option<Held>)> =
         const { std::cell::RefCell::new((0, None)) };
 }
+
+/// The process-wide lock, then the machine-wide one (released when the file closes).
+type Held = (std::sync::MutexGuard<'static, ()>, std::fs::File);
+
+const MACHINE_LOCK: &str = "/tmp/tcptrace-privileged-tests.lock";
 
 pub fn serial() -> Serial {
     HELD.with(|held| {
         let mut held = held.borrow_mut();
         if held.0 == 0 {
-            held.1 = Some(
-                SERIAL
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner),
-            );
+            let guard = SERIAL
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(MACHINE_LOCK)
+                .unwrap_or_else(|e| panic!("{MACHINE_LOCK}: {e}"));
+            // SAFETY: flock on a descriptor this function owns.
+            let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            assert_eq!(locked, 0, "flock {MACHINE_LOCK}");
+            held.1 = Some((guard, file));
         }
         held.0 += 1;
     });
