@@ -28,6 +28,18 @@ pub const PID_FILTER_MAP: &str = "PID_FILTER";
 pub const PORT_FILTER_MAP: &str = "PORT_FILTER";
 /// Socket-local storage (BTF mode): a [`SocketState`] in each socket, cloned to accepted sockets.
 pub const SOCKET_STORAGE_MAP: &str = "SOCKET_STORAGE";
+/// Cgroup v2 ids to keep (BTF mode), with their descendants; consulted when `FILTER_CGROUP` is set.
+pub const CGROUP_FILTER_MAP: &str = "CGROUP_FILTER";
+/// Network namespaces (inode numbers) to keep (BTF mode); consulted when `FILTER_NETNS` is set.
+pub const NETNS_FILTER_MAP: &str = "NETNS_FILTER";
+/// The [`ContainerFilter`] global (BTF mode).
+pub const CONTAINER_FILTER_GLOBAL: &str = "CONTAINER_FILTER";
+/// How many cgroup levels the kernel side climbs from a socket's cgroup looking for one that
+/// `--cgroup` or `--container` names.
+pub const MAX_CGROUP_DEPTH: u32 = 16;
+/// Where a container id starts in the name of its cgroup: `<id>` (cgroupfs drivers), `crio-<id>`,
+/// `docker-<id>` and `libpod-<id>`, `cri-containerd-<id>` (systemd drivers).
+pub const CONTAINER_ID_OFFSETS: [u32; 4] = [0, 5, 7, 15];
 /// The [`KernelOffsets`] global (BTF mode).
 pub const OFFSETS_GLOBAL: &str = "OFFSETS";
 /// The [`Config`] global.
@@ -90,6 +102,12 @@ pub const TRACE_STATES: u32 = 1 << 4;
 pub const TRACE_RETRANSMITS: u32 = 1 << 5;
 /// `Config::filters` bit: the socket iterator writes a record of each socket it visits.
 pub const TRACE_SNAPSHOT: u32 = 1 << 6;
+/// `Config::filters` bit: keep only sockets in a cgroup of `CGROUP_FILTER` or below one.
+pub const FILTER_CGROUP: u32 = 1 << 7;
+/// `Config::filters` bit: keep only sockets in a network namespace of `NETNS_FILTER`.
+pub const FILTER_NETNS: u32 = 1 << 8;
+/// `Config::filters` bit: keep only sockets in the container `CONTAINER_FILTER` names.
+pub const FILTER_CONTAINER: u32 = 1 << 9;
 
 /// Linux address families as the tracepoints report them.
 pub const AF_INET: u16 = 2;
@@ -180,6 +198,13 @@ const _: () = assert!(size_of::<RetransmitLayout>() == 24);
 pub const KERNEL_HAS_IPV6: u32 = 1 << 0;
 /// `KernelOffsets::features` bit: the BTF tracepoint `tcp_retransmit_skb` passes `err` (2025+).
 pub const KERNEL_RETRANSMIT_ERR: u32 = 1 << 1;
+/// `KernelOffsets::features` bit: sockets record their cgroup (`CONFIG_SOCK_CGROUP_DATA`).
+pub const KERNEL_HAS_CGROUP: u32 = 1 << 2;
+/// `KernelOffsets::features` bit: `sock_cgroup_data` is the tagged word of kernels before 5.15:
+/// a cgroup pointer, or with bit 0 set, net_prio/net_cls data (the socket is in the root cgroup).
+pub const KERNEL_CGROUP_TAGGED: u32 = 1 << 3;
+/// `KernelOffsets::features` bit: sockets point to their network namespace (`CONFIG_NET_NS`).
+pub const KERNEL_HAS_NETNS: u32 = 1 << 4;
 
 /// Where BTF mode finds fields in kernel structs, read from the running kernel's BTF at load time.
 /// Offsets are in bytes.
@@ -208,11 +233,37 @@ pub struct KernelOffsets {
     pub task_comm: u32,
     /// `struct socket`: its `struct sock *`.
     pub socket_sk: u32,
+    /// `struct sock`: the cgroup pointer (or tagged word) in `sk_cgrp_data`.
+    pub sk_cgroup: u32,
+    /// `struct cgroup`: its `struct kernfs_node *`.
+    pub cgroup_kn: u32,
+    /// `struct kernfs_node`: the id (a cgroup's id, the inode number of its directory), the
+    /// parent and the name.
+    pub kernfs_id: u32,
+    pub kernfs_parent: u32,
+    pub kernfs_name: u32,
+    /// `struct sock_common`: its `struct net *`.
+    pub skc_net: u32,
+    /// `struct net`: the namespace's inode number (`ns.inum`).
+    pub net_inum: u32,
     /// `KERNEL_*` bits.
     pub features: u32,
+}
+const _: () = assert!(size_of::<KernelOffsets>() == 96);
+
+/// `--container` in the kernel (BTF mode): a container id prefix, lowercase hex, compared in
+/// 8-byte words with the names of the socket's cgroup and its ancestors at each of
+/// [`CONTAINER_ID_OFFSETS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ContainerFilter {
+    /// The prefix, NUL-padded.
+    pub words: [u64; 8],
+    /// Its length in bytes (12 to 64).
+    pub len: u32,
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 72);
+const _: () = assert!(size_of::<ContainerFilter>() == 72);
 
 /// Load-time settings of the eBPF program, set by the loader through `CONFIG`. The tracepoint
 /// layouts are globals of their own, so each program loads only what it reads.
@@ -263,8 +314,14 @@ pub struct Event {
     pub oldstate: u32,
     /// State entered (transitions).
     pub newstate: u32,
+    /// The socket's cgroup v2 id (BTF mode; tracefs mode: the owner's when it was seen); 0 when
+    /// unknown.
+    pub cgroup_id: u64,
+    /// The socket's network namespace, as an inode number (BTF mode); 0 when unknown.
+    pub netns: u32,
+    pub _pad2: u32,
 }
-const _: () = assert!(size_of::<Event>() == 104);
+const _: () = assert!(size_of::<Event>() == 120);
 
 /// Per-socket state kept by the kernel side.
 #[repr(C)]
@@ -281,8 +338,10 @@ pub struct SocketState {
     pub comm: Bytes16,
     pub pid: u32,
     pub retransmits: u32,
+    /// tracefs mode: the owner's cgroup v2 id when it was seen.
+    pub cgroup_id: u64,
 }
-const _: () = assert!(size_of::<SocketState>() == 48);
+const _: () = assert!(size_of::<SocketState>() == 56);
 
 /// A process forked by another (BTF mode's `FORKED` and `SUCCESSORS` values).
 #[repr(C)]
@@ -308,8 +367,10 @@ pub struct ListenerOwner {
     pub pid: u32,
     /// Listening sockets open on the port.
     pub listeners: u32,
+    /// The owner's cgroup v2 id; 0 when `pid` is 0.
+    pub cgroup_id: u64,
 }
-const _: () = assert!(size_of::<ListenerOwner>() == 32);
+const _: () = assert!(size_of::<ListenerOwner>() == 40);
 
 #[cfg(feature = "user")]
 mod user {
@@ -321,6 +382,7 @@ mod user {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::SocketState {}
     unsafe impl aya::Pod for super::ListenerOwner {}
+    unsafe impl aya::Pod for super::ContainerFilter {}
 }
 
 /// Kernel TCP state numbers (`include/net/tcp_states.h`); the eBPF side acts on a few of them.

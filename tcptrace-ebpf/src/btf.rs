@@ -29,6 +29,7 @@ use tcptrace_common::{
 use crate::{
     CONFIG, EXECS, FORKED, OFFSETS, SOCKET_STORAGE, SUCCESSION_EPOCH, SUCCESSORS,
     emit::{Owner, UNKNOWN_OWNER, emit, family_wanted, owner_wanted, ports_wanted},
+    identity::{identity, identity_wanted},
 };
 
 /// A scalar field of a kernel struct at a load-time offset. The verifier knows the struct from
@@ -88,6 +89,7 @@ fn current_owner(offsets: &KernelOffsets) -> Owner {
     Owner {
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         comm,
+        cgroup_id: 0,
     }
 }
 
@@ -179,6 +181,7 @@ fn live_owner(state: &mut SocketState) -> Owner {
     Owner {
         pid: state.pid,
         comm: state.comm,
+        cgroup_id: 0,
     }
 }
 
@@ -322,6 +325,7 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
             comm: owner.comm,
             pid: owner.pid,
             retransmits,
+            cgroup_id: 0,
         };
     }
 
@@ -340,6 +344,11 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
     // SAFETY: as above.
     let ends = unsafe { endpoints(&offsets, sk as *const u8, tp) };
     if !ports_wanted(filters, ends.sport, ends.dport) {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    let id = unsafe { identity(&offsets, sk as *const u8) };
+    if !identity_wanted(filters, &offsets, &id) {
         return Ok(());
     }
     emit(
@@ -362,6 +371,9 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
             oldstate,
             newstate,
             _pad: 0,
+            cgroup_id: id.cgroup_id,
+            netns: id.netns,
+            _pad2: 0,
         },
     );
     Ok(())
@@ -404,6 +416,11 @@ pub fn retransmit(ctx: &BtfTracePointContext) -> Result<(), ()> {
     if !owner_wanted(filters, owner.pid) || !ports_wanted(filters, ends.sport, ends.dport) {
         return Ok(());
     }
+    // SAFETY: as above.
+    let id = unsafe { identity(&offsets, sk as *const u8) };
+    if !identity_wanted(filters, &offsets, &id) {
+        return Ok(());
+    }
     emit(
         &config,
         Event {
@@ -424,6 +441,9 @@ pub fn retransmit(ctx: &BtfTracePointContext) -> Result<(), ()> {
             oldstate: u32::from(state),
             newstate: 0,
             _pad: 0,
+            cgroup_id: id.cgroup_id,
+            netns: id.netns,
+            _pad2: 0,
         },
     );
     Ok(())
@@ -455,6 +475,11 @@ pub fn retransmit_synack(ctx: &BtfTracePointContext) -> Result<(), ()> {
     if !owner_wanted(filters, owner.pid) || !ports_wanted(filters, sport, dport) {
         return Ok(());
     }
+    // SAFETY: as above; the request socket's namespace and cgroup are its listener's.
+    let id = unsafe { identity(&offsets, sk as *const u8) };
+    if !identity_wanted(filters, &offsets, &id) {
+        return Ok(());
+    }
     let (saddr, daddr) = unsafe { addresses(&offsets, req, family) };
     emit(
         &config,
@@ -476,6 +501,9 @@ pub fn retransmit_synack(ctx: &BtfTracePointContext) -> Result<(), ()> {
             oldstate: tcp_state::SYN_RECV,
             newstate: 0,
             _pad: 0,
+            cgroup_id: id.cgroup_id,
+            netns: id.netns,
+            _pad2: 0,
         },
     );
     Ok(())
@@ -540,6 +568,10 @@ pub fn snapshot(ctx: *const TaskFileContext) -> Result<(), ()> {
     if !family_wanted(filters, ends.family) || !ports_wanted(filters, ends.sport, ends.dport) {
         return Ok(());
     }
+    let id = unsafe { identity(&offsets, sk as *const u8) };
+    if !identity_wanted(filters, &offsets, &id) {
+        return Ok(());
+    }
     let state = u32::from(unsafe { field::<u8>(sk as *const u8, offsets.skc_state) });
     let event = Event {
         ts_ns: unsafe { bpf_ktime_get_ns() },
@@ -559,6 +591,9 @@ pub fn snapshot(ctx: *const TaskFileContext) -> Result<(), ()> {
         oldstate: state,
         newstate: state,
         _pad: 0,
+        cgroup_id: id.cgroup_id,
+        netns: id.netns,
+        _pad2: 0,
     };
     // SAFETY: `meta` is the iterator's `struct bpf_iter_meta`, whose first field is the seq_file.
     unsafe {

@@ -17,11 +17,14 @@ use crate::{COUNTERS, EVENTS, PID_FILTER, PORT_FILTER};
 pub struct Owner {
     pub pid: u32,
     pub comm: Bytes16,
+    /// tracefs mode: the owner's cgroup v2 id when it was seen (BTF mode reads the socket's).
+    pub cgroup_id: u64,
 }
 
 pub const UNKNOWN_OWNER: Owner = Owner {
     pid: 0,
     comm: Bytes16::ZERO,
+    cgroup_id: 0,
 };
 
 #[inline(always)]
@@ -48,8 +51,8 @@ pub fn owner_wanted(filters: u32, pid: u32) -> bool {
     filters & FILTER_PID == 0 || unsafe { PID_FILTER.get(pid) }.is_some()
 }
 
-/// The current process (tgid) with the current thread's name: the tracefs mode's owner, where
-/// no kernel struct can be read.
+/// The current process (tgid) with the current thread's name and its cgroup: the tracefs mode's
+/// owner, where no kernel struct can be read.
 #[inline(always)]
 pub fn current_owner() -> Owner {
     let mut comm = Bytes16::ZERO;
@@ -59,6 +62,8 @@ pub fn current_owner() -> Owner {
     Owner {
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         comm,
+        // SAFETY: no arguments; the current task's cgroup v2 id.
+        cgroup_id: unsafe { gen_helpers::bpf_get_current_cgroup_id() },
     }
 }
 

@@ -10,6 +10,7 @@
 
 mod btf;
 mod emit;
+mod identity;
 mod record;
 mod tracefs;
 
@@ -20,9 +21,10 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use tcptrace_common::{
-    Bytes16, COUNTER_SLOTS, Config, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BUFFER_BYTES, Forked,
-    KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KernelOffsets, ListenerOwner, MAX_FILTER_ENTRIES,
-    MAX_LISTENERS, MAX_PROCESSES, RetransmitLayout, SocketState, StateLayout,
+    Bytes16, COUNTER_SLOTS, Config, ContainerFilter, DEFAULT_MAX_SOCKETS,
+    DEFAULT_RING_BUFFER_BYTES, Forked, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KernelOffsets,
+    ListenerOwner, MAX_FILTER_ENTRIES, MAX_LISTENERS, MAX_PROCESSES, RetransmitLayout, SocketState,
+    StateLayout,
 };
 
 #[unsafe(no_mangle)]
@@ -42,6 +44,9 @@ static SYNACK_LAYOUT: Global<RetransmitLayout> = Global::new(unsafe { core::mem:
 
 #[unsafe(no_mangle)]
 static OFFSETS: Global<KernelOffsets> = Global::new(unsafe { core::mem::zeroed() });
+
+#[unsafe(no_mangle)]
+static CONTAINER_FILTER: Global<ContainerFilter> = Global::new(unsafe { core::mem::zeroed() });
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
@@ -74,6 +79,12 @@ static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRI
 
 #[map]
 static PORT_FILTER: HashMap<u16, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
+
+#[map]
+static CGROUP_FILTER: HashMap<u64, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
+
+#[map]
+static NETNS_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
 
 /// A socket-local storage map definition with the flags aya-ebpf's own `SkStorage` cannot set:
 /// `BPF_F_CLONE`, so that accepted sockets get a copy of their listener's storage. Laid out as

@@ -85,6 +85,7 @@ pub fn state(ctx: &TracePointContext) -> Result<(), ()> {
                 Owner {
                     pid: listener.pid,
                     comm: listener.comm,
+                    cgroup_id: listener.cgroup_id,
                 },
                 0,
                 0,
@@ -100,6 +101,7 @@ pub fn state(ctx: &TracePointContext) -> Result<(), ()> {
             Owner {
                 pid: state.pid,
                 comm: state.comm,
+                cgroup_id: state.cgroup_id,
             },
             state.since_ns,
             state.retransmits,
@@ -130,6 +132,7 @@ pub fn state(ctx: &TracePointContext) -> Result<(), ()> {
             comm: owner.comm,
             pid: owner.pid,
             retransmits,
+            cgroup_id: owner.cgroup_id,
         };
         match existing {
             // SAFETY: as above; the kernel holds the socket lock across a transition.
@@ -170,6 +173,9 @@ pub fn state(ctx: &TracePointContext) -> Result<(), ()> {
             oldstate,
             newstate,
             _pad: 0,
+            cgroup_id: owner.cgroup_id,
+            netns: 0,
+            _pad2: 0,
         },
     );
     Ok(())
@@ -190,6 +196,7 @@ fn add_listener(port: u16, skaddr: u64, owner: Owner) {
                 comm: if same { owner.comm } else { Bytes16::ZERO },
                 pid: if same { owner.pid } else { 0 },
                 listeners: existing.listeners.saturating_add(1),
+                cgroup_id: if same { owner.cgroup_id } else { 0 },
             }
         },
         None => ListenerOwner {
@@ -197,6 +204,7 @@ fn add_listener(port: u16, skaddr: u64, owner: Owner) {
             comm: owner.comm,
             pid: owner.pid,
             listeners: 1,
+            cgroup_id: owner.cgroup_id,
         },
     };
     let _ = LISTENERS.insert(port, entry, 0);
@@ -265,12 +273,14 @@ pub fn retransmit(ctx: &TracePointContext, layout: &RetransmitLayout, kind: u16)
             Owner {
                 pid: (*state).pid,
                 comm: (*state).comm,
+                cgroup_id: (*state).cgroup_id,
             }
         },
         None => match unsafe { LISTENERS.get(sport) } {
             Some(listener) if kind == KIND_RETRANSMIT_SYNACK => Owner {
                 pid: listener.pid,
                 comm: listener.comm,
+                cgroup_id: listener.cgroup_id,
             },
             _ => UNKNOWN_OWNER,
         },
@@ -313,6 +323,9 @@ pub fn retransmit(ctx: &TracePointContext, layout: &RetransmitLayout, kind: u16)
             oldstate: state.unwrap_or(0),
             newstate: 0,
             _pad: 0,
+            cgroup_id: owner.cgroup_id,
+            netns: 0,
+            _pad2: 0,
         },
     );
     Ok(())

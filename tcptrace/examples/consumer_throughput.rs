@@ -65,7 +65,7 @@ fn main() {
     for i in 0..events {
         let record = &records[(i % records.len() as u64) as usize];
         let event = decode(record).expect("valid record");
-        formatter.event(&mut buf, &event, clock.wall_ns(event.ts_ns));
+        formatter.event(&mut buf, &event, clock.wall_ns(event.ts_ns), None);
         if buf.len() >= 64 << 10 {
             bytes += buf.len() as u64;
             sink.write_all(&buf).expect("write");

@@ -35,6 +35,36 @@ pub struct Cli {
           value_parser = port_parser())]
     pub remote_ports: Vec<u16>,
 
+    /// Keep only sockets in this cgroup (v2) or below it: a path below the cgroup2 mount
+    /// (`/system.slice/nginx.service`) or under it (`/sys/fs/cgroup/system.slice/nginx.service`).
+    /// Repeat for more. In BTF mode the socket's cgroup (where it was created) is matched in the
+    /// kernel, up to 16 levels below the given one; in tracefs mode the owner's, in userspace.
+    #[arg(long = "cgroup", value_name = "PATH")]
+    pub cgroups: Vec<String>,
+
+    /// Keep only sockets in this network namespace: its inode number (`ls -L -i
+    /// /proc/PID/ns/net`, `lsns -t net`) or a path to it (`/proc/PID/ns/net`,
+    /// `/run/netns/NAME`). Repeat or separate with commas for more. BTF mode only.
+    #[arg(long = "netns", value_name = "INODE|PATH", value_delimiter = ',',
+          value_parser = parse_netns)]
+    pub netns: Vec<u32>,
+
+    /// Keep only sockets in this container: its id or a prefix of it of at least 12 hex digits,
+    /// as `docker ps` or `crictl ps` print it. Matched against the names of the socket's cgroup
+    /// and its ancestors (docker, containerd, CRI-O and podman shapes; see the README).
+    #[arg(long = "container", value_name = "ID",
+          value_parser = crate::cgroup::container_prefix)]
+    pub container: Option<String>,
+
+    /// Where the host's cgroup v2 hierarchy is mounted, when it is not the first cgroup2 mount in
+    /// /proc/self/mountinfo (in a container: a hostPath mount of the host's /sys/fs/cgroup).
+    #[arg(long = "cgroup-root", value_name = "DIR")]
+    pub cgroup_root: Option<PathBuf>,
+
+    /// The ids of the `--cgroup` paths, resolved by `parse_checked`.
+    #[arg(skip)]
+    pub cgroup_ids: Vec<u64>,
+
     /// Trace IPv4 sockets only.
     #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
     pub ipv4: bool,
@@ -65,6 +95,11 @@ pub struct Cli {
     /// Text format: start each line with the event's wall-clock time (UTC, microseconds).
     #[arg(short = 'T', long = "timestamp")]
     pub timestamp: bool,
+
+    /// Text format: end each line with a CONTAINER column: the short container id (12 hex
+    /// digits), or the last component of the socket's cgroup when it is in no container.
+    #[arg(short = 'w', long = "wide")]
+    pub wide: bool,
 
     /// Size of the ring buffer carrying events from the kernel, in bytes (K, M and G suffixes
     /// accepted). A power of two, at least 4K. A bigger buffer rides out longer bursts.
@@ -119,6 +154,11 @@ pub struct Cli {
     /// the filters, whatever the output format.
     #[arg(long = "metrics-addr", value_name = "ADDR:PORT")]
     pub metrics_addr: Option<SocketAddr>,
+
+    /// Label the event metrics with `container` (the short container id; empty outside
+    /// containers). Off by default: it multiplies the series by the containers on the host.
+    #[arg(long = "metrics-container-label", requires = "metrics_addr")]
+    pub metrics_container_label: bool,
 }
 
 /// Kinds of events `--events` can select.
@@ -179,6 +219,28 @@ fn parse_ring_buffer_size(value: &str) -> Result<u32, String> {
     u32::try_from(bytes).map_err(|_| format!("{bytes} is too large"))
 }
 
+/// A network namespace: an inode number, or a path whose inode is one.
+fn parse_netns(value: &str) -> Result<u32, String> {
+    if let Ok(inode) = value.parse::<u32>() {
+        return if inode == 0 {
+            Err("0 is not a namespace inode".to_owned())
+        } else {
+            Ok(inode)
+        };
+    }
+    if !value.starts_with('/') {
+        return Err(format!(
+            "`{value}` is neither an inode number nor a path like /run/netns/NAME"
+        ));
+    }
+    let meta = std::fs::metadata(value).map_err(|e| format!("{value}: {e}"))?;
+    // A namespace file (nsfs) has an inode that fits in 32 bits; anything else is not one.
+    u32::try_from(std::os::unix::fs::MetadataExt::ino(&meta))
+        .ok()
+        .filter(|_| !meta.is_dir())
+        .ok_or_else(|| format!("{value} is not a network namespace"))
+}
+
 fn parse_buffer_size(value: &str) -> Result<usize, String> {
     let bytes = parse_size(value)?;
     if !(1 << 20..=1 << 40).contains(&bytes) {
@@ -190,9 +252,10 @@ fn parse_buffer_size(value: &str) -> Result<usize, String> {
 impl Cli {
     /// Parses the command line; exits 2 with a message on bad input, before the kernel is touched.
     pub fn parse_checked() -> Self {
-        let cli = Self::parse();
+        let mut cli = Self::parse();
         for (flag, len) in [
             ("--pid", cli.pids.len()),
+            ("--netns", cli.netns.len()),
             (
                 "--port, --local-port and --remote-port",
                 cli.ports.len() + cli.local_ports.len() + cli.remote_ports.len(),
@@ -205,7 +268,45 @@ impl Cli {
                     .exit();
             }
         }
+        if let Err(e) = cli.resolve_cgroups() {
+            <Self as clap::CommandFactory>::command()
+                .error(clap::error::ErrorKind::ValueValidation, format!("{e:#}"))
+                .exit();
+        }
         cli
+    }
+
+    /// The cgroup v2 mount tcptrace reads: `--cgroup-root` or the one mountinfo lists.
+    pub fn cgroup_mount(&self) -> Option<PathBuf> {
+        self.cgroup_root.clone().or_else(crate::cgroup::mount_point)
+    }
+
+    /// Resolves `--cgroup` paths to ids (and checks `--cgroup-root`).
+    fn resolve_cgroups(&mut self) -> anyhow::Result<()> {
+        if let Some(root) = &self.cgroup_root
+            && !root.join("cgroup.procs").exists()
+        {
+            anyhow::bail!(
+                "--cgroup-root {}: not the root of a cgroup2 hierarchy",
+                root.display()
+            );
+        }
+        if self.cgroups.is_empty() {
+            return Ok(());
+        }
+        if self.cgroups.len() > MAX_FILTER_ENTRIES as usize {
+            anyhow::bail!("--cgroup: at most {MAX_FILTER_ENTRIES} values");
+        }
+        let mount = match self.cgroup_mount() {
+            Some(mount) => mount,
+            None => crate::cgroup::require_mount("--cgroup")?,
+        };
+        self.cgroup_ids = self
+            .cgroups
+            .iter()
+            .map(|path| crate::cgroup::id_of(&mount, path))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(())
     }
 
     pub fn traces(&self, kind: EventKind) -> bool {
@@ -269,6 +370,13 @@ mod tests {
             &["--buffer-size", "lots"],
             &["--metrics-addr", "localhost"],
             &["--metrics-addr", "1.2.3.4:99999"],
+            &["--netns", "0"],
+            &["--netns", "net"],
+            &["--netns", "/nonexistent/ns"],
+            &["--netns", "/proc"],
+            &["--container", "abc"],
+            &["--container", "zzzzzzzzzzzzzz"],
+            &["--metrics-container-label"],
         ] {
             let err = parse(args).expect_err(&format!("{args:?} must be refused"));
             assert_eq!(err.exit_code(), 2, "{args:?}");

@@ -132,6 +132,10 @@ pub struct TcpEvent {
     pub kind: Kind,
     /// Retransmits seen on this socket while traced.
     pub retransmits: u32,
+    /// The socket's cgroup v2 id (tracefs mode: its owner's); 0 when unknown.
+    pub cgroup_id: u64,
+    /// The socket's network namespace (inode number); 0 when unknown (tracefs mode).
+    pub netns: u32,
 }
 
 impl TcpEvent {
@@ -187,6 +191,9 @@ pub fn decode(bytes: &[u8]) -> Result<TcpEvent, DecodeError> {
         oldstate,
         newstate,
         _pad: _,
+        cgroup_id,
+        netns,
+        _pad2: _,
     } = raw;
     let (saddr, daddr) = match family {
         AF_INET => (ipv4(saddr), ipv4(daddr)),
@@ -224,6 +231,8 @@ pub fn decode(bytes: &[u8]) -> Result<TcpEvent, DecodeError> {
         dport,
         kind,
         retransmits,
+        cgroup_id,
+        netns,
     })
 }
 
@@ -430,6 +439,8 @@ pub mod tests {
                 mut bytes in proptest::collection::vec(any::<u8>(), size_of::<Event>()),
                 kind in 1u16..=3,
                 v6 in any::<bool>(),
+                // A cgroup path: up to 4096 bytes (PATH_MAX), of any characters.
+                path in "(/[^/]{1,255}){0,16}",
             ) {
                 // Valid kind and family, so that the rest (comm, states, numbers) reaches the formatters.
                 let family = if v6 { AF_INET6 } else { AF_INET };
@@ -438,9 +449,14 @@ pub mod tests {
                 let event = decode(&bytes);
                 prop_assert!(event.is_ok());
                 if let Ok(event) = decode(&bytes) {
-                    for formatter in [Formatter::Json, Formatter::Text(Text::new(true, false))] {
+                    let cgroup = crate::cgroup::Cgroup::new(&path);
+                    for formatter in [
+                        Formatter::Json,
+                        Formatter::Text(Text::new(true, false)),
+                        Formatter::Text(Text::new(true, false).wide()),
+                    ] {
                         let mut out = bytes::BytesMut::new();
-                        formatter.event(&mut out, &event, u64::MAX);
+                        formatter.event(&mut out, &event, u64::MAX, Some(&cgroup));
                         let text = String::from_utf8(out.to_vec()).expect("UTF-8");
                         prop_assert_eq!(text.matches('\n').count(), 1);
                         prop_assert!(text.len() <= MAX_LINE, "{} bytes: {}", text.len(), text);

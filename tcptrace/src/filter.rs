@@ -1,11 +1,11 @@
 //! The in-kernel filters, built from the command line: which bits to set in the program's
-//! configuration and what goes into its pid and port maps.
+//! configuration and what goes into its pid, port, cgroup and namespace maps.
 
 use std::collections::BTreeMap;
 
 use tcptrace_common::{
-    FILTER_IPV4, FILTER_IPV6, FILTER_PID, FILTER_PORT, PORT_LOCAL, PORT_REMOTE, TRACE_RETRANSMITS,
-    TRACE_STATES,
+    FILTER_CGROUP, FILTER_CONTAINER, FILTER_IPV4, FILTER_IPV6, FILTER_NETNS, FILTER_PID,
+    FILTER_PORT, PORT_LOCAL, PORT_REMOTE, TRACE_RETRANSMITS, TRACE_STATES,
 };
 
 use crate::cli::{Cli, EventKind};
@@ -18,6 +18,12 @@ pub struct Filters {
     pub pids: Vec<u32>,
     /// Ports to keep, with the sides (`PORT_LOCAL`, `PORT_REMOTE`) each may match.
     pub ports: BTreeMap<u16, u8>,
+    /// Cgroup ids to keep, with their descendants.
+    pub cgroups: Vec<u64>,
+    /// Network namespaces (inode numbers) to keep.
+    pub netns: Vec<u32>,
+    /// Container id prefix to keep (lowercase hex).
+    pub container: Option<String>,
 }
 
 impl Filters {
@@ -35,9 +41,18 @@ impl Filters {
         let mut pids = cli.pids.clone();
         pids.sort_unstable();
         pids.dedup();
+        let mut cgroups = cli.cgroup_ids.clone();
+        cgroups.sort_unstable();
+        cgroups.dedup();
+        let mut netns = cli.netns.clone();
+        netns.sort_unstable();
+        netns.dedup();
         let bits = [
             (!pids.is_empty(), FILTER_PID),
             (!ports.is_empty(), FILTER_PORT),
+            (!cli.cgroups.is_empty(), FILTER_CGROUP),
+            (!netns.is_empty(), FILTER_NETNS),
+            (cli.container.is_some(), FILTER_CONTAINER),
             (cli.ipv4, FILTER_IPV4),
             (cli.ipv6, FILTER_IPV6),
             (cli.traces(EventKind::States), TRACE_STATES),
@@ -46,7 +61,14 @@ impl Filters {
         .into_iter()
         .filter_map(|(on, bit)| on.then_some(bit))
         .fold(0, |acc, bit| acc | bit);
-        Self { bits, pids, ports }
+        Self {
+            bits,
+            pids,
+            ports,
+            cgroups,
+            netns,
+            container: cli.container.clone(),
+        }
     }
 }
 
@@ -95,6 +117,22 @@ mod tests {
             ])
         );
         assert_eq!(f.bits, FILTER_PORT | FILTER_IPV4 | TRACE_RETRANSMITS);
+    }
+
+    #[test]
+    fn namespaces_and_containers() {
+        let f = filters(&[
+            "--netns",
+            "4026531840,4026531840",
+            "--container",
+            "ABCDEF012345",
+        ]);
+        assert_eq!(f.netns, [4_026_531_840]);
+        assert_eq!(f.container.as_deref(), Some("abcdef012345"));
+        assert_eq!(
+            f.bits,
+            FILTER_NETNS | FILTER_CONTAINER | TRACE_STATES | TRACE_RETRANSMITS
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! buffer) -> event (decode) -> output (formats). The binary wires them; the benchmark drives the
 //! decode and format steps directly.
 
+pub mod cgroup;
 pub mod cli;
 pub mod event;
 pub mod filter;

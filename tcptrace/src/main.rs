@@ -5,6 +5,7 @@ use std::{process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
 use tcptrace::{
+    cgroup::Cgroups,
     cli::{Cli, Format},
     filter::Filters,
     kernel,
@@ -39,6 +40,7 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
         None => Destination::stdout(),
     };
     let formatter = match cli.format {
+        Format::Text if cli.wide => Formatter::Text(Text::new(cli.timestamp, cli.ipv4).wide()),
         Format::Text => Formatter::Text(Text::new(cli.timestamp, cli.ipv4)),
         Format::Json => Formatter::Json,
         Format::None => Formatter::None,
@@ -46,7 +48,7 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
     let metrics = match cli.metrics_addr {
         Some(addr) => {
             let listener = metrics::bind(addr).await?;
-            let metrics = Arc::new(Metrics::new());
+            let metrics = Arc::new(Metrics::new(cli.metrics_container_label));
             tokio::spawn(metrics::serve(listener, Arc::clone(&metrics)));
             Some(metrics)
         }
@@ -65,9 +67,18 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
     privileges::drop_all(privileges::bpf_needed_after_attach())?;
     // Held until now: a signal during BPF_PROG_LOAD would make the verifier give up (EAGAIN).
     let signals = held.handle()?;
+    // Cgroup paths for the lines and the container label; in tracefs mode also the cgroup and
+    // container filters, which its kernel side cannot apply.
+    let cgroups = Cgroups::new(
+        cli.cgroup_mount(),
+        formatter.shows_cgroup() || cli.metrics_container_label,
+        &filters,
+        loaded.mode == kernel::Mode::Tracefs,
+    );
     let summary = tracer::run(
         loaded,
         formatter,
+        cgroups,
         destination,
         metrics,
         signals,

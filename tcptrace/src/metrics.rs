@@ -1,12 +1,13 @@
 //! Prometheus metrics: what passed the filters, counted whatever the output format, served as
 //! `/metrics` in the text format by prometheus-client. No label carries an address, a port or a
-//! pid, so the number of series stays bounded on any host.
+//! pid, so the number of series stays bounded on any host; the opt-in `container` label is
+//! bounded by the containers the host runs.
 
 use std::{fmt::Write as _, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use prometheus_client::{
-    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder},
     metrics::{
         counter::Counter,
         family::Family,
@@ -20,6 +21,7 @@ use tokio::{
 };
 
 use crate::{
+    cgroup::Cgroup,
     event::{Kind, TcpEvent, TcpState},
     kernel::Counters,
 };
@@ -45,31 +47,47 @@ struct StateLabels {
     state: StateName,
 }
 
+/// The `container` label: absent unless `--metrics-container-label`, then the short container
+/// id, or empty outside containers.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct ContainerLabel(Option<Box<str>>);
+
+impl EncodeLabelSet for ContainerLabel {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        match &self.0 {
+            Some(id) => [("container", &**id)].encode(encoder),
+            None => Ok(()),
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
-    transitions: Family<TransitionLabels, Counter>,
-    retransmits: Family<StateLabels, Counter>,
-    durations: Family<StateLabels, Histogram>,
+    transitions: Family<(TransitionLabels, ContainerLabel), Counter>,
+    retransmits: Family<(StateLabels, ContainerLabel), Counter>,
+    durations: Family<(StateLabels, ContainerLabel), Histogram>,
     lost: Counter,
+    container_label: bool,
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    /// `container_label`: label the event metrics with the container.
+    pub fn new(container_label: bool) -> Self {
         let mut registry = Registry::with_prefix("tcptrace");
-        let transitions = Family::<TransitionLabels, Counter>::default();
+        let transitions = Family::default();
         registry.register(
             "state_transitions",
             "TCP state transitions, by the state left and the state entered",
             transitions.clone(),
         );
-        let retransmits = Family::<StateLabels, Counter>::default();
+        let retransmits = Family::default();
         registry.register(
             "retransmits",
             "Retransmitted segments, SYNs and SYN-ACKs, by the socket's state",
             retransmits.clone(),
         );
         // 10 us to about 42 s: connect latency on a LAN through slow closers.
-        let durations = Family::<StateLabels, Histogram>::new_with_constructor(|| {
+        let durations = Family::<_, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(1e-5, 4.0, 12))
         });
         registry.register(
@@ -89,11 +107,19 @@ impl Metrics {
             retransmits,
             durations,
             lost,
+            container_label,
         }
     }
 
-    /// Counts one event. Families are looked up per event; their series are few.
-    pub fn record(&self, event: &TcpEvent) {
+    /// Counts one event of a socket in `cgroup`. Families are looked up per event; their series
+    /// are few.
+    pub fn record(&self, event: &TcpEvent, cgroup: Option<&Cgroup>) {
+        let container = ContainerLabel(self.container_label.then(|| {
+            cgroup
+                .and_then(|c| c.container_id.as_deref())
+                .map_or("", |id| &id[..12])
+                .into()
+        }));
         match event.kind {
             Kind::State {
                 old,
@@ -104,39 +130,35 @@ impl Metrics {
                     from: StateName(old),
                     to: StateName(new),
                 };
-                self.transitions.get_or_create(&labels).inc();
+                self.transitions
+                    .get_or_create(&(labels, container.clone()))
+                    .inc();
                 if let Some(ns) = duration_ns {
                     let labels = StateLabels {
                         state: StateName(old),
                     };
                     self.durations
-                        .get_or_create(&labels)
+                        .get_or_create(&(labels, container.clone()))
                         .observe(Duration::from_nanos(ns).as_secs_f64());
                 }
             }
             // An attempt the kernel reports as failed (`err` < 0) sent nothing.
             Kind::Retransmit { err: Some(err), .. } if err != 0 => {}
             Kind::Retransmit { state, .. } => {
-                if let Some(state) = state {
-                    self.retransmits
-                        .get_or_create(&StateLabels {
-                            state: StateName(state),
-                        })
-                        .inc();
-                } else {
-                    self.retransmits
-                        .get_or_create(&StateLabels {
-                            state: StateName(TcpState::Unknown(0)),
-                        })
-                        .inc();
-                }
+                let state = StateName(state.unwrap_or(TcpState::Unknown(0)));
+                self.retransmits
+                    .get_or_create(&(StateLabels { state }, container.clone()))
+                    .inc();
             }
             Kind::Snapshot { .. } => {}
             Kind::RetransmitSynack => {
                 self.retransmits
-                    .get_or_create(&StateLabels {
-                        state: StateName(TcpState::SynRecv),
-                    })
+                    .get_or_create(&(
+                        StateLabels {
+                            state: StateName(TcpState::SynRecv),
+                        },
+                        container.clone(),
+                    ))
                     .inc();
             }
         }
@@ -159,7 +181,7 @@ impl Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(false)
     }
 }
 
@@ -258,7 +280,7 @@ mod tests {
 
     #[test]
     fn counts_transitions_durations_and_retransmits_without_addresses() {
-        let metrics = Metrics::new();
+        let metrics = Metrics::new(false);
         for _ in 0..3 {
             metrics.record(
                 &decode(&bytes(&raw_state(
@@ -266,12 +288,13 @@ mod tests {
                     tcp_state::ESTABLISHED,
                 )))
                 .unwrap(),
+                None,
             );
         }
         let mut raw = raw_state(tcp_state::ESTABLISHED, 0);
         raw.kind = KIND_RETRANSMIT;
         raw.flags = tcptrace_common::EVENT_HAS_STATE;
-        metrics.record(&decode(&bytes(&raw)).unwrap());
+        metrics.record(&decode(&bytes(&raw)).unwrap(), None);
         metrics.update(&Counters { lost: 7 });
         metrics.update(&Counters { lost: 9 });
         let text = metrics.encode();
@@ -296,5 +319,31 @@ mod tests {
         assert!(text.contains("tcptrace_events_lost_total 9\n"), "{text}");
         assert!(!text.contains("sockets_tracked"), "{text}");
         assert!(!text.contains("127.0.0.1") && !text.contains("4242") && !text.contains("40000"));
+        assert!(!text.contains("container"), "{text}");
+    }
+
+    #[test]
+    fn the_container_label_is_opt_in() {
+        let metrics = Metrics::new(true);
+        let event = decode(&bytes(&raw_state(
+            tcp_state::SYN_SENT,
+            tcp_state::ESTABLISHED,
+        )))
+        .unwrap();
+        let docker = Cgroup::new(
+            "/system.slice/docker-3f1c9e2b7a4d5e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7.scope",
+        );
+        metrics.record(&event, Some(&docker));
+        metrics.record(&event, Some(&Cgroup::new("/user.slice")));
+        metrics.record(&event, None);
+        let text = metrics.encode();
+        assert!(
+            text.contains("tcptrace_state_transitions_total{from=\"SYN_SENT\",to=\"ESTABLISHED\",container=\"3f1c9e2b7a4d\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tcptrace_state_transitions_total{from=\"SYN_SENT\",to=\"ESTABLISHED\",container=\"\"} 2\n"),
+            "{text}"
+        );
     }
 }

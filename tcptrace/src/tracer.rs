@@ -13,6 +13,7 @@ use tokio::{
 };
 
 use crate::{
+    cgroup::Cgroups,
     event::{WallClock, decode},
     kernel::{Attached, Loaded},
     metrics::Metrics,
@@ -28,7 +29,7 @@ const LOST_INTERVAL: Duration = Duration::from_secs(1);
 /// Lines are formatted into buffers of this size and go to the writer in chunks cut from them,
 /// one after another; a buffer is used again (or freed) once the writer has written every chunk
 /// cut from it.
-const BUFFER: usize = 64 << 10;
+const BUFFER: usize = 256 << 10;
 /// After SIGINT or SIGTERM, how long tcptrace waits for a blocked output to take what is queued
 /// before it exits anyway; a second signal ends the wait at once.
 pub const FLUSH_AT_EXIT: Duration = Duration::from_secs(2);
@@ -48,6 +49,7 @@ pub struct Summary {
 
 struct Tracer {
     formatter: Formatter,
+    cgroups: Cgroups,
     metrics: Option<Arc<Metrics>>,
     attached: Attached,
     writer: Writer,
@@ -64,11 +66,14 @@ struct Tracer {
     chunked: u64,
     lost: u64,
     malformed: u64,
+    /// Events dropped by a filter only userspace can apply.
+    filtered: u64,
 }
 
 pub async fn run(
     loaded: Loaded,
     formatter: Formatter,
+    cgroups: Cgroups,
     destination: Destination,
     metrics: Option<Arc<Metrics>>,
     mut signals: Signals,
@@ -86,6 +91,7 @@ pub async fn run(
     }
     let mut tracer = Tracer {
         formatter,
+        cgroups,
         metrics,
         attached,
         writer: Writer::spawn(destination, buffer_size)?,
@@ -96,6 +102,7 @@ pub async fn run(
         chunked: 0,
         lost: 0,
         malformed: 0,
+        filtered: 0,
     };
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged while `ring` lives.
     let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
@@ -144,12 +151,16 @@ impl Tracer {
         for record in records.chunks(size_of::<tcptrace_common::Event>()) {
             match decode(record) {
                 Ok(event) => {
-                    if seen.insert(event.skaddr) {
-                        self.buf.reserve(MAX_LINE);
-                        self.formatter
-                            .event(&mut self.buf, &event, clock.wall_ns(event.ts_ns));
-                        self.buf_events += 1;
+                    if !seen.insert(event.skaddr) {
+                        continue;
                     }
+                    let Ok(cgroup) = self.cgroups.of(&event) else {
+                        continue;
+                    };
+                    self.buf.reserve(MAX_LINE);
+                    self.formatter
+                        .event(&mut self.buf, &event, clock.wall_ns(event.ts_ns), cgroup);
+                    self.buf_events += 1;
                 }
                 Err(_) => self.malformed += 1,
             }
@@ -173,23 +184,31 @@ impl Tracer {
                     self.buf.reserve(BUFFER);
                 }
             }
-            let before = self.buf_events + self.malformed;
+            let before = self.buf_events + self.malformed + self.filtered;
             while self.buf.len() + MAX_LINE <= self.buf.capacity()
                 && let Some(record) = ring.next()
             {
                 match decode(&record) {
-                    Ok(event) => {
-                        self.formatter
-                            .event(&mut self.buf, &event, clock.wall_ns(event.ts_ns));
-                        if let Some(metrics) = &self.metrics {
-                            metrics.record(&event);
+                    Ok(event) => match self.cgroups.of(&event) {
+                        Ok(cgroup) => {
+                            self.formatter.event(
+                                &mut self.buf,
+                                &event,
+                                clock.wall_ns(event.ts_ns),
+                                cgroup,
+                            );
+                            if let Some(metrics) = &self.metrics {
+                                metrics.record(&event, cgroup);
+                            }
+                            self.buf_events += 1;
                         }
-                        self.buf_events += 1;
-                    }
+                        // Filtered out in userspace (tracefs mode's --cgroup, --container).
+                        Err(_) => self.filtered += 1,
+                    },
                     Err(_) => self.malformed += 1,
                 }
             }
-            if self.buf_events + self.malformed == before {
+            if self.buf_events + self.malformed + self.filtered == before {
                 // The ring buffer is empty.
                 return;
             }

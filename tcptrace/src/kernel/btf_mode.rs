@@ -10,7 +10,8 @@ use aya::{
     programs::{BtfTracePoint, Iter, ProgramFd},
 };
 use tcptrace_common::{
-    KERNEL_HAS_IPV6, KERNEL_RETRANSMIT_ERR, KernelOffsets, OFFSETS_GLOBAL,
+    CONTAINER_FILTER_GLOBAL, ContainerFilter, KERNEL_CGROUP_TAGGED, KERNEL_HAS_CGROUP,
+    KERNEL_HAS_IPV6, KERNEL_HAS_NETNS, KERNEL_RETRANSMIT_ERR, KernelOffsets, OFFSETS_GLOBAL,
     RETRANSMIT_LAYOUT_GLOBAL, SYNACK_LAYOUT_GLOBAL, TRACE_RETRANSMITS, TRACE_SNAPSHOT,
 };
 
@@ -76,6 +77,8 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
     super::raise_memlock_limit();
     let mut loader = loader(&config, settings.ring_buffer_bytes, &log_level);
     loader.override_global(OFFSETS_GLOBAL, &offsets, true);
+    let container = container_filter(settings.filters.container.as_deref());
+    loader.override_global(CONTAINER_FILTER_GLOBAL, &container, true);
     for (name, layout) in &classic {
         let global = if *name == "tcp_retransmit_skb" {
             RETRANSMIT_LAYOUT_GLOBAL
@@ -141,6 +144,22 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
     finish(ebpf, programs, Mode::Btf, snapshot, log_level)
 }
 
+/// `--container` as the kernel side compares it: the prefix in little-endian 8-byte words.
+fn container_filter(prefix: Option<&str>) -> ContainerFilter {
+    let mut filter = ContainerFilter::default();
+    if let Some(prefix) = prefix {
+        let bytes = prefix.as_bytes();
+        let len = bytes.len().min(64);
+        for (word, chunk) in filter.words.iter_mut().zip(bytes[..len].chunks(8)) {
+            let mut padded = [0u8; 8];
+            padded[..chunk.len()].copy_from_slice(chunk);
+            *word = u64::from_le_bytes(padded);
+        }
+        filter.len = len as u32;
+    }
+    filter
+}
+
 /// Where BTF mode reads kernel structs on this kernel.
 fn offsets(btf: &vmlinux::Btf) -> anyhow::Result<KernelOffsets> {
     let need = |name: &str, member: &str| {
@@ -151,6 +170,53 @@ fn offsets(btf: &vmlinux::Btf) -> anyhow::Result<KernelOffsets> {
         btf.member_offset("sock_common", "skc_v6_daddr"),
         btf.member_offset("sock_common", "skc_v6_rcv_saddr"),
     );
+    let mut features = if v6.0.is_some() && v6.1.is_some() {
+        KERNEL_HAS_IPV6
+    } else {
+        0
+    };
+    // The socket's cgroup: a pointer since 5.15, a tagged word in a union before.
+    // https://elixir.bootlin.com/linux/v5.15/source/include/linux/cgroup-defs.h (sock_cgroup_data)
+    let cgroup = btf.member_offset("sock", "sk_cgrp_data").and_then(|data| {
+        let (field, tagged) = match btf.member_offset("sock_cgroup_data", "cgroup") {
+            Some(field) => (field, 0),
+            None => (
+                btf.member_offset("sock_cgroup_data", "val")?,
+                KERNEL_CGROUP_TAGGED,
+            ),
+        };
+        Some((
+            data + field,
+            tagged,
+            btf.member_offset("cgroup", "kn")?,
+            btf.member_offset("kernfs_node", "id")?,
+            // Renamed in 6.15, when it became RCU-protected.
+            btf.member_offset("kernfs_node", "__parent")
+                .or_else(|| btf.member_offset("kernfs_node", "parent"))?,
+            btf.member_offset("kernfs_node", "name")?,
+        ))
+    });
+    let (sk_cgroup, cgroup_kn, kernfs_id, kernfs_parent, kernfs_name) = match cgroup {
+        Some((sk_cgroup, tagged, kn, id, parent, name)) => {
+            features |= KERNEL_HAS_CGROUP | tagged;
+            (sk_cgroup, kn, id, parent, name)
+        }
+        None => Default::default(),
+    };
+    // Without CONFIG_NET_NS, `possible_net_t` is empty: every socket is in the one namespace.
+    let netns = btf
+        .member_offset("sock_common", "skc_net")
+        .zip(btf.member_offset("possible_net_t", "net"))
+        .zip(btf.member_offset("net", "ns"))
+        .zip(btf.member_offset("ns_common", "inum"))
+        .map(|(((skc_net, net), ns), inum)| (skc_net + net, ns + inum));
+    let (skc_net, net_inum) = match netns {
+        Some(offsets) => {
+            features |= KERNEL_HAS_NETNS;
+            offsets
+        }
+        None => (0, 0),
+    };
     Ok(KernelOffsets {
         skc_daddr: need("sock_common", "skc_daddr")?,
         skc_rcv_saddr: need("sock_common", "skc_rcv_saddr")?,
@@ -168,12 +234,14 @@ fn offsets(btf: &vmlinux::Btf) -> anyhow::Result<KernelOffsets> {
         task_group_leader: need("task_struct", "group_leader")?,
         task_comm: need("task_struct", "comm")?,
         socket_sk: need("socket", "sk")?,
-        features: if v6.0.is_some() && v6.1.is_some() {
-            KERNEL_HAS_IPV6
-        } else {
-            0
-        },
-        _pad: 0,
+        sk_cgroup,
+        cgroup_kn,
+        kernfs_id,
+        kernfs_parent,
+        kernfs_name,
+        skc_net,
+        net_inum,
+        features,
     })
 }
 

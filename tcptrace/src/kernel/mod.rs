@@ -26,8 +26,8 @@ use aya::{
 };
 use aya_obj::generated::bpf_prog_info;
 use tcptrace_common::{
-    CONFIG_GLOBAL, COUNTER_RINGBUF_FULL, COUNTERS_MAP, Config, EVENTS_MAP, PID_FILTER_MAP,
-    PORT_FILTER_MAP,
+    CGROUP_FILTER_MAP, CONFIG_GLOBAL, COUNTER_RINGBUF_FULL, COUNTERS_MAP, Config, EVENTS_MAP,
+    NETNS_FILTER_MAP, PID_FILTER_MAP, PORT_FILTER_MAP,
 };
 
 use crate::{cli::ModeChoice, filter::Filters};
@@ -179,7 +179,7 @@ fn loader<'a>(config: &'a Config, ring_buffer_bytes: u32, log_level: &'a u8) -> 
     loader
 }
 
-/// Fills the pid and port filter maps.
+/// Fills the pid, port, cgroup and namespace filter maps.
 fn fill_filters(ebpf: &mut Ebpf, filters: &Filters) -> anyhow::Result<()> {
     let mut pid_filter: HashMap<_, u32, u8> = HashMap::try_from(map_mut(ebpf, PID_FILTER_MAP)?)?;
     for &pid in &filters.pids {
@@ -192,6 +192,20 @@ fn fill_filters(ebpf: &mut Ebpf, filters: &Filters) -> anyhow::Result<()> {
         port_filter
             .insert(port, sides, 0)
             .with_context(|| format!("failed to add port {port} to the filter"))?;
+    }
+    let mut cgroup_filter: HashMap<_, u64, u8> =
+        HashMap::try_from(map_mut(ebpf, CGROUP_FILTER_MAP)?)?;
+    for &id in &filters.cgroups {
+        cgroup_filter
+            .insert(id, 1, 0)
+            .with_context(|| format!("failed to add cgroup {id} to the filter"))?;
+    }
+    let mut netns_filter: HashMap<_, u32, u8> =
+        HashMap::try_from(map_mut(ebpf, NETNS_FILTER_MAP)?)?;
+    for &inode in &filters.netns {
+        netns_filter
+            .insert(inode, 1, 0)
+            .with_context(|| format!("failed to add network namespace {inode} to the filter"))?;
     }
     Ok(())
 }

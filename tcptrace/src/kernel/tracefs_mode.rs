@@ -3,20 +3,24 @@
 
 use std::path::Path;
 
-use anyhow::{Context as _, anyhow};
+use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{ProgramFd, TracePoint},
 };
 use tcptrace_common::{
-    LISTENERS_MAP, RETRANSMIT_LAYOUT_GLOBAL, RetransmitLayout, SOCKETS_MAP, STATE_LAYOUT_GLOBAL,
-    SYNACK_LAYOUT_GLOBAL, TRACE_RETRANSMITS,
+    FILTER_NETNS, LISTENERS_MAP, RETRANSMIT_LAYOUT_GLOBAL, RetransmitLayout, SOCKETS_MAP,
+    STATE_LAYOUT_GLOBAL, SYNACK_LAYOUT_GLOBAL, TRACE_RETRANSMITS,
 };
 
 use super::{EBPF_OBJECT, Loaded, Mode, Settings, config, fill_filters, finish, loader};
 use crate::tracefs;
 
 pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
+    if settings.filters.bits & FILTER_NETNS != 0 {
+        // The classic tracepoints carry no namespace, and without BTF no socket can be read.
+        bail!("--netns needs BTF mode: tracefs mode cannot see a socket's network namespace");
+    }
     if settings.snapshot {
         eprintln!("tcptrace: warning: --snapshot needs BTF mode; no snapshot is written");
     }

@@ -199,13 +199,13 @@ impl Btf {
         id
     }
 
-    /// Byte offset of `member` in struct `name`, looking inside anonymous structs and unions as C
-    /// does. None when the struct or member does not exist or is a bitfield.
+    /// Byte offset of `member` in struct (or typedef of a struct) `name`, looking inside anonymous
+    /// structs and unions as C does. None when the struct or member does not exist or is a bitfield.
     pub fn member_offset(&self, name: &str, member: &str) -> Option<u32> {
         // The first struct of that name with members (forward declarations have none).
         let members = self
             .named(name)
-            .find_map(|id| self.members(id).filter(|m| !m.is_empty()))?;
+            .find_map(|id| self.members(self.resolve(id)).filter(|m| !m.is_empty()))?;
         let bits = self.find_member(&members, member, 0, 0)?;
         (bits % 8 == 0).then_some(bits / 8)
     }

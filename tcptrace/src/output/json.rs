@@ -6,9 +6,12 @@ use std::fmt::Write as _;
 use bytes::{BufMut as _, BytesMut};
 
 use super::write;
-use crate::event::{Kind, TcpEvent, TcpState};
+use crate::{
+    cgroup::Cgroup,
+    event::{Kind, TcpEvent, TcpState},
+};
 
-pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64) {
+pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64, cgroup: Option<&Cgroup>) {
     let TcpEvent {
         ts_ns: _,
         skaddr,
@@ -20,6 +23,8 @@ pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64) {
         dport,
         kind,
         retransmits,
+        cgroup_id,
+        netns,
     } = *event;
     out.extend_from_slice(match kind {
         Kind::State { .. } => b"{\"type\":\"state\",\"time\":",
@@ -92,7 +97,31 @@ pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64) {
     }
     out.extend_from_slice(b",\"skaddr\":\"");
     write::hex(out, skaddr);
-    out.extend_from_slice(b"\"}\n");
+    out.put_u8(b'"');
+    // Where the socket lives; each key only when known.
+    if netns != 0 {
+        out.extend_from_slice(b",\"netns\":");
+        write::uint(out, netns);
+    }
+    if cgroup_id != 0 {
+        out.extend_from_slice(b",\"cgroup_id\":");
+        write::uint(out, cgroup_id);
+    }
+    if let Some(cgroup) = cgroup {
+        out.extend_from_slice(b",\"cgroup\":");
+        string(out, &cgroup.path);
+        if let Some(id) = &cgroup.container_id {
+            out.extend_from_slice(b",\"container_id\":\"");
+            out.extend_from_slice(id.as_bytes());
+            out.put_u8(b'"');
+        }
+        if let Some(uid) = &cgroup.pod_uid {
+            out.extend_from_slice(b",\"pod_uid\":\"");
+            out.extend_from_slice(uid.as_bytes());
+            out.put_u8(b'"');
+        }
+    }
+    out.extend_from_slice(b"}\n");
 }
 
 pub fn lost(out: &mut BytesMut, wall_ns: u64, count: u64) {
@@ -169,7 +198,7 @@ mod tests {
 
     fn line(raw: &tcptrace_common::Event) -> String {
         let mut out = BytesMut::new();
-        event(&mut out, &decode(&bytes(raw)).unwrap(), WALL);
+        event(&mut out, &decode(&bytes(raw)).unwrap(), WALL, None);
         String::from_utf8(out.to_vec()).unwrap()
     }
 
@@ -246,6 +275,36 @@ mod tests {
             .into_owned();
             assert_eq!(v["comm"], expected.as_str());
         }
+    }
+
+    #[test]
+    fn where_the_socket_lives() {
+        let mut raw = raw_state(tcp_state::ESTABLISHED, tcp_state::FIN_WAIT1);
+        let v: Value = serde_json::from_str(&line(&raw)).unwrap();
+        for key in ["netns", "cgroup_id", "cgroup", "container_id", "pod_uid"] {
+            assert!(v.get(key).is_none(), "{key} must be absent when unknown");
+        }
+        raw.netns = 4_026_531_840;
+        raw.cgroup_id = 7_654;
+        let path = "/kubepods/besteffort/pod1b2c3d4e-5f60-4718-9a0b-1c2d3e4f5a6b/\
+                    3f1c9e2b7a4d5e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
+        let cgroup = Cgroup::new(path);
+        let mut out = BytesMut::new();
+        event(
+            &mut out,
+            &decode(&bytes(&raw)).unwrap(),
+            WALL,
+            Some(&cgroup),
+        );
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["netns"], 4_026_531_840u64);
+        assert_eq!(v["cgroup_id"], 7_654);
+        assert_eq!(v["cgroup"], path);
+        assert_eq!(
+            v["container_id"],
+            "3f1c9e2b7a4d5e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7"
+        );
+        assert_eq!(v["pod_uid"], "1b2c3d4e-5f60-4718-9a0b-1c2d3e4f5a6b");
     }
 
     #[test]

@@ -11,12 +11,13 @@ use bytes::BytesMut;
 pub use destination::Destination;
 pub use writer::{Chunk, Outcome, Room, Writer};
 
-use crate::event::TcpEvent;
+use crate::{cgroup::Cgroup, event::TcpEvent};
 
 /// The most one line takes, in bytes, whatever the event (a JSON line with an IPv6 pair and a
-/// fully escaped command name is about 600): room the run loop keeps free in a buffer before it
-/// formats the next event. Checked by the formatters' fuzz test.
-pub const MAX_LINE: usize = 1024;
+/// fully escaped command name is about 600; a cgroup path takes at most 4096 bytes, six times
+/// that escaped): room the run loop keeps free in a buffer before it formats the next event.
+/// Checked by the formatters' fuzz test.
+pub const MAX_LINE: usize = 1024 + 6 * 4096;
 
 /// The chosen line format. Formatters append to a `BytesMut`, which grows as needed and cannot
 /// fail, so a hostile input can at worst produce an odd line, never an error or a panic.
@@ -36,11 +37,27 @@ impl Formatter {
         }
     }
 
-    pub fn event(&self, out: &mut BytesMut, event: &TcpEvent, wall_ns: u64) {
+    /// One event's line; `cgroup` is what the event's cgroup id resolved to, if anything.
+    pub fn event(
+        &self,
+        out: &mut BytesMut,
+        event: &TcpEvent,
+        wall_ns: u64,
+        cgroup: Option<&Cgroup>,
+    ) {
         match self {
-            Self::Text(text) => text.event(out, event, wall_ns),
-            Self::Json => json::event(out, event, wall_ns),
+            Self::Text(text) => text.event(out, event, wall_ns, cgroup),
+            Self::Json => json::event(out, event, wall_ns, cgroup),
             Self::None => {}
+        }
+    }
+
+    /// Whether lines show the cgroup's path or container (JSON, the wide table).
+    pub fn shows_cgroup(&self) -> bool {
+        match self {
+            Self::Text(text) => text.wide,
+            Self::Json => true,
+            Self::None => false,
         }
     }
 

@@ -6,7 +6,10 @@ use bytes::{BufMut as _, BytesMut};
 use unicode_width::UnicodeWidthChar;
 
 use super::{Utc, write};
-use crate::event::{Kind, TcpEvent};
+use crate::{
+    cgroup::Cgroup,
+    event::{Kind, TcpEvent},
+};
 
 /// Table settings.
 pub struct Text {
@@ -14,6 +17,8 @@ pub struct Text {
     pub timestamp: bool,
     /// Width of the address columns: 15 when only IPv4 is traced, 39 (any IPv6 address) otherwise.
     pub addr_width: usize,
+    /// End each line with the CONTAINER column.
+    pub wide: bool,
 }
 
 impl Text {
@@ -21,7 +26,13 @@ impl Text {
         Self {
             timestamp,
             addr_width: if ipv4_only { 15 } else { 39 },
+            wide: false,
         }
+    }
+
+    /// With the CONTAINER column.
+    pub fn wide(self) -> Self {
+        Self { wide: true, ..self }
     }
 
     pub fn header(&self, out: &mut BytesMut) {
@@ -29,14 +40,25 @@ impl Text {
             out.extend_from_slice(b"TIME            ");
         }
         let w = self.addr_width;
-        let _ = writeln!(
+        let _ = write!(
             out,
             "{:<7} {:<16} {:<w$} {:<5} {:<w$} {:<5} {:<12}    {:<12} MS",
             "PID", "COMM", "LADDR", "LPORT", "RADDR", "RPORT", "OLDSTATE", "NEWSTATE"
         );
+        if self.wide {
+            // "OLDSTATE" to "MS" take 31 columns of the states' width.
+            let _ = write!(out, "{:<w$} CONTAINER", "", w = STATES_WIDTH - 31);
+        }
+        out.put_u8(b'\n');
     }
 
-    pub fn event(&self, out: &mut BytesMut, event: &TcpEvent, wall_ns: u64) {
+    pub fn event(
+        &self,
+        out: &mut BytesMut,
+        event: &TcpEvent,
+        wall_ns: u64,
+        cgroup: Option<&Cgroup>,
+    ) {
         if self.timestamp {
             let Utc {
                 hour,
@@ -52,7 +74,7 @@ impl Text {
             );
         }
         let _ = write!(out, "{:<7} ", event.pid);
-        comm(out, event.comm_bytes());
+        name(out, event.comm_bytes(), 16);
         for (addr, port) in [(event.saddr, event.sport), (event.daddr, event.dport)] {
             out.put_u8(b' ');
             padded(out, self.addr_width, |out| write::ip(out, addr));
@@ -60,13 +82,14 @@ impl Text {
             padded(out, 5, |out| write::uint(out, port));
         }
         out.put_u8(b' ');
+        let states = out.len();
         let _ = match event.kind {
             Kind::State {
                 old,
                 new,
                 duration_ns: Some(ns),
             } => {
-                writeln!(
+                write!(
                     out,
                     "{old:<12} -> {new:<12} {}.{:03}",
                     ns / 1_000_000,
@@ -77,16 +100,26 @@ impl Text {
                 old,
                 new,
                 duration_ns: None,
-            } => writeln!(out, "{old:<12} -> {new:<12} -"),
+            } => write!(out, "{old:<12} -> {new:<12} -"),
             Kind::Retransmit {
                 state: Some(state), ..
-            } => writeln!(out, "{state:<12} !! {:<12} -", "RETRANS"),
+            } => write!(out, "{state:<12} !! {:<12} -", "RETRANS"),
             Kind::Retransmit { state: None, .. } => {
-                writeln!(out, "{:<12} !! {:<12} -", "-", "RETRANS")
+                write!(out, "{:<12} !! {:<12} -", "-", "RETRANS")
             }
-            Kind::RetransmitSynack => writeln!(out, "{:<12} !! {:<12} -", "SYN_RECV", "RETRANS"),
-            Kind::Snapshot { state } => writeln!(out, "{state:<12} :: {:<12} -", "EXISTING"),
+            Kind::RetransmitSynack => write!(out, "{:<12} !! {:<12} -", "SYN_RECV", "RETRANS"),
+            Kind::Snapshot { state } => write!(out, "{state:<12} :: {:<12} -", "EXISTING"),
         };
+        if self.wide {
+            // The states and the duration, padded so that the column after them lines up.
+            out.resize(out.len().max(states + STATES_WIDTH), b' ');
+            out.put_u8(b' ');
+            match cgroup {
+                Some(cgroup) => name(out, cgroup.short().as_bytes(), 0),
+                None => out.put_u8(b'-'),
+            }
+        }
+        out.put_u8(b'\n');
     }
 }
 
@@ -98,10 +131,15 @@ fn padded(out: &mut BytesMut, width: usize, write: impl FnOnce(&mut BytesMut)) {
     out.resize(out.len() + width.saturating_sub(written), b' ');
 }
 
-/// The comm padded to 16 display columns, with anything that could break the line, reorder it
-/// or disturb the columns shown as `?`.
-fn comm(out: &mut BytesMut, raw: &[u8]) {
-    let mut width = 0;
+/// The old and new state and the duration in milliseconds, when another column follows them.
+/// Durations of 10 characters fit (under 11 days); longer ones push the next column right.
+const STATES_WIDTH: usize = 12 + 4 + 12 + 1 + 10;
+
+/// A name (a comm, a cgroup) padded to `width` display columns, with anything that could break
+/// the line, reorder it or disturb the columns shown as `?`.
+fn name(out: &mut BytesMut, raw: &[u8], width: usize) {
+    let pad = width;
+    let mut columns_used = 0;
     for c in String::from_utf8_lossy(raw).chars() {
         // Control characters, whitespace, and characters of no width (format characters such as
         // U+202E, which reorders the rest of the line, joiners, combining marks) become `?`.
@@ -111,10 +149,10 @@ fn comm(out: &mut BytesMut, raw: &[u8]) {
         };
         let mut buf = [0; 4];
         out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-        width += columns;
+        columns_used += columns;
     }
     // Padded by display columns: a CJK character takes two.
-    out.resize(out.len() + 16usize.saturating_sub(width), b' ');
+    out.resize(out.len() + pad.saturating_sub(columns_used), b' ');
 }
 
 #[cfg(test)]
@@ -131,7 +169,7 @@ mod tests {
 
     fn line(text: &Text, raw: &tcptrace_common::Event) -> String {
         let mut out = BytesMut::new();
-        text.event(&mut out, &decode(&bytes(raw)).unwrap(), WALL);
+        text.event(&mut out, &decode(&bytes(raw)).unwrap(), WALL, None);
         String::from_utf8(out.to_vec()).unwrap()
     }
 
@@ -155,6 +193,33 @@ mod tests {
         );
         assert_eq!(header.find("MS"), state.find("1.500"));
         assert_eq!(header.find("NEWSTATE"), state.find("ESTABLISHED"));
+    }
+
+    #[test]
+    fn the_wide_table_ends_with_an_aligned_container_column() {
+        let text = Text::new(false, true).wide();
+        let mut header = BytesMut::new();
+        text.header(&mut header);
+        let header = String::from_utf8(header.to_vec()).unwrap();
+        let docker = Cgroup::new(
+            "/system.slice/docker-3f1c9e2b7a4d5e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7.scope",
+        );
+        let service = Cgroup::new("/system.slice/nginx.service");
+        let raw = raw_state(tcp_state::SYN_SENT, tcp_state::ESTABLISHED);
+        let mut retransmit = raw_state(tcp_state::ESTABLISHED, 0);
+        retransmit.kind = KIND_RETRANSMIT;
+        retransmit.flags = EVENT_HAS_STATE;
+        let column = header.find("CONTAINER").unwrap();
+        for (raw, cgroup, shown) in [
+            (&raw, Some(&docker), "3f1c9e2b7a4d\n"),
+            (&retransmit, Some(&service), "nginx.service\n"),
+            (&raw, None, "-\n"),
+        ] {
+            let mut out = BytesMut::new();
+            text.event(&mut out, &decode(&bytes(raw)).unwrap(), WALL, cgroup);
+            let out = String::from_utf8(out.to_vec()).unwrap();
+            assert_eq!(out.find(shown), Some(column), "{header}{out}");
+        }
     }
 
     #[test]

@@ -1,0 +1,184 @@
+//! BTF mode: which network namespace and cgroup a socket belongs to, read from the socket itself
+//! (so also for sockets that predate tracing), and the `--netns`, `--cgroup` and `--container`
+//! filters on them.
+
+use aya_ebpf::helpers::generated::{bpf_probe_read_kernel, bpf_probe_read_kernel_str};
+use tcptrace_common::{
+    CONTAINER_ID_OFFSETS, ContainerFilter, FILTER_CGROUP, FILTER_CONTAINER, FILTER_NETNS,
+    KERNEL_CGROUP_TAGGED, KERNEL_HAS_CGROUP, KERNEL_HAS_NETNS, KernelOffsets, MAX_CGROUP_DEPTH,
+};
+
+use crate::{CGROUP_FILTER, CONTAINER_FILTER, NETNS_FILTER};
+
+/// The root cgroup's id on cgroup v2.
+const ROOT_CGROUP_ID: u64 = 1;
+
+/// A socket's network namespace and cgroup; zero (and a NULL node) when unknown.
+pub struct Identity {
+    /// Inode number of the network namespace.
+    pub netns: u32,
+    /// Cgroup v2 id.
+    pub cgroup_id: u64,
+    /// The cgroup's kernfs node, for the filters to climb from.
+    kn: *const u8,
+}
+
+/// A value of type `T` at a kernel address; zero if it cannot be read.
+#[inline(always)]
+unsafe fn read<T: Copy + Default>(addr: *const u8) -> T {
+    let mut out = T::default();
+    // SAFETY: the helper writes at most size_of::<T>() bytes into `out`, or zeroes it.
+    unsafe {
+        bpf_probe_read_kernel(
+            core::ptr::addr_of_mut!(out).cast(),
+            size_of::<T>() as u32,
+            addr.cast(),
+        )
+    };
+    out
+}
+
+/// Reads the identity of socket `sk` (a `struct sock *`).
+#[inline(always)]
+pub unsafe fn identity(offsets: &KernelOffsets, sk: *const u8) -> Identity {
+    let mut id = Identity {
+        netns: 0,
+        cgroup_id: 0,
+        kn: core::ptr::null(),
+    };
+    // SAFETY: kernel pointers read through the helper, at offsets from this kernel's BTF.
+    unsafe {
+        if offsets.features & KERNEL_HAS_NETNS != 0 {
+            let net: u64 = read(sk.add(offsets.skc_net as usize));
+            if net != 0 {
+                id.netns = read((net as *const u8).add(offsets.net_inum as usize));
+            }
+        }
+        if offsets.features & KERNEL_HAS_CGROUP != 0 {
+            let word: u64 = read(sk.add(offsets.sk_cgroup as usize));
+            if offsets.features & KERNEL_CGROUP_TAGGED != 0 && word & 1 != 0 {
+                // net_prio or net_cls data in place of the pointer: the default hierarchy's root.
+                // https://elixir.bootlin.com/linux/v5.14/source/include/linux/cgroup-defs.h (sock_cgroup_ptr)
+                id.cgroup_id = ROOT_CGROUP_ID;
+            } else if word != 0 {
+                let kn: u64 = read((word as *const u8).add(offsets.cgroup_kn as usize));
+                if kn != 0 {
+                    id.kn = kn as *const u8;
+                    id.cgroup_id = read(id.kn.add(offsets.kernfs_id as usize));
+                }
+            }
+        }
+    }
+    id
+}
+
+/// Whether the filters on namespaces, cgroups and containers keep a socket of this identity.
+#[inline(always)]
+pub fn identity_wanted(filters: u32, offsets: &KernelOffsets, id: &Identity) -> bool {
+    if filters & (FILTER_NETNS | FILTER_CGROUP | FILTER_CONTAINER) == 0 {
+        return true;
+    }
+    // SAFETY: plain integers.
+    if filters & FILTER_NETNS != 0 && unsafe { NETNS_FILTER.get(id.netns) }.is_none() {
+        return false;
+    }
+    // SAFETY: kernfs nodes read through the helper.
+    (filters & FILTER_CGROUP == 0 || unsafe { below_filtered_cgroup(offsets, id) })
+        && (filters & FILTER_CONTAINER == 0 || unsafe { in_container(offsets, id.kn) })
+}
+
+/// The socket's cgroup or one of its ancestors is in `CGROUP_FILTER`.
+#[inline(always)]
+unsafe fn below_filtered_cgroup(offsets: &KernelOffsets, id: &Identity) -> bool {
+    // SAFETY: plain integers.
+    if unsafe { CGROUP_FILTER.get(id.cgroup_id) }.is_some() {
+        return true;
+    }
+    let mut kn = id.kn;
+    for _ in 0..MAX_CGROUP_DEPTH {
+        if kn.is_null() {
+            return false;
+        }
+        // SAFETY: read through the helper.
+        kn = unsafe { read::<u64>(kn.add(offsets.kernfs_parent as usize)) } as *const u8;
+        if kn.is_null() {
+            return false;
+        }
+        let ancestor: u64 = unsafe { read(kn.add(offsets.kernfs_id as usize)) };
+        if unsafe { CGROUP_FILTER.get(ancestor) }.is_some() {
+            return true;
+        }
+    }
+    false
+}
+
+/// The name of the cgroup `kn` or of one of its ancestors holds the container id prefix at one
+/// of the places where container runtimes put it.
+#[inline(always)]
+unsafe fn in_container(offsets: &KernelOffsets, mut kn: *const u8) -> bool {
+    let filter = CONTAINER_FILTER.load();
+    for _ in 0..MAX_CGROUP_DEPTH {
+        if kn.is_null() {
+            return false;
+        }
+        // SAFETY: read through the helper.
+        let name: u64 = unsafe { read(kn.add(offsets.kernfs_name as usize)) };
+        if name != 0 && unsafe { name_holds(&filter, name as *const u8) } {
+            return true;
+        }
+        kn = unsafe { read::<u64>(kn.add(offsets.kernfs_parent as usize)) } as *const u8;
+    }
+    false
+}
+
+/// `name` (a kernel string) holds the filter's prefix at one of [`CONTAINER_ID_OFFSETS`].
+#[inline(always)]
+unsafe fn name_holds(filter: &ContainerFilter, name: *const u8) -> bool {
+    let mut buf = [0u64; 9];
+    // SAFETY: at most the buffer's size; the string's length includes its NUL.
+    let len = unsafe {
+        bpf_probe_read_kernel_str(
+            buf.as_mut_ptr().cast(),
+            size_of_val(&buf) as u32,
+            name.cast(),
+        )
+    };
+    if len <= 0 {
+        return false;
+    }
+    let chars = len as u32 - 1;
+    let full = filter.len / 8;
+    let rest = filter.len % 8;
+    // The bytes of the last, partial word (little-endian: the low bytes come first).
+    let mask = if rest == 0 {
+        0
+    } else {
+        (1u64 << (rest * 8)) - 1
+    };
+    for offset in CONTAINER_ID_OFFSETS {
+        if offset + filter.len > chars {
+            continue;
+        }
+        buf = [0; 9];
+        // SAFETY: as above; the id is within the string, which is at least this long.
+        unsafe {
+            bpf_probe_read_kernel_str(
+                buf.as_mut_ptr().cast(),
+                size_of_val(&buf) as u32,
+                name.add(offset as usize).cast(),
+            )
+        };
+        let mut same = true;
+        for w in 0..8 {
+            if w < full as usize {
+                same &= buf[w] == filter.words[w];
+            } else if w == full as usize && rest != 0 {
+                same &= buf[w] & mask == filter.words[w];
+            }
+        }
+        if same {
+            return true;
+        }
+    }
+    false
+}
