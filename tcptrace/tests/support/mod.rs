@@ -395,6 +395,24 @@ impl Endpoint {
         Self::bound(command, ip, comm)
     }
 
+    /// A server bound to `ip` (port chosen by the kernel), not yet listening, whose process runs
+    /// in `cgroup` from its start (so its sockets are the cgroup's), inside `netns` when given.
+    pub fn server_in_cgroup(
+        cgroup: &TestCgroup,
+        netns: Option<&str>,
+        ip: &str,
+        comm: &str,
+    ) -> Self {
+        Self::bound(cgroup.command(netns), ip, comm)
+    }
+
+    /// A client whose process runs in `cgroup` from its start, inside `netns` when given.
+    pub fn client_in_cgroup(cgroup: &TestCgroup, netns: Option<&str>, comm: &str) -> Self {
+        let mut command = cgroup.command(netns);
+        command.args(["client", comm]);
+        Self::spawn_command(command, comm)
+    }
+
     fn spawn(args: &[&str], comm: &str) -> Self {
         let mut command = Command::new(workload_binary());
         command.args(args);
@@ -618,6 +636,149 @@ pub fn sh(program: &str, args: &[&str]) {
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The cgroup v2 mount: the first `cgroup2` line of /proc/self/mountinfo with root `/`.
+pub fn cgroup2_mount() -> PathBuf {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            let (fields, rest) = line.split_once(" - ")?;
+            let fields: Vec<&str> = fields.split(' ').collect();
+            (rest.starts_with("cgroup2 ") && fields.get(3) == Some(&"/"))
+                .then(|| PathBuf::from(fields[4]))
+        })
+        .expect("no cgroup2 mount: these tests need cgroup v2")
+}
+
+/// The cgroup (v2) this process runs in, as a path below the mount.
+pub fn own_cgroup() -> String {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+    cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("no cgroup v2 line")
+        .to_owned()
+}
+
+/// A cgroup (v2) directory of the test's own, with its parents, below the mount. Removed when
+/// dropped, also when the test fails: processes still in it are moved to the test's own cgroup
+/// (they are the test's: only the test puts processes there), then the directories go, deepest
+/// first.
+pub struct TestCgroup {
+    _serial: Serial,
+    /// Below the mount, starting with `/`.
+    pub path: String,
+    mount: PathBuf,
+    /// The directories this created, outermost first.
+    created: Vec<PathBuf>,
+}
+
+impl TestCgroup {
+    /// `path` is below the mount, starting with `/`.
+    pub fn new(path: &str) -> Self {
+        require_root();
+        let mount = cgroup2_mount();
+        let mut created = Vec::new();
+        let mut dir = mount.clone();
+        for component in path.split('/').filter(|c| !c.is_empty()) {
+            dir.push(component);
+            if !dir.exists() {
+                std::fs::create_dir(&dir)
+                    .unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+                created.push(dir.clone());
+            }
+        }
+        Self {
+            _serial: serial(),
+            path: path.to_owned(),
+            mount,
+            created,
+        }
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        self.mount.join(self.path.trim_start_matches('/'))
+    }
+
+    /// The cgroup's id: its directory's inode number.
+    pub fn id(&self) -> u64 {
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(self.dir()).expect("cgroup dir"))
+    }
+
+    /// The workload, to run in this cgroup from its start (inside `netns` when given).
+    pub fn command(&self, netns: Option<&str>) -> Command {
+        let mut command = match netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command
+                    .args(["netns", "exec", netns])
+                    .arg(workload_binary());
+                command
+            }
+            None => Command::new(workload_binary()),
+        };
+        let procs = std::ffi::CString::new(
+            self.dir()
+                .join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .expect("path");
+        // SAFETY: between fork and exec only async-signal-safe calls (open, write, close) on
+        // memory prepared before the fork.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if written != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        command
+    }
+
+    /// Moves every process in this cgroup to the test's own cgroup.
+    pub fn evacuate(&self) {
+        let home = self.mount.join(own_cgroup().trim_start_matches('/'));
+        let procs = std::fs::read_to_string(self.dir().join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines() {
+            let _ = std::fs::write(home.join("cgroup.procs"), pid);
+        }
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        self.evacuate();
+        let leaf = self.dir();
+        // A cgroup whose last process just left may take a moment to be empty.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&leaf).is_ok() || !leaf.exists() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        // Then the parents it made, and those that other cgroups of the test made and left to
+        // the last one out (a parent with other children stays).
+        let mut shared = self.path.as_str();
+        while let Some((parent, _)) = shared.rsplit_once('/') {
+            shared = parent;
+            let dir = self.mount.join(parent.trim_start_matches('/'));
+            let ours = self.created.contains(&dir)
+                || parent.trim_start_matches('/').starts_with("tcptrace-test-");
+            if parent.is_empty() || !ours || std::fs::remove_dir(&dir).is_err() {
+                break;
+            }
+        }
+    }
 }
 
 /// A network namespace of the test's own, joined to the host by a veth pair: the host end has

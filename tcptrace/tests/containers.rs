@@ -1,0 +1,351 @@
+//! Which container, pod, cgroup and network namespace each line belongs to, and the filters on
+//! them: real cgroup v2 directories shaped as docker, containerd under kubepods, CRI-O and podman
+//! make them, real processes run in them (one also in a network namespace of its own), the real
+//! kernel traces them. Root required.
+
+mod support;
+
+use std::os::unix::fs::MetadataExt as _;
+
+use serde_json::Value;
+use support::{Endpoint, Netns, TestCgroup, Tracer, own_cgroup, serial};
+
+const DOCKER_ID: &str = "d0c4e2b7a4d5e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f01";
+const CONTAINERD_ID: &str = "c0417a1dd5e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f0202";
+const CRIO_ID: &str = "c210e2b7a4d5e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f03";
+const PODMAN_ID: &str = "90d3a2b7a4d5e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f04";
+const CONTAINERD_POD: &str = "1b2c3d4e-5f60-4718-9a0b-1c2d3e4f5a02";
+const CRIO_POD: &str = "1b2c3d4e-5f60-4718-9a0b-1c2d3e4f5a03";
+
+/// Where the test's cgroups live: a directory of its own below the mount.
+fn top() -> String {
+    format!("/tcptrace-test-{}", std::process::id())
+}
+
+/// A container of one shape: its cgroup, and what lines must say of it.
+struct Container {
+    cgroup: TestCgroup,
+    id: Option<&'static str>,
+    pod: Option<&'static str>,
+}
+
+/// The four shapes, below [`top`].
+fn containers() -> Vec<Container> {
+    let top = top();
+    let pod_ = |uid: &str| uid.replace('-', "_");
+    vec![
+        Container {
+            cgroup: TestCgroup::new(&format!("{top}/system.slice/docker-{DOCKER_ID}.scope")),
+            id: Some(DOCKER_ID),
+            pod: None,
+        },
+        Container {
+            cgroup: TestCgroup::new(&format!(
+                "{top}/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{CONTAINERD_ID}.scope",
+                pod_(CONTAINERD_POD)
+            )),
+            id: Some(CONTAINERD_ID),
+            pod: Some(CONTAINERD_POD),
+        },
+        Container {
+            cgroup: TestCgroup::new(&format!(
+                "{top}/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/crio-{CRIO_ID}.scope",
+                pod_(CRIO_POD)
+            )),
+            id: Some(CRIO_ID),
+            pod: Some(CRIO_POD),
+        },
+        Container {
+            cgroup: TestCgroup::new(&format!("{top}/machine.slice/libpod-{PODMAN_ID}.scope")),
+            id: Some(PODMAN_ID),
+            pod: None,
+        },
+    ]
+}
+
+/// A server and a client in `cgroup` (inside `netns` when given) that connect, exchange a byte
+/// and close. Returns the server's port.
+fn connect_inside(cgroup: &TestCgroup, netns: Option<&Netns>, comm: &str) -> u16 {
+    let (ns, ip) = match netns {
+        Some(netns) => (Some(netns.name.as_str()), netns.ns_ip.as_str()),
+        None => (None, "127.0.0.1"),
+    };
+    let mut server = Endpoint::server_in_cgroup(cgroup, ns, ip, &format!("{comm}-s"));
+    let mut client = Endpoint::client_in_cgroup(cgroup, ns, &format!("{comm}-c"));
+    let port = server.port;
+    server.step("listen");
+    client.step(&format!("connect {ip}:{port}"));
+    server.step("accept");
+    client.step("close");
+    server.step("close-all");
+    server.exit();
+    client.exit();
+    port
+}
+
+/// A server and a client in the test's own cgroup. Returns the server's port.
+fn connect_outside(comm: &str) -> u16 {
+    let mut server = Endpoint::server("127.0.0.1", &format!("{comm}-s"));
+    let mut client = Endpoint::client(&format!("{comm}-c"));
+    let port = server.port;
+    server.step("listen");
+    client.step(&format!("connect 127.0.0.1:{port}"));
+    server.step("accept");
+    client.step("close");
+    server.step("close-all");
+    server.exit();
+    client.exit();
+    port
+}
+
+/// Lines of the connection to `port`: both sides, and the listener.
+fn lines_of(lines: &[Value], port: u16) -> Vec<&Value> {
+    lines
+        .iter()
+        .filter(|l| l["type"] == "state" && (l["sport"] == port || l["dport"] == port))
+        .collect()
+}
+
+/// The inode of a network namespace file.
+fn netns_inode(path: &str) -> u64 {
+    std::fs::metadata(path).expect("netns").ino()
+}
+
+/// Every line of the connection to `port` (which must have the 10 transitions of a connect,
+/// accept and close on both sides, and the listener's) says where it lives.
+fn assert_lives_in(
+    lines: &[Value],
+    port: u16,
+    cgroup: &str,
+    container: Option<&str>,
+    pod: Option<&str>,
+    netns: Option<u64>,
+) {
+    let ours = lines_of(lines, port);
+    // CLOSE -> LISTEN; the client's 5 transitions; the accepted socket's 5 (it closes on
+    // close-all after the client: LAST_ACK or TIME_WAIT-free ends, at least 4 either way).
+    assert!(
+        ours.len() >= 10,
+        "port {port}: {} lines: {ours:#?}",
+        ours.len()
+    );
+    for line in ours {
+        assert_eq!(line["cgroup"], cgroup, "{line}");
+        assert_eq!(line["container_id"].as_str(), container, "{line}");
+        assert_eq!(line["pod_uid"].as_str(), pod, "{line}");
+        assert_eq!(line["netns"].as_u64(), netns, "{line}");
+        assert!(
+            line["cgroup_id"].as_u64().is_some_and(|id| id > 0),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn every_line_names_its_container_pod_cgroup_and_network_namespace() {
+    let _serial = serial();
+    // Both modes at once, on the same traffic; the cgroups are made after tracing began.
+    let btf = Tracer::start(&["--format", "json", "--mode", "btf", "-4"]);
+    let tracefs = Tracer::start(&["--format", "json", "--mode", "tracefs", "-4"]);
+    let containers = containers();
+    let netns = Netns::new(41);
+    let mut ports = Vec::new();
+    for (i, container) in containers.iter().enumerate() {
+        // The podman container has a network namespace of its own.
+        let inside = (i == 3).then_some(&netns);
+        ports.push(connect_inside(
+            &container.cgroup,
+            inside,
+            &format!("tt-ct{i}"),
+        ));
+    }
+    let host_port = connect_outside("tt-host");
+    let (btf, tracefs) = (btf.stop().json(), tracefs.stop().json());
+
+    let host_netns = netns_inode("/proc/self/ns/net");
+    let own_netns = netns_inode(&format!("/run/netns/{}", netns.name));
+    assert_ne!(host_netns, own_netns);
+    for (i, (container, port)) in containers.iter().zip(&ports).enumerate() {
+        let netns = if i == 3 { own_netns } else { host_netns };
+        let path = &container.cgroup.path;
+        assert_lives_in(&btf, *port, path, container.id, container.pod, Some(netns));
+        // tracefs mode: the owner's cgroup, and no namespace (its tracepoints carry none).
+        assert_lives_in(&tracefs, *port, path, container.id, container.pod, None);
+        // The id is the cgroup directory's inode.
+        let line = lines_of(&btf, *port)[0];
+        assert_eq!(line["cgroup_id"], container.cgroup.id(), "{line}");
+    }
+    // Outside any container: the cgroup, and no container fields.
+    assert_lives_in(&btf, host_port, &own_cgroup(), None, None, Some(host_netns));
+    assert_lives_in(&tracefs, host_port, &own_cgroup(), None, None, None);
+}
+
+/// The ports whose connections appear in `lines`.
+fn ports_seen(lines: &[Value], ports: &[u16]) -> Vec<u16> {
+    ports
+        .iter()
+        .copied()
+        .filter(|&port| !lines_of(lines, port).is_empty())
+        .collect()
+}
+
+#[test]
+fn container_cgroup_and_namespace_filters_keep_exactly_the_matching_sockets() {
+    let _serial = serial();
+    let containers = containers();
+    let netns = Netns::new(42);
+    let top = top();
+    let netns_path = format!("/run/netns/{}", netns.name);
+    let kubepods = format!("{top}/kubepods.slice");
+    let filters: [(&str, Vec<&str>, &[usize]); 4] = [
+        // A docker-style short id, in the kernel (BTF mode) and in userspace (tracefs mode).
+        ("btf", vec!["--container", &DOCKER_ID[..12]], &[0]),
+        ("tracefs", vec!["--container", &DOCKER_ID[..12]], &[0]),
+        // A cgroup and everything below it: both pods.
+        ("btf", vec!["--cgroup", &kubepods], &[1, 2]),
+        ("tracefs", vec!["--cgroup", &kubepods], &[1, 2]),
+    ];
+    let mut tracers: Vec<Tracer> = filters
+        .iter()
+        .map(|(mode, args, _)| {
+            let mut all = vec!["--format", "json", "-4", "--mode", mode];
+            all.extend(args.iter().copied());
+            Tracer::start(&all)
+        })
+        .collect();
+    tracers.push(Tracer::start(&[
+        "--format",
+        "json",
+        "-4",
+        "--netns",
+        &netns_path,
+    ]));
+
+    let mut ports = Vec::new();
+    for (i, container) in containers.iter().enumerate() {
+        let inside = (i == 3).then_some(&netns);
+        ports.push(connect_inside(
+            &container.cgroup,
+            inside,
+            &format!("tt-f{i}"),
+        ));
+    }
+    let host_port = connect_outside("tt-fhost");
+    let mut all_ports = ports.clone();
+    all_ports.push(host_port);
+
+    let mut outputs: Vec<Vec<Value>> = tracers.into_iter().map(|t| t.stop().json()).collect();
+    let netns_only = outputs.pop().expect("netns tracer");
+    for ((mode, args, kept), lines) in filters.iter().zip(&outputs) {
+        let expected: Vec<u16> = kept.iter().map(|&i| ports[i]).collect();
+        assert_eq!(
+            ports_seen(lines, &all_ports),
+            expected,
+            "{mode} {args:?}: kept the wrong connections"
+        );
+        // Nothing else at all, and every line of what is kept: the listener and both sides.
+        for line in lines.iter().filter(|l| l["type"] == "state") {
+            assert!(
+                expected.contains(&line["sport"].as_u64().unwrap_or(0).try_into().unwrap_or(0))
+                    || expected
+                        .contains(&line["dport"].as_u64().unwrap_or(0).try_into().unwrap_or(0)),
+                "{mode} {args:?}: {line}"
+            );
+        }
+        for &port in &expected {
+            let ours = lines_of(lines, port);
+            assert!(
+                ours.iter().any(|l| l["newstate"] == "LISTEN"),
+                "{mode} {args:?}"
+            );
+            assert!(
+                ours.iter().any(|l| l["newstate"] == "SYN_SENT"),
+                "{mode} {args:?}"
+            );
+            assert!(
+                ours.iter().any(|l| l["newstate"] == "SYN_RECV"),
+                "{mode} {args:?}"
+            );
+        }
+    }
+    // The namespace: only the podman container's connection, which lives there.
+    assert_eq!(ports_seen(&netns_only, &all_ports), [ports[3]]);
+    let inode = netns_inode(&netns_path);
+    assert!(
+        netns_only
+            .iter()
+            .filter(|l| l["type"] == "state")
+            .all(|l| l["netns"] == inode),
+        "{netns_only:#?}"
+    );
+}
+
+#[test]
+fn namespace_filter_needs_btf_mode_and_bad_values_are_refused() {
+    let _serial = serial();
+    for (args, message) in [
+        (
+            vec!["--mode", "tracefs", "--netns", "/proc/self/ns/net"],
+            "--netns needs BTF mode",
+        ),
+        (vec!["--netns", "/etc/hostname/x"], "--netns"),
+        (vec!["--netns", "lo"], "--netns"),
+        (vec!["--container", "docker-abc"], "--container"),
+        (vec!["--cgroup", "/no/such/cgroup/tcptrace"], "--cgroup"),
+        (vec!["--cgroup-root", "/tmp"], "--cgroup-root"),
+    ] {
+        let out = std::process::Command::new(support::TCPTRACE)
+            .args(&args)
+            .output()
+            .expect("run tcptrace");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} must fail");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        if !args.contains(&"tracefs") {
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        }
+    }
+}
+
+#[test]
+fn a_cgroup_removed_while_its_sockets_live_keeps_its_id_and_output_goes_on() {
+    let _serial = serial();
+    let tracer = Tracer::start(&["--format", "json", "-4", "--mode", "btf"]);
+    let gone = TestCgroup::new(&format!("{}/short-lived", top()));
+    let gone_id = gone.id();
+    // The socket is made in the cgroup (bound, no transition yet); then its process leaves and
+    // the cgroup is removed before tcptrace ever saw an event of it.
+    let mut server = Endpoint::server_in_cgroup(&gone, None, "127.0.0.1", "tt-gone-s");
+    let port = server.port;
+    gone.evacuate();
+    drop(gone);
+    let mut client = Endpoint::client("tt-gone-c");
+    server.step("listen");
+    client.step(&format!("connect 127.0.0.1:{port}"));
+    server.step("accept");
+    client.step("close");
+    server.step("close-all");
+    let after = connect_outside("tt-after");
+    let lines = tracer.stop().json();
+
+    let listener: Vec<&Value> = lines_of(&lines, port)
+        .into_iter()
+        .filter(|l| l["sport"] == port)
+        .collect();
+    assert!(!listener.is_empty(), "{lines:#?}");
+    for line in listener {
+        // The socket's own cgroup: its id stays, its path is gone with it.
+        assert_eq!(line["cgroup_id"], gone_id, "{line}");
+        assert!(line.get("cgroup").is_none(), "{line}");
+        assert!(line.get("container_id").is_none(), "{line}");
+    }
+    assert_lives_in(
+        &lines,
+        after,
+        &own_cgroup(),
+        None,
+        None,
+        Some(netns_inode("/proc/self/ns/net")),
+    );
+}
