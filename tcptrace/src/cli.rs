@@ -57,7 +57,8 @@ pub struct Cli {
     pub container: Option<String>,
 
     /// Where the host's cgroup v2 hierarchy is mounted, when it is not the first cgroup2 mount in
-    /// /proc/self/mountinfo (in a container: a hostPath mount of the host's /sys/fs/cgroup).
+    /// /proc/self/mountinfo (in a container: a hostPath mount of the host's /sys/fs/cgroup; on a
+    /// hybrid host its unified/ directory is taken).
     #[arg(long = "cgroup-root", value_name = "DIR")]
     pub cgroup_root: Option<PathBuf>,
 
@@ -276,18 +277,24 @@ impl Cli {
         cli
     }
 
-    /// The cgroup v2 mount tcptrace reads: `--cgroup-root` or the one mountinfo lists.
+    /// The cgroup v2 mount tcptrace reads: `--cgroup-root` (or its `unified` directory, on a
+    /// hybrid host) or the one mountinfo lists.
     pub fn cgroup_mount(&self) -> Option<PathBuf> {
-        self.cgroup_root.clone().or_else(crate::cgroup::mount_point)
+        match &self.cgroup_root {
+            Some(root) => [root.clone(), root.join("unified")]
+                .into_iter()
+                .find(|dir| dir.join("cgroup.procs").exists()),
+            None => crate::cgroup::mount_point(),
+        }
     }
 
     /// Resolves `--cgroup` paths to ids (and checks `--cgroup-root`).
     fn resolve_cgroups(&mut self) -> anyhow::Result<()> {
         if let Some(root) = &self.cgroup_root
-            && !root.join("cgroup.procs").exists()
+            && self.cgroup_mount().is_none()
         {
             anyhow::bail!(
-                "--cgroup-root {}: not the root of a cgroup2 hierarchy",
+                "--cgroup-root {}: neither it nor its unified/ is the root of a cgroup2 hierarchy",
                 root.display()
             );
         }
