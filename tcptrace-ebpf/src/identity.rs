@@ -38,7 +38,17 @@ unsafe fn read<T: Copy + Default>(addr: *const u8) -> T {
     out
 }
 
-/// Reads the identity of socket `sk` (a `struct sock *`).
+/// A field of a kernel struct at a load-time offset, loaded directly from a BTF-typed pointer:
+/// the verifier types a loaded pointer from BTF, and a NULL or bad one reads as zero.
+#[inline(always)]
+unsafe fn field<T: Copy>(base: *const u8, offset: u32) -> T {
+    // SAFETY: the caller passes a BTF-typed kernel pointer; the verifier checks the access.
+    unsafe { base.add(offset as usize).cast::<T>().read_volatile() }
+}
+
+/// Reads the identity of socket `sk` (a BTF-typed `struct sock *`). Direct loads, no helper
+/// calls, but on kernels before 5.15, whose socket holds its cgroup in a tagged word the verifier
+/// cannot type.
 #[inline(always)]
 pub unsafe fn identity(offsets: &KernelOffsets, sk: *const u8) -> Identity {
     let mut id = Identity {
@@ -46,28 +56,46 @@ pub unsafe fn identity(offsets: &KernelOffsets, sk: *const u8) -> Identity {
         cgroup_id: 0,
         kn: core::ptr::null(),
     };
-    // SAFETY: kernel pointers read through the helper, at offsets from this kernel's BTF.
+    // SAFETY: BTF-typed pointers (or, for the tagged word, reads through the helper), at offsets
+    // from this kernel's BTF.
     unsafe {
         if offsets.features & KERNEL_HAS_NETNS != 0 {
-            let net: u64 = read(sk.add(offsets.skc_net as usize));
-            if net != 0 {
-                id.netns = read((net as *const u8).add(offsets.net_inum as usize));
+            let net: *const u8 = field(sk, offsets.skc_net);
+            if !net.is_null() {
+                id.netns = field(net, offsets.net_inum);
             }
         }
-        if offsets.features & KERNEL_HAS_CGROUP != 0 {
+        if offsets.features & KERNEL_HAS_CGROUP == 0 {
+            return id;
+        }
+        let kn: *const u8 = if offsets.features & KERNEL_CGROUP_TAGGED != 0 {
             let word: u64 = read(sk.add(offsets.sk_cgroup as usize));
-            if offsets.features & KERNEL_CGROUP_TAGGED != 0 && word & 1 != 0 {
+            if word & 1 != 0 {
                 // net_prio or net_cls data in place of the pointer: the default hierarchy's root.
                 // https://elixir.bootlin.com/linux/v5.14/source/include/linux/cgroup-defs.h (sock_cgroup_ptr)
                 id.cgroup_id = ROOT_CGROUP_ID;
-            } else if word != 0 {
-                let kn: u64 = read((word as *const u8).add(offsets.cgroup_kn as usize));
-                if kn != 0 {
-                    id.kn = kn as *const u8;
-                    id.cgroup_id = read(id.kn.add(offsets.kernfs_id as usize));
-                }
+                return id;
             }
-        }
+            if word == 0 {
+                return id;
+            }
+            let kn = read::<u64>((word as *const u8).add(offsets.cgroup_kn as usize)) as *const u8;
+            if !kn.is_null() {
+                id.cgroup_id = read(kn.add(offsets.kernfs_id as usize));
+            }
+            kn
+        } else {
+            let cgroup: *const u8 = field(sk, offsets.sk_cgroup);
+            if cgroup.is_null() {
+                return id;
+            }
+            let kn: *const u8 = field(cgroup, offsets.cgroup_kn);
+            if !kn.is_null() {
+                id.cgroup_id = field(kn, offsets.kernfs_id);
+            }
+            kn
+        };
+        id.kn = kn;
     }
     id
 }

@@ -68,6 +68,7 @@ const TESTS: &[(&str, &[&str])] = &[
     ),
     ("modes", &["logging", "snapshot_needs"]),
     ("hardening", &["btf_mode_accounts"]),
+    ("containers", &[]),
 ];
 const VERDICT: &str = "TCPTRACE-VM-VERDICT";
 const GUEST_TIMEOUT: Duration = Duration::from_secs(20 * 60);
@@ -403,6 +404,8 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# cgroup v2, for the container tests (as a unified host mounts it).
+mkdir -p /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup
 # /run and /tmp stay on the (writable) initramfs: the test binaries may live under /tmp.
 ip link set lo up
 # The burst test holds 3,000 sockets in one process.
