@@ -32,6 +32,8 @@ pub const SOCKET_STORAGE_MAP: &str = "SOCKET_STORAGE";
 pub const CGROUP_FILTER_MAP: &str = "CGROUP_FILTER";
 /// Network namespaces (inode numbers) to keep (BTF mode); consulted when `FILTER_NETNS` is set.
 pub const NETNS_FILTER_MAP: &str = "NETNS_FILTER";
+/// Cgroup v2 ids whose names hold the `--container` id (BTF mode), with their descendants.
+pub const CONTAINER_CGROUPS_MAP: &str = "CONTAINER_CGROUPS";
 /// The [`ContainerFilter`] global (BTF mode).
 pub const CONTAINER_FILTER_GLOBAL: &str = "CONTAINER_FILTER";
 /// How many cgroup levels the kernel side climbs from a socket's cgroup looking for one that
@@ -235,8 +237,11 @@ pub struct KernelOffsets {
     pub socket_sk: u32,
     /// `struct sock`: the cgroup pointer (or tagged word) in `sk_cgrp_data`.
     pub sk_cgroup: u32,
-    /// `struct cgroup`: its `struct kernfs_node *`.
+    /// `struct cgroup`: its `struct kernfs_node *`, and its `struct cgroup_root *`.
     pub cgroup_kn: u32,
+    pub cgroup_root: u32,
+    /// `struct cgroup_root`: the hierarchy's id (0: cgroup v2).
+    pub root_hierarchy_id: u32,
     /// `struct kernfs_node`: the id (a cgroup's id, the inode number of its directory), the
     /// parent and the name.
     pub kernfs_id: u32,
@@ -249,11 +254,10 @@ pub struct KernelOffsets {
     /// `KERNEL_*` bits.
     pub features: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 96);
+const _: () = assert!(size_of::<KernelOffsets>() == 104);
 
 /// `--container` in the kernel (BTF mode): a container id prefix, lowercase hex, compared in
-/// 8-byte words with the names of the socket's cgroup and its ancestors at each of
-/// [`CONTAINER_ID_OFFSETS`].
+/// 8-byte words with the name of each new cgroup at each of [`CONTAINER_ID_OFFSETS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ContainerFilter {

@@ -1,14 +1,19 @@
 //! BTF mode: which network namespace and cgroup a socket belongs to, read from the socket itself
 //! (so also for sockets that predate tracing), and the `--netns`, `--cgroup` and `--container`
-//! filters on them.
+//! filters on them. `--container` is matched by cgroup id, like `--cgroup`: the cgroups whose
+//! names hold the container id are found when they are made (`cgroup_mkdir`) or, for those that
+//! exist at start, by userspace; the name is compared once per cgroup, not per event.
 
-use aya_ebpf::helpers::generated::{bpf_probe_read_kernel, bpf_probe_read_kernel_str};
+use aya_ebpf::{
+    helpers::generated::{bpf_probe_read_kernel, bpf_probe_read_kernel_str},
+    programs::BtfTracePointContext,
+};
 use tcptrace_common::{
     CONTAINER_ID_OFFSETS, ContainerFilter, FILTER_CGROUP, FILTER_CONTAINER, FILTER_NETNS,
     KERNEL_CGROUP_TAGGED, KERNEL_HAS_CGROUP, KERNEL_HAS_NETNS, KernelOffsets, MAX_CGROUP_DEPTH,
 };
 
-use crate::{CGROUP_FILTER, CONTAINER_FILTER, NETNS_FILTER};
+use crate::{CGROUP_FILTER, CONTAINER_CGROUPS, CONTAINER_FILTER, NETNS_FILTER, OFFSETS};
 
 /// The root cgroup's id on cgroup v2.
 const ROOT_CGROUP_ID: u64 = 1;
@@ -110,16 +115,27 @@ pub fn identity_wanted(filters: u32, offsets: &KernelOffsets, id: &Identity) -> 
     if filters & FILTER_NETNS != 0 && unsafe { NETNS_FILTER.get(id.netns) }.is_none() {
         return false;
     }
-    // SAFETY: kernfs nodes read through the helper.
-    (filters & FILTER_CGROUP == 0 || unsafe { below_filtered_cgroup(offsets, id) })
-        && (filters & FILTER_CONTAINER == 0 || unsafe { in_container(offsets, id.kn) })
+    let in_cgroup = || {
+        // SAFETY: plain integers.
+        unsafe { below(offsets, id, |cgroup| CGROUP_FILTER.get(cgroup).is_some()) }
+    };
+    let in_container = || {
+        // SAFETY: plain integers.
+        unsafe {
+            below(offsets, id, |cgroup| {
+                CONTAINER_CGROUPS.get(cgroup).is_some()
+            })
+        }
+    };
+    (filters & FILTER_CGROUP == 0 || in_cgroup())
+        && (filters & FILTER_CONTAINER == 0 || in_container())
 }
 
-/// The socket's cgroup or one of its ancestors is in `CGROUP_FILTER`.
+/// The socket's cgroup or one of its ancestors (up to [`MAX_CGROUP_DEPTH`] levels up) is one
+/// `wanted` says yes to.
 #[inline(always)]
-unsafe fn below_filtered_cgroup(offsets: &KernelOffsets, id: &Identity) -> bool {
-    // SAFETY: plain integers.
-    if unsafe { CGROUP_FILTER.get(id.cgroup_id) }.is_some() {
+unsafe fn below(offsets: &KernelOffsets, id: &Identity, wanted: impl Fn(u64) -> bool) -> bool {
+    if wanted(id.cgroup_id) {
         return true;
     }
     let mut kn = id.kn;
@@ -132,37 +148,48 @@ unsafe fn below_filtered_cgroup(offsets: &KernelOffsets, id: &Identity) -> bool 
         if kn.is_null() {
             return false;
         }
-        let ancestor: u64 = unsafe { read(kn.add(offsets.kernfs_id as usize)) };
-        if unsafe { CGROUP_FILTER.get(ancestor) }.is_some() {
+        if wanted(unsafe { read(kn.add(offsets.kernfs_id as usize)) }) {
             return true;
         }
     }
     false
 }
 
-/// The name of the cgroup `kn` or of one of its ancestors holds the container id prefix at one
-/// of the places where container runtimes put it.
-#[inline(always)]
-unsafe fn in_container(offsets: &KernelOffsets, mut kn: *const u8) -> bool {
-    let filter = CONTAINER_FILTER.load();
-    for _ in 0..MAX_CGROUP_DEPTH {
-        if kn.is_null() {
-            return false;
-        }
-        // SAFETY: read through the helper.
-        let name: u64 = unsafe { read(kn.add(offsets.kernfs_name as usize)) };
-        if name != 0 && unsafe { name_holds(&filter, name as *const u8) } {
-            return true;
-        }
-        kn = unsafe { read::<u64>(kn.add(offsets.kernfs_parent as usize)) } as *const u8;
+/// `cgroup_mkdir(cgrp, path)`, attached with `--container`: a new cgroup v2 whose name holds the
+/// container id (at one of [`CONTAINER_ID_OFFSETS`]) joins `CONTAINER_CGROUPS`, before any
+/// process can enter it. Userspace adds those that exist at start.
+pub fn cgroup_created(ctx: &BtfTracePointContext) {
+    let cgroup: *const u8 = ctx.arg(0);
+    let offsets = OFFSETS.load();
+    // SAFETY: a BTF-typed cgroup pointer; offsets from this kernel's BTF.
+    let (hierarchy, kn) = unsafe {
+        let root: *const u8 = read::<u64>(cgroup.add(offsets.cgroup_root as usize)) as *const u8;
+        (
+            read::<i32>(root.add(offsets.root_hierarchy_id as usize)),
+            read::<u64>(cgroup.add(offsets.cgroup_kn as usize)) as *const u8,
+        )
+    };
+    // Hierarchy 0 is cgroup v2; ids of the v1 hierarchies are another numbering.
+    if hierarchy != 0 || kn.is_null() {
+        return;
     }
-    false
+    // SAFETY: read through the helper.
+    let (name, id) = unsafe {
+        (
+            read::<u64>(kn.add(offsets.kernfs_name as usize)) as *const u8,
+            read::<u64>(kn.add(offsets.kernfs_id as usize)),
+        )
+    };
+    if !name.is_null() && unsafe { name_holds(&CONTAINER_FILTER.load(), name) } {
+        let _ = CONTAINER_CGROUPS.insert(id, 1, 0);
+    }
 }
 
 /// `name` (a kernel string) holds the filter's prefix at one of [`CONTAINER_ID_OFFSETS`].
 #[inline(always)]
 unsafe fn name_holds(filter: &ContainerFilter, name: *const u8) -> bool {
-    let mut buf = [0u64; 9];
+    // Long enough that the length read covers a full id after the longest prefix (15 + 64).
+    let mut buf = [0u64; 11];
     // SAFETY: at most the buffer's size; the string's length includes its NUL.
     let len = unsafe {
         bpf_probe_read_kernel_str(
@@ -184,10 +211,11 @@ unsafe fn name_holds(filter: &ContainerFilter, name: *const u8) -> bool {
         (1u64 << (rest * 8)) - 1
     };
     for offset in CONTAINER_ID_OFFSETS {
-        if offset + filter.len > chars {
+        // A prefix that would run past the name cannot be in it.
+        if filter.len == 0 || offset + filter.len > chars {
             continue;
         }
-        buf = [0; 9];
+        buf = [0; 11];
         // SAFETY: as above; the id is within the string, which is at least this long.
         unsafe {
             bpf_probe_read_kernel_str(

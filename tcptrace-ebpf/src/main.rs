@@ -86,6 +86,11 @@ static CGROUP_FILTER: HashMap<u64, u8> = HashMap::with_max_entries(MAX_FILTER_EN
 #[map]
 static NETNS_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
 
+/// `--container`: the cgroups whose names hold the container id. LRU: a container restarted
+/// over and over leaves cgroups that are gone.
+#[map]
+static CONTAINER_CGROUPS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
+
 /// A socket-local storage map definition with the flags aya-ebpf's own `SkStorage` cannot set:
 /// `BPF_F_CLONE`, so that accepted sockets get a copy of their listener's storage. Laid out as
 /// aya-ebpf's `btf_map_def!` lays out a BTF map: each field's pointee encodes a value in its type.
@@ -171,6 +176,12 @@ pub fn btf_sched_process_exit(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "sched_process_exec")]
 pub fn btf_sched_process_exec(ctx: BtfTracePointContext) -> i32 {
     btf::executed(&ctx);
+    0
+}
+
+#[btf_tracepoint(function = "cgroup_mkdir")]
+pub fn btf_cgroup_mkdir(ctx: BtfTracePointContext) -> i32 {
+    identity::cgroup_created(&ctx);
     0
 }
 

@@ -200,18 +200,17 @@ impl Resolver {
 
     /// The cgroup with this id, if it exists or existed at the last scan.
     pub fn get(&mut self, id: u64) -> Option<&Arc<Cgroup>> {
-        if id == 0 || self.vanished.contains(&id) {
+        // The usual case first: a cgroup seen before.
+        if self.known.contains_key(&id) {
+            return self.known.get(&id);
+        }
+        if id == 0 || self.vanished.contains(&id) || !self.may_scan() {
             return None;
         }
+        self.scan();
         if !self.known.contains_key(&id) {
-            if !self.may_scan() {
-                return None;
-            }
-            self.scan();
-            if !self.known.contains_key(&id) {
-                self.forget(id);
-                return None;
-            }
+            self.forget(id);
+            return None;
         }
         self.known.get(&id)
     }
@@ -272,6 +271,40 @@ impl Resolver {
     }
 }
 
+/// Whether a cgroup's name holds a container id prefix where runtimes put the id: the rule of
+/// `--container`, on both sides.
+pub fn name_holds(name: &str, prefix: &str) -> bool {
+    CONTAINER_ID_OFFSETS.iter().any(|&at| {
+        name.get(at as usize..)
+            .is_some_and(|id| id.starts_with(prefix))
+    })
+}
+
+/// The ids of the cgroups below `mount` whose names hold the container id `prefix`.
+pub fn matching(mount: &Path, prefix: &str) -> Vec<u64> {
+    let mut ids = Vec::new();
+    let mut stack = vec![mount.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if entry
+                .file_name()
+                .to_str()
+                .is_some_and(|name| name_holds(name, prefix))
+            {
+                ids.push(entry.ino());
+            }
+            stack.push(entry.path());
+        }
+    }
+    ids
+}
+
 /// `--cgroup` and `--container` applied to cgroup paths, for tracefs mode, whose kernel side
 /// cannot read a cgroup's ancestors or name. The same rules as the kernel side's.
 #[derive(Debug, Default)]
@@ -295,14 +328,10 @@ impl PathFilter {
                         .strip_prefix(&**top)
                         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
             });
-        let in_container = self.container.as_deref().is_none_or(|prefix| {
-            path.split('/').any(|name| {
-                CONTAINER_ID_OFFSETS.iter().any(|&at| {
-                    name.get(at as usize..)
-                        .is_some_and(|id| id.starts_with(prefix))
-                })
-            })
-        });
+        let in_container = self
+            .container
+            .as_deref()
+            .is_none_or(|prefix| path.split('/').any(|name| name_holds(name, prefix)));
         below && in_container
     }
 }

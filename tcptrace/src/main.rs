@@ -54,6 +54,7 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let cgroup_mount = cli.cgroup_mount();
     let loaded = kernel::load(&kernel::Settings {
         mode: cli.mode,
         filters: &filters,
@@ -61,6 +62,7 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
         max_sockets: cli.max_sockets,
         snapshot: cli.snapshot,
         debug: cli.debug,
+        cgroup_mount: cgroup_mount.as_deref(),
     })?;
     // Attached: nothing from here on needs a capability (but CAP_BPF to read the kernel side's
     // counters on kernels before 5.19 with unprivileged BPF disabled).
@@ -70,7 +72,7 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
     // Cgroup paths for the lines and the container label; in tracefs mode also the cgroup and
     // container filters, which its kernel side cannot apply.
     let cgroups = Cgroups::new(
-        cli.cgroup_mount(),
+        cgroup_mount,
         formatter.shows_cgroup() || cli.metrics_container_label,
         &filters,
         loaded.mode == kernel::Mode::Tracefs,

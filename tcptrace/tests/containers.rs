@@ -31,36 +31,46 @@ struct Container {
 
 /// The four shapes, below [`top`].
 fn containers() -> Vec<Container> {
+    (0..4).map(container).collect()
+}
+
+/// Shape `index` of the four: docker, containerd under kubepods, CRI-O, podman.
+fn container(index: usize) -> Container {
     let top = top();
     let pod_ = |uid: &str| uid.replace('-', "_");
-    vec![
-        Container {
-            cgroup: TestCgroup::new(&format!("{top}/system.slice/docker-{DOCKER_ID}.scope")),
-            id: Some(DOCKER_ID),
-            pod: None,
-        },
-        Container {
-            cgroup: TestCgroup::new(&format!(
+    let (path, id, pod) = match index {
+        0 => (
+            format!("{top}/system.slice/docker-{DOCKER_ID}.scope"),
+            DOCKER_ID,
+            None,
+        ),
+        1 => (
+            format!(
                 "{top}/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{CONTAINERD_ID}.scope",
                 pod_(CONTAINERD_POD)
-            )),
-            id: Some(CONTAINERD_ID),
-            pod: Some(CONTAINERD_POD),
-        },
-        Container {
-            cgroup: TestCgroup::new(&format!(
+            ),
+            CONTAINERD_ID,
+            Some(CONTAINERD_POD),
+        ),
+        2 => (
+            format!(
                 "{top}/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/crio-{CRIO_ID}.scope",
                 pod_(CRIO_POD)
-            )),
-            id: Some(CRIO_ID),
-            pod: Some(CRIO_POD),
-        },
-        Container {
-            cgroup: TestCgroup::new(&format!("{top}/machine.slice/libpod-{PODMAN_ID}.scope")),
-            id: Some(PODMAN_ID),
-            pod: None,
-        },
-    ]
+            ),
+            CRIO_ID,
+            Some(CRIO_POD),
+        ),
+        _ => (
+            format!("{top}/machine.slice/libpod-{PODMAN_ID}.scope"),
+            PODMAN_ID,
+            None,
+        ),
+    };
+    Container {
+        cgroup: TestCgroup::new(&path),
+        id: Some(id),
+        pod,
+    }
 }
 
 /// A server and a client in `cgroup` (inside `netns` when given) that connect, exchange a byte
@@ -192,15 +202,22 @@ fn ports_seen(lines: &[Value], ports: &[u16]) -> Vec<u16> {
 #[test]
 fn container_cgroup_and_namespace_filters_keep_exactly_the_matching_sockets() {
     let _serial = serial();
-    let containers = containers();
+    // The docker container exists before tracing begins (found by a walk of the hierarchy); the
+    // others are made after (the kernel side sees their cgroups made).
+    let docker = container(0);
     let netns = Netns::new(42);
     let top = top();
     let netns_path = format!("/run/netns/{}", netns.name);
     let kubepods = format!("{top}/kubepods.slice");
-    let filters: [(&str, Vec<&str>, &[usize]); 4] = [
+    // `--cgroup` names a cgroup that exists; the pods below it come after tracing began.
+    let _kubepods = TestCgroup::new(&kubepods);
+    let filters: [(&str, Vec<&str>, &[usize]); 6] = [
         // A docker-style short id, in the kernel (BTF mode) and in userspace (tracefs mode).
         ("btf", vec!["--container", &DOCKER_ID[..12]], &[0]),
         ("tracefs", vec!["--container", &DOCKER_ID[..12]], &[0]),
+        // A container whose cgroup is made after tracing began; the whole id.
+        ("btf", vec!["--container", CONTAINERD_ID], &[1]),
+        ("tracefs", vec!["--container", CONTAINERD_ID], &[1]),
         // A cgroup and everything below it: both pods.
         ("btf", vec!["--cgroup", &kubepods], &[1, 2]),
         ("tracefs", vec!["--cgroup", &kubepods], &[1, 2]),
@@ -220,6 +237,8 @@ fn container_cgroup_and_namespace_filters_keep_exactly_the_matching_sockets() {
         "--netns",
         &netns_path,
     ]));
+    let mut containers = vec![docker];
+    containers.extend((1..4).map(container));
 
     let mut ports = Vec::new();
     for (i, container) in containers.iter().enumerate() {

@@ -132,6 +132,19 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
         programs.push(attach(&mut ebpf, &btf, program, tracepoint)?);
     }
 
+    // --container: cgroups made from now on are matched by the kernel side as they are made,
+    // those that exist already by a walk of the hierarchy.
+    if let Some(prefix) = &settings.filters.container {
+        if offsets.features & KERNEL_HAS_CGROUP == 0 {
+            bail!("--container: this kernel's sockets do not record their cgroup");
+        }
+        attach(&mut ebpf, &btf, "btf_cgroup_mkdir", "cgroup_mkdir")?;
+        let mount = settings.cgroup_mount.ok_or_else(|| {
+            anyhow!("--container needs cgroup v2, and no cgroup2 mount was found")
+        })?;
+        super::fill_container_cgroups(&mut ebpf, &crate::cgroup::matching(mount, prefix))?;
+    }
+
     // Attached first, so that no socket opened meanwhile is missed; the iterator then gives an
     // owner to every socket that has none yet.
     let snapshot = match iterate(&mut ebpf, &btf) {
@@ -189,6 +202,8 @@ fn offsets(btf: &vmlinux::Btf) -> anyhow::Result<KernelOffsets> {
             data + field,
             tagged,
             btf.member_offset("cgroup", "kn")?,
+            btf.member_offset("cgroup", "root")?,
+            btf.member_offset("cgroup_root", "hierarchy_id")?,
             btf.member_offset("kernfs_node", "id")?,
             // Renamed in 6.15, when it became RCU-protected.
             btf.member_offset("kernfs_node", "__parent")
@@ -196,10 +211,18 @@ fn offsets(btf: &vmlinux::Btf) -> anyhow::Result<KernelOffsets> {
             btf.member_offset("kernfs_node", "name")?,
         ))
     });
-    let (sk_cgroup, cgroup_kn, kernfs_id, kernfs_parent, kernfs_name) = match cgroup {
-        Some((sk_cgroup, tagged, kn, id, parent, name)) => {
+    let (
+        sk_cgroup,
+        cgroup_kn,
+        cgroup_root,
+        root_hierarchy_id,
+        kernfs_id,
+        kernfs_parent,
+        kernfs_name,
+    ) = match cgroup {
+        Some((sk_cgroup, tagged, kn, root, hierarchy, id, parent, name)) => {
             features |= KERNEL_HAS_CGROUP | tagged;
-            (sk_cgroup, kn, id, parent, name)
+            (sk_cgroup, kn, root, hierarchy, id, parent, name)
         }
         None => Default::default(),
     };
@@ -236,6 +259,8 @@ fn offsets(btf: &vmlinux::Btf) -> anyhow::Result<KernelOffsets> {
         socket_sk: need("socket", "sk")?,
         sk_cgroup,
         cgroup_kn,
+        cgroup_root,
+        root_hierarchy_id,
         kernfs_id,
         kernfs_parent,
         kernfs_name,

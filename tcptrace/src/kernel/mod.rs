@@ -26,8 +26,8 @@ use aya::{
 };
 use aya_obj::generated::bpf_prog_info;
 use tcptrace_common::{
-    CGROUP_FILTER_MAP, CONFIG_GLOBAL, COUNTER_RINGBUF_FULL, COUNTERS_MAP, Config, EVENTS_MAP,
-    NETNS_FILTER_MAP, PID_FILTER_MAP, PORT_FILTER_MAP,
+    CGROUP_FILTER_MAP, CONFIG_GLOBAL, CONTAINER_CGROUPS_MAP, COUNTER_RINGBUF_FULL, COUNTERS_MAP,
+    Config, EVENTS_MAP, NETNS_FILTER_MAP, PID_FILTER_MAP, PORT_FILTER_MAP,
 };
 
 use crate::{cli::ModeChoice, filter::Filters};
@@ -121,6 +121,8 @@ pub struct Settings<'a> {
     pub snapshot: bool,
     /// Log the kernel side's diagnostics.
     pub debug: bool,
+    /// The cgroup v2 hierarchy, where `--container`'s cgroups are looked for at start.
+    pub cgroup_mount: Option<&'a std::path::Path>,
 }
 
 /// Loads and attaches the mode `settings.mode` asks for; `auto` takes BTF mode where the kernel
@@ -206,6 +208,17 @@ fn fill_filters(ebpf: &mut Ebpf, filters: &Filters) -> anyhow::Result<()> {
         netns_filter
             .insert(inode, 1, 0)
             .with_context(|| format!("failed to add network namespace {inode} to the filter"))?;
+    }
+    Ok(())
+}
+
+/// Adds cgroups (ids) of the `--container` filter.
+fn fill_container_cgroups(ebpf: &mut Ebpf, ids: &[u64]) -> anyhow::Result<()> {
+    // aya's HashMap serves LRU hash maps too.
+    let mut map: HashMap<_, u64, u8> = HashMap::try_from(map_mut(ebpf, CONTAINER_CGROUPS_MAP)?)?;
+    for &id in ids {
+        map.insert(id, 1, 0)
+            .with_context(|| format!("failed to add cgroup {id} to the container filter"))?;
     }
     Ok(())
 }
