@@ -80,8 +80,15 @@ fn connect_inside(cgroup: &TestCgroup, netns: Option<&Netns>, comm: &str) -> u16
         Some(netns) => (Some(netns.name.as_str()), netns.ns_ip.as_str()),
         None => (None, "127.0.0.1"),
     };
-    let mut server = Endpoint::server_in_cgroup(cgroup, ns, ip, &format!("{comm}-s"));
-    let mut client = Endpoint::client_in_cgroup(cgroup, ns, &format!("{comm}-c"));
+    connect(
+        Endpoint::server_in_cgroup(cgroup, ns, ip, &format!("{comm}-s")),
+        Endpoint::client_in_cgroup(cgroup, ns, &format!("{comm}-c")),
+        ip,
+    )
+}
+
+/// `server` (bound to `ip`) listens, `client` connects, both close. Returns the server's port.
+fn connect(mut server: Endpoint, mut client: Endpoint, ip: &str) -> u16 {
     let port = server.port;
     server.step("listen");
     client.step(&format!("connect {ip}:{port}"));
@@ -93,19 +100,26 @@ fn connect_inside(cgroup: &TestCgroup, netns: Option<&Netns>, comm: &str) -> u16
     port
 }
 
+/// A connection in each of the four containers (the podman one, the last, in `netns`). Returns
+/// the servers' ports, in order.
+fn connect_in_each(containers: &[Container], netns: &Netns, tag: &str) -> Vec<u16> {
+    containers
+        .iter()
+        .enumerate()
+        .map(|(i, container)| {
+            let inside = (i == 3).then_some(netns);
+            connect_inside(&container.cgroup, inside, &format!("{tag}{i}"))
+        })
+        .collect()
+}
+
 /// A server and a client in the test's own cgroup. Returns the server's port.
 fn connect_outside(comm: &str) -> u16 {
-    let mut server = Endpoint::server("127.0.0.1", &format!("{comm}-s"));
-    let mut client = Endpoint::client(&format!("{comm}-c"));
-    let port = server.port;
-    server.step("listen");
-    client.step(&format!("connect 127.0.0.1:{port}"));
-    server.step("accept");
-    client.step("close");
-    server.step("close-all");
-    server.exit();
-    client.exit();
-    port
+    connect(
+        Endpoint::server("127.0.0.1", &format!("{comm}-s")),
+        Endpoint::client(&format!("{comm}-c")),
+        "127.0.0.1",
+    )
 }
 
 /// Lines of the connection to `port`: both sides, and the listener.
@@ -159,16 +173,7 @@ fn every_line_names_its_container_pod_cgroup_and_network_namespace() {
     let tracefs = Tracer::start(&["--format", "json", "--mode", "tracefs", "-4"]);
     let containers = containers();
     let netns = Netns::new(41);
-    let mut ports = Vec::new();
-    for (i, container) in containers.iter().enumerate() {
-        // The podman container has a network namespace of its own.
-        let inside = (i == 3).then_some(&netns);
-        ports.push(connect_inside(
-            &container.cgroup,
-            inside,
-            &format!("tt-ct{i}"),
-        ));
-    }
+    let ports = connect_in_each(&containers, &netns, "tt-ct");
     let host_port = connect_outside("tt-host");
     let (btf, tracefs) = (btf.stop().json(), tracefs.stop().json());
 
@@ -240,15 +245,7 @@ fn container_cgroup_and_namespace_filters_keep_exactly_the_matching_sockets() {
     let mut containers = vec![docker];
     containers.extend((1..4).map(container));
 
-    let mut ports = Vec::new();
-    for (i, container) in containers.iter().enumerate() {
-        let inside = (i == 3).then_some(&netns);
-        ports.push(connect_inside(
-            &container.cgroup,
-            inside,
-            &format!("tt-f{i}"),
-        ));
-    }
+    let ports = connect_in_each(&containers, &netns, "tt-f");
     let host_port = connect_outside("tt-fhost");
     let mut all_ports = ports.clone();
     all_ports.push(host_port);

@@ -183,64 +183,7 @@ fn offsets(btf: &vmlinux::Btf) -> anyhow::Result<KernelOffsets> {
         btf.member_offset("sock_common", "skc_v6_daddr"),
         btf.member_offset("sock_common", "skc_v6_rcv_saddr"),
     );
-    let mut features = if v6.0.is_some() && v6.1.is_some() {
-        KERNEL_HAS_IPV6
-    } else {
-        0
-    };
-    // The socket's cgroup: a pointer since 5.15, a tagged word in a union before.
-    // https://elixir.bootlin.com/linux/v5.15/source/include/linux/cgroup-defs.h (sock_cgroup_data)
-    let cgroup = btf.member_offset("sock", "sk_cgrp_data").and_then(|data| {
-        let (field, tagged) = match btf.member_offset("sock_cgroup_data", "cgroup") {
-            Some(field) => (field, 0),
-            None => (
-                btf.member_offset("sock_cgroup_data", "val")?,
-                KERNEL_CGROUP_TAGGED,
-            ),
-        };
-        Some((
-            data + field,
-            tagged,
-            btf.member_offset("cgroup", "kn")?,
-            btf.member_offset("cgroup", "root")?,
-            btf.member_offset("cgroup_root", "hierarchy_id")?,
-            btf.member_offset("kernfs_node", "id")?,
-            // Renamed in 6.15, when it became RCU-protected.
-            btf.member_offset("kernfs_node", "__parent")
-                .or_else(|| btf.member_offset("kernfs_node", "parent"))?,
-            btf.member_offset("kernfs_node", "name")?,
-        ))
-    });
-    let (
-        sk_cgroup,
-        cgroup_kn,
-        cgroup_root,
-        root_hierarchy_id,
-        kernfs_id,
-        kernfs_parent,
-        kernfs_name,
-    ) = match cgroup {
-        Some((sk_cgroup, tagged, kn, root, hierarchy, id, parent, name)) => {
-            features |= KERNEL_HAS_CGROUP | tagged;
-            (sk_cgroup, kn, root, hierarchy, id, parent, name)
-        }
-        None => Default::default(),
-    };
-    // Without CONFIG_NET_NS, `possible_net_t` is empty: every socket is in the one namespace.
-    let netns = btf
-        .member_offset("sock_common", "skc_net")
-        .zip(btf.member_offset("possible_net_t", "net"))
-        .zip(btf.member_offset("net", "ns"))
-        .zip(btf.member_offset("ns_common", "inum"))
-        .map(|(((skc_net, net), ns), inum)| (skc_net + net, ns + inum));
-    let (skc_net, net_inum) = match netns {
-        Some(offsets) => {
-            features |= KERNEL_HAS_NETNS;
-            offsets
-        }
-        None => (0, 0),
-    };
-    Ok(KernelOffsets {
+    let mut offsets = KernelOffsets {
         skc_daddr: need("sock_common", "skc_daddr")?,
         skc_rcv_saddr: need("sock_common", "skc_rcv_saddr")?,
         skc_dport: need("sock_common", "skc_dport")?,
@@ -257,17 +200,56 @@ fn offsets(btf: &vmlinux::Btf) -> anyhow::Result<KernelOffsets> {
         task_group_leader: need("task_struct", "group_leader")?,
         task_comm: need("task_struct", "comm")?,
         socket_sk: need("socket", "sk")?,
-        sk_cgroup,
-        cgroup_kn,
-        cgroup_root,
-        root_hierarchy_id,
-        kernfs_id,
-        kernfs_parent,
-        kernfs_name,
-        skc_net,
-        net_inum,
-        features,
-    })
+        features: if v6.0.is_some() && v6.1.is_some() {
+            KERNEL_HAS_IPV6
+        } else {
+            0
+        },
+        ..KernelOffsets::default()
+    };
+    // Where a socket keeps its cgroup and its network namespace; a kernel without either
+    // (CONFIG_SOCK_CGROUP_DATA, CONFIG_NET_NS) leaves those fields out of the lines.
+    if cgroup_offsets(btf, &mut offsets).is_some() {
+        offsets.features |= KERNEL_HAS_CGROUP;
+    }
+    // Without CONFIG_NET_NS, `possible_net_t` is empty: every socket is in the one namespace.
+    if let Some(((skc_net, net), (ns, inum))) = btf
+        .member_offset("sock_common", "skc_net")
+        .zip(btf.member_offset("possible_net_t", "net"))
+        .zip(
+            btf.member_offset("net", "ns")
+                .zip(btf.member_offset("ns_common", "inum")),
+        )
+    {
+        offsets.skc_net = skc_net + net;
+        offsets.net_inum = ns + inum;
+        offsets.features |= KERNEL_HAS_NETNS;
+    }
+    Ok(offsets)
+}
+
+/// The socket's cgroup (a pointer since 5.15, a tagged word in a union before) and the cgroup
+/// and kernfs fields the filters read; None when a field is missing.
+/// https://elixir.bootlin.com/linux/v5.15/source/include/linux/cgroup-defs.h (sock_cgroup_data)
+fn cgroup_offsets(btf: &vmlinux::Btf, offsets: &mut KernelOffsets) -> Option<()> {
+    let data = btf.member_offset("sock", "sk_cgrp_data")?;
+    offsets.sk_cgroup = match btf.member_offset("sock_cgroup_data", "cgroup") {
+        Some(field) => data + field,
+        None => {
+            offsets.features |= KERNEL_CGROUP_TAGGED;
+            data + btf.member_offset("sock_cgroup_data", "val")?
+        }
+    };
+    offsets.cgroup_kn = btf.member_offset("cgroup", "kn")?;
+    offsets.cgroup_root = btf.member_offset("cgroup", "root")?;
+    offsets.root_hierarchy_id = btf.member_offset("cgroup_root", "hierarchy_id")?;
+    offsets.kernfs_id = btf.member_offset("kernfs_node", "id")?;
+    // Renamed in 6.15, when it became RCU-protected.
+    offsets.kernfs_parent = btf
+        .member_offset("kernfs_node", "__parent")
+        .or_else(|| btf.member_offset("kernfs_node", "parent"))?;
+    offsets.kernfs_name = btf.member_offset("kernfs_node", "name")?;
+    Some(())
 }
 
 fn attach(

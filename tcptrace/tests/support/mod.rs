@@ -274,6 +274,20 @@ impl Drop for Tracer {
 }
 
 /// The workload example, built by `cargo test` next to the test binaries.
+/// The workload, inside network namespace `netns` when given.
+fn workload_in(netns: Option<&str>) -> Command {
+    match netns {
+        Some(netns) => {
+            let mut command = Command::new("ip");
+            command
+                .args(["netns", "exec", netns])
+                .arg(workload_binary());
+            command
+        }
+        None => Command::new(workload_binary()),
+    }
+}
+
 fn workload_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/<test> -> target/<profile>/examples/tcp_workload
@@ -316,16 +330,7 @@ impl Endpoint {
         comm: &str,
         reuseport: bool,
     ) -> Self {
-        let mut command = match netns {
-            Some(netns) => {
-                let mut command = Command::new("ip");
-                command
-                    .args(["netns", "exec", netns])
-                    .arg(workload_binary());
-                command
-            }
-            None => Command::new(workload_binary()),
-        };
+        let mut command = workload_in(netns);
         let addr = SocketAddr::new(ip.parse().expect("ip"), port).to_string();
         command.args(["server", &addr, comm]);
         if reuseport {
@@ -709,16 +714,7 @@ impl TestCgroup {
 
     /// The workload, to run in this cgroup from its start (inside `netns` when given).
     pub fn command(&self, netns: Option<&str>) -> Command {
-        let mut command = match netns {
-            Some(netns) => {
-                let mut command = Command::new("ip");
-                command
-                    .args(["netns", "exec", netns])
-                    .arg(workload_binary());
-                command
-            }
-            None => Command::new(workload_binary()),
-        };
+        let mut command = workload_in(netns);
         let procs = std::ffi::CString::new(
             self.dir()
                 .join("cgroup.procs")
