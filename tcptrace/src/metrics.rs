@@ -65,6 +65,7 @@ pub struct Metrics {
     registry: Registry,
     transitions: Family<(TransitionLabels, ContainerLabel), Counter>,
     retransmits: Family<(StateLabels, ContainerLabel), Counter>,
+    retransmit_failures: Family<(StateLabels, ContainerLabel), Counter>,
     durations: Family<(StateLabels, ContainerLabel), Histogram>,
     lost: Counter,
     container_label: bool,
@@ -86,6 +87,12 @@ impl Metrics {
             "Retransmitted segments, SYNs and SYN-ACKs, by the socket's state",
             retransmits.clone(),
         );
+        let retransmit_failures = Family::default();
+        registry.register(
+            "retransmit_failures",
+            "Retransmit attempts the kernel reports as failed (err < 0: nothing went out), by the socket's state",
+            retransmit_failures.clone(),
+        );
         // 10 us to about 42 s: connect latency on a LAN through slow closers.
         let durations = Family::<_, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(1e-5, 4.0, 12))
@@ -105,6 +112,7 @@ impl Metrics {
             registry,
             transitions,
             retransmits,
+            retransmit_failures,
             durations,
             lost,
             container_label,
@@ -142,11 +150,14 @@ impl Metrics {
                         .observe(Duration::from_nanos(ns).as_secs_f64());
                 }
             }
-            // An attempt the kernel reports as failed (`err` < 0) sent nothing.
-            Kind::Retransmit { err: Some(err), .. } if err != 0 => {}
-            Kind::Retransmit { state, .. } => {
+            Kind::Retransmit { state, err } => {
                 let state = StateName(state.unwrap_or(TcpState::Unknown(0)));
-                self.retransmits
+                // An attempt the kernel reports as failed (`err` < 0) sent nothing.
+                let family = match err {
+                    Some(err) if err != 0 => &self.retransmit_failures,
+                    _ => &self.retransmits,
+                };
+                family
                     .get_or_create(&(StateLabels { state }, container.clone()))
                     .inc();
             }
@@ -295,6 +306,11 @@ mod tests {
         raw.kind = KIND_RETRANSMIT;
         raw.flags = tcptrace_common::EVENT_HAS_STATE;
         metrics.record(&decode(&bytes(&raw)).unwrap(), None);
+        // Two attempts that failed (`err` -1, EPERM): not retransmits, failures.
+        raw.flags |= tcptrace_common::EVENT_HAS_ERR;
+        raw.err = -1;
+        metrics.record(&decode(&bytes(&raw)).unwrap(), None);
+        metrics.record(&decode(&bytes(&raw)).unwrap(), None);
         metrics.update(&Counters { lost: 7 });
         metrics.update(&Counters { lost: 9 });
         let text = metrics.encode();
@@ -314,6 +330,10 @@ mod tests {
         );
         assert!(
             text.contains("tcptrace_retransmits_total{state=\"ESTABLISHED\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tcptrace_retransmit_failures_total{state=\"ESTABLISHED\"} 2\n"),
             "{text}"
         );
         assert!(text.contains("tcptrace_events_lost_total 9\n"), "{text}");

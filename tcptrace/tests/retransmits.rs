@@ -405,3 +405,94 @@ fn states_only_leaves_retransmits_out() {
     server.exit();
     client.exit();
 }
+
+/// Retransmits that went out, then attempts that failed: inside a namespace of the test's own,
+/// the server's input is dropped (the client's retransmits leave, and are lost), then also the
+/// client's output (netfilter refuses each attempt: `err` -1, EPERM, on kernels whose tracepoint
+/// has `err`). Lines report the failures with their `err`; the socket's count leaves them out.
+#[test]
+fn failed_retransmit_attempts_are_reported_and_not_counted() {
+    let _serial = support::serial();
+    let netns = Netns::new(3);
+    let mut server = Endpoint::server_in(&netns.name, &netns.ns_ip, "tt-rtf-srv");
+    let mut client = Endpoint::client_in(&netns.name, "tt-rtf-cli");
+    let port = server.port.to_string();
+    let tracer = Tracer::start(&["--format", "json", "--port", &port]);
+
+    server.step("listen");
+    server.send("accept");
+    client.step(&format!(
+        "connect {}",
+        socket_addr(&netns.ns_ip, server.port)
+    ));
+    server.ack();
+    let drop_input = ["INPUT", "-p", "tcp", "--dport", &port, "-j", "DROP"];
+    let drop_output = ["OUTPUT", "-p", "tcp", "--dport", &port, "-j", "DROP"];
+    netns.iptables(&[&["-A"], &drop_input[..]].concat());
+    server.send("echo");
+    client.send("send");
+    let sent = |lines: &[String]| {
+        json(lines)
+            .iter()
+            .filter(|l| l["type"] == "retransmit" && l["dport"] == server.port)
+            .filter(|l| l.get("err").is_none_or(|err| err == 0))
+            .count()
+    };
+    tracer.wait_for(WAIT, "a retransmit that went out", |l| sent(l) >= 1);
+    netns.iptables(&[&["-A"], &drop_output[..]].concat());
+    let has_err = kernel_has_retransmit_err();
+    let failed = |lines: &[String]| {
+        json(lines)
+            .iter()
+            .filter(|l| l["type"] == "retransmit" && l["dport"] == server.port)
+            .filter(|l| l["err"].as_i64().is_some_and(|err| err < 0))
+            .count()
+    };
+    if has_err {
+        tracer.wait_for(WAIT, "a failed retransmit attempt", |l| failed(l) >= 1);
+    } else {
+        // Without `err` the kernel does not report failed attempts: wait out two backoffs.
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    netns.iptables(&[&["-D"], &drop_output[..]].concat());
+    netns.iptables(&[&["-D"], &drop_input[..]].concat());
+    client.ack();
+    server.ack();
+    client.step("close");
+    server.step("wait-eof");
+    server.step("close");
+    let lines = tracer.stop().json();
+
+    let retransmits = retransmit_lines(&lines, "dport", server.port);
+    let went_out = retransmits
+        .iter()
+        .filter(|l| l.get("err").is_none_or(|err| err == 0))
+        .count() as u64;
+    let refused: Vec<_> = retransmits
+        .iter()
+        .filter(|l| l.get("err").is_some_and(|err| err != 0))
+        .collect();
+    assert!(went_out >= 1, "{lines:?}");
+    if has_err {
+        assert!(!refused.is_empty(), "{lines:?}");
+        for line in &refused {
+            // EPERM: netfilter dropped it on the way out.
+            assert_eq!(line["err"], -1, "{line}");
+            assert_eq!(line["pid"], client.pid(), "{line}");
+            assert_eq!(line["state"], "ESTABLISHED", "{line}");
+        }
+    } else {
+        assert!(refused.is_empty(), "{lines:?}");
+    }
+    let close = close_after(&lines, retransmits[0]);
+    let counted = close["retransmits"].as_u64().expect("retransmits");
+    if btf_mode() {
+        // The kernel's own count: what went out, and tail loss probes the tracepoint may not show;
+        // never the failed attempts (tcp_sock.total_retrans grows only on success).
+        assert!(counted >= went_out, "{went_out} went out: {close}");
+    } else {
+        assert_eq!(counted, went_out, "{close}");
+    }
+    server.exit();
+    client.exit();
+}

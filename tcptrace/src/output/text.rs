@@ -101,11 +101,16 @@ impl Text {
                 new,
                 duration_ns: None,
             } => write!(out, "{old:<12} -> {new:<12} -"),
-            Kind::Retransmit {
-                state: Some(state), ..
-            } => write!(out, "{state:<12} !! {:<12} -", "RETRANS"),
-            Kind::Retransmit { state: None, .. } => {
-                write!(out, "{:<12} !! {:<12} -", "-", "RETRANS")
+            Kind::Retransmit { state, err } => {
+                // An attempt the kernel reports as failed sent nothing.
+                let what = match err {
+                    Some(err) if err != 0 => "RETRANS_FAIL",
+                    _ => "RETRANS",
+                };
+                match state {
+                    Some(state) => write!(out, "{state:<12} !! {what:<12} -"),
+                    None => write!(out, "{:<12} !! {what:<12} -", "-"),
+                }
             }
             Kind::RetransmitSynack => write!(out, "{:<12} !! {:<12} -", "SYN_RECV", "RETRANS"),
             Kind::Snapshot { state } => write!(out, "{state:<12} :: {:<12} -", "EXISTING"),
@@ -230,6 +235,10 @@ mod tests {
         raw.flags = EVENT_HAS_STATE;
         let out = line(&text, &raw);
         assert!(out.contains("ESTABLISHED  !! RETRANS      -\n"), "{out:?}");
+        raw.flags |= tcptrace_common::EVENT_HAS_ERR;
+        raw.err = -1;
+        let out = line(&text, &raw);
+        assert!(out.contains("ESTABLISHED  !! RETRANS_FAIL -\n"), "{out:?}");
         let mut raw = raw_state(tcp_state::CLOSE, tcp_state::SYN_SENT);
         raw.flags = 0;
         assert!(line(&text, &raw).ends_with("CLOSE        -> SYN_SENT     -\n"));
