@@ -389,6 +389,39 @@ mod user {
     unsafe impl aya::Pod for super::ContainerFilter {}
 }
 
+/// Where a state transition's owner comes from (tracefs mode, which keeps per-socket state in a
+/// map keyed by the socket's address, an address the kernel reuses once a socket is freed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// `connect()` or `listen()`: the process running now owns the socket.
+    Opened,
+    /// A child socket a listener accepted (`LISTEN -> SYN_RECV`): the listener's owner.
+    Accepted,
+    /// Another socket new to tracing (out of CLOSE): owner unknown, whatever an entry under its
+    /// address says (a missed CLOSE would leave a dead socket's owner, time and count there).
+    New,
+    /// A later transition of a socket: the entry kept under its address, if any.
+    Kept,
+}
+
+impl Origin {
+    /// The origin of `oldstate -> newstate`. A transition out of CLOSE, or a listener's child's
+    /// first one, never takes what is kept under the socket's address.
+    #[inline(always)]
+    pub const fn of(oldstate: u32, newstate: u32) -> Self {
+        use tcp_state::{CLOSE, LISTEN, SYN_RECV, SYN_SENT};
+        if (oldstate == CLOSE && newstate == SYN_SENT) || newstate == LISTEN {
+            Self::Opened
+        } else if oldstate == LISTEN && newstate == SYN_RECV {
+            Self::Accepted
+        } else if oldstate == CLOSE {
+            Self::New
+        } else {
+            Self::Kept
+        }
+    }
+}
+
 /// Kernel TCP state numbers (`include/net/tcp_states.h`); the eBPF side acts on a few of them.
 pub mod tcp_state {
     pub const ESTABLISHED: u32 = 1;
@@ -403,4 +436,51 @@ pub mod tcp_state {
     pub const LISTEN: u32 = 10;
     pub const CLOSING: u32 = 11;
     pub const NEW_SYN_RECV: u32 = 12;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Origin, tcp_state::*};
+
+    const STATES: [u32; 12] = [
+        ESTABLISHED,
+        SYN_SENT,
+        SYN_RECV,
+        FIN_WAIT1,
+        FIN_WAIT2,
+        TIME_WAIT,
+        CLOSE,
+        CLOSE_WAIT,
+        LAST_ACK,
+        LISTEN,
+        CLOSING,
+        NEW_SYN_RECV,
+    ];
+
+    /// Every pair of states: only a transition within a socket's life takes the kept entry; one
+    /// out of CLOSE, and a listener's child's first, never do (a stale entry under a reused
+    /// address would name a dead socket's owner and give a duration the new socket cannot have).
+    #[test]
+    fn only_a_socket_s_later_transitions_take_the_kept_entry() {
+        for old in STATES {
+            for new in STATES {
+                let origin = Origin::of(old, new);
+                let expected = if (old == CLOSE && new == SYN_SENT) || new == LISTEN {
+                    Origin::Opened
+                } else if old == LISTEN && new == SYN_RECV {
+                    Origin::Accepted
+                } else if old == CLOSE {
+                    Origin::New
+                } else {
+                    Origin::Kept
+                };
+                assert_eq!(origin, expected, "{old} -> {new}");
+                if old == CLOSE || (old == LISTEN && new == SYN_RECV) {
+                    assert_ne!(origin, Origin::Kept, "{old} -> {new} took a stale entry");
+                }
+            }
+        }
+        // The listener's own close keeps its entry (its time in LISTEN, its owner).
+        assert_eq!(Origin::of(LISTEN, CLOSE), Origin::Kept);
+    }
 }

@@ -22,8 +22,8 @@ use aya_log_ebpf::warn;
 use tcptrace_common::{
     AF_INET, Bytes16, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, Event, Forked,
     KERNEL_HAS_IPV6, KERNEL_RETRANSMIT_ERR, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_SNAPSHOT,
-    KIND_STATE, KernelOffsets, SocketState, TRACE_RETRANSMITS, TRACE_SNAPSHOT, TRACE_STATES,
-    tcp_state,
+    KIND_STATE, KernelOffsets, Origin, SocketState, TRACE_RETRANSMITS, TRACE_SNAPSHOT,
+    TRACE_STATES, tcp_state,
 };
 
 use crate::{
@@ -291,9 +291,8 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
     // interrupted; on loopback, the peer) and takes the owner from the socket's storage. A child
     // socket's storage is its listener's, copied before this first transition of the child.
     // https://elixir.bootlin.com/linux/v6.18/source/net/core/bpf_sk_storage.c (bpf_sk_storage_clone)
-    let opened = (oldstate == tcp_state::CLOSE && newstate == tcp_state::SYN_SENT)
-        || newstate == tcp_state::LISTEN;
-    let accepted = oldstate == tcp_state::LISTEN && newstate == tcp_state::SYN_RECV;
+    let origin = Origin::of(oldstate, newstate);
+    let opened = origin == Origin::Opened;
     // SAFETY: `sk` as above; a storage value is this socket's, and the kernel holds the socket
     // lock across a transition.
     let stored = unsafe { storage(sk, newstate != tcp_state::CLOSE) };
@@ -307,7 +306,7 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
         (current_owner(&offsets), 0, 0)
     } else if let Some(state) = unsafe { stored.as_mut() } {
         let owner = live_owner(state);
-        if accepted || oldstate == tcp_state::CLOSE {
+        if origin != Origin::Kept {
             // A new socket: the listener's duration and counts are not its own.
             (owner, 0, 0)
         } else {

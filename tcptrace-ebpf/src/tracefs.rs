@@ -7,8 +7,8 @@ use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TracePointContext};
 use aya_log_ebpf::warn;
 use tcptrace_common::{
     AF_INET, AF_INET6, Bytes16, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, Event,
-    FIELD_ABSENT, IPPROTO_TCP, KIND_RETRANSMIT_SYNACK, KIND_STATE, ListenerOwner, RetransmitLayout,
-    SocketState, TRACE_RETRANSMITS, TRACE_STATES, tcp_state,
+    FIELD_ABSENT, IPPROTO_TCP, KIND_RETRANSMIT_SYNACK, KIND_STATE, ListenerOwner, Origin,
+    RetransmitLayout, SocketState, TRACE_RETRANSMITS, TRACE_STATES, tcp_state,
 };
 
 use crate::{
@@ -69,18 +69,14 @@ pub fn state(ctx: &TracePointContext) -> Result<(), ()> {
     // https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/tcp_ipv4.c (tcp_v4_connect)
     // https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/af_inet.c (__inet_listen_sk)
     let existing = SOCKETS.get_ptr_mut(skaddr);
-    let (owner, since_ns, retransmits) = if (oldstate == tcp_state::CLOSE
-        && newstate == tcp_state::SYN_SENT)
-        || newstate == tcp_state::LISTEN
-    {
-        (current_owner(), 0, 0)
-    } else if oldstate == tcp_state::LISTEN && newstate == tcp_state::SYN_RECV {
+    let (owner, since_ns, retransmits) = match Origin::of(oldstate, newstate) {
+        Origin::Opened => (current_owner(), 0, 0),
         // A passively opened child socket, cloned from its listener in softirq context: always a
         // new socket, whatever a missed CLOSE left under its address. Its owner is the listener's
         // on this port, unless several listeners of different owners share the port (other
         // network namespaces, SO_REUSEPORT): this mode cannot tell which one accepted it.
         // https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/inet_connection_sock.c (inet_csk_clone_lock)
-        match unsafe { LISTENERS.get(sport) } {
+        Origin::Accepted => match unsafe { LISTENERS.get(sport) } {
             Some(listener) => (
                 Owner {
                     pid: listener.pid,
@@ -91,23 +87,23 @@ pub fn state(ctx: &TracePointContext) -> Result<(), ()> {
                 0,
             ),
             None => (UNKNOWN_OWNER, 0, 0),
-        }
-    } else if let Some(state) = existing
-        && oldstate != tcp_state::CLOSE
-    {
-        // SAFETY: a value of this map; a concurrent update at worst yields a stale duration.
-        let state = unsafe { &*state };
-        (
-            Owner {
-                pid: state.pid,
-                comm: state.comm,
-                cgroup_id: state.cgroup_id,
+        },
+        Origin::New => (UNKNOWN_OWNER, 0, 0),
+        Origin::Kept => match existing {
+            // SAFETY: a value of this map; a concurrent update at worst yields a stale duration.
+            Some(state) => unsafe {
+                (
+                    Owner {
+                        pid: (*state).pid,
+                        comm: (*state).comm,
+                        cgroup_id: (*state).cgroup_id,
+                    },
+                    (*state).since_ns,
+                    (*state).retransmits,
+                )
             },
-            state.since_ns,
-            state.retransmits,
-        )
-    } else {
-        (UNKNOWN_OWNER, 0, 0)
+            None => (UNKNOWN_OWNER, 0, 0),
+        },
     };
 
     // Listeners are recorded whatever the filters say, so that a port shared by listeners of
