@@ -5,7 +5,8 @@
 //! `tcp_workload server ADDR COMM [reuseport]` binds ADDR (port 0 picks one; with `reuseport`,
 //! SO_REUSEPORT first) and prints `bound PORT`;
 //! `tcp_workload client COMM` waits for `connect ADDR`. Then each stdin line is one step, answered
-//! with `ok` once done: `listen`, `accept`, `connect ADDR`, `echo` (read a byte, write it back),
+//! with `ok` once done: `listen`, `accept`, `connect ADDR`, `connect-from-thread ADDR` (from a
+//! thread named `tt-worker`), `echo` (read a byte, write it back),
 //! `send` (write a byte, read the reply), `write` (a byte), `accept-many N` (accept and hold N
 //! connections), `accept-ready` (accept and hold every connection waiting, and say
 //! `peers PORT,PORT,...` with their remote ports), `close-all` (the held ones),
@@ -109,6 +110,22 @@ fn main() {
                     .unwrap_or_else(|e| fail(&format!("bad address: {e}")));
                 conn = Some(
                     TcpStream::connect(addr).unwrap_or_else(|e| fail(&format!("connect: {e}"))),
+                );
+            }
+            (Some("connect-from-thread"), Some(addr)) => {
+                // connect() from a thread of another name than the process's (a worker pool).
+                let addr: SocketAddr = addr
+                    .parse()
+                    .unwrap_or_else(|e| fail(&format!("bad address: {e}")));
+                let worker = std::thread::Builder::new()
+                    .name("tt-worker".to_owned())
+                    .spawn(move || TcpStream::connect(addr))
+                    .unwrap_or_else(|e| fail(&format!("thread: {e}")));
+                conn = Some(
+                    worker
+                        .join()
+                        .unwrap_or_else(|_| fail("connect thread panicked"))
+                        .unwrap_or_else(|e| fail(&format!("connect: {e}"))),
                 );
             }
             (Some("echo"), _) => {

@@ -136,6 +136,9 @@ pub struct TcpEvent {
     pub cgroup_id: u64,
     /// The socket's network namespace (inode number); 0 when unknown (tracefs mode).
     pub netns: u32,
+    /// tracefs mode: the name of the thread that opened the socket, when `comm` became its
+    /// process's name and the two differ.
+    pub thread: Option<[u8; 16]>,
 }
 
 impl TcpEvent {
@@ -233,6 +236,7 @@ pub fn decode(bytes: &[u8]) -> Result<TcpEvent, DecodeError> {
         retransmits,
         cgroup_id,
         netns,
+        thread: None,
     })
 }
 

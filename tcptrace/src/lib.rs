@@ -10,6 +10,7 @@ pub mod kernel;
 pub mod metrics;
 pub mod output;
 pub mod privileges;
+pub mod process_names;
 pub mod signals;
 pub mod tracefs;
 pub mod tracer;

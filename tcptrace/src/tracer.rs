@@ -15,9 +15,10 @@ use tokio::{
 use crate::{
     cgroup::Cgroups,
     event::{WallClock, decode},
-    kernel::{Attached, Loaded},
+    kernel::{Attached, Loaded, Mode},
     metrics::Metrics,
     output::{Chunk, Destination, Formatter, MAX_LINE, Outcome, Room, Writer},
+    process_names::ProcessNames,
     signals::Signals,
 };
 
@@ -50,6 +51,8 @@ pub struct Summary {
 struct Tracer {
     formatter: Formatter,
     cgroups: Cgroups,
+    /// tracefs mode: process names in place of thread names.
+    process_names: Option<ProcessNames>,
     metrics: Option<Arc<Metrics>>,
     attached: Attached,
     writer: Writer,
@@ -92,6 +95,7 @@ pub async fn run(
     let mut tracer = Tracer {
         formatter,
         cgroups,
+        process_names: (mode == Mode::Tracefs).then(ProcessNames::default),
         metrics,
         attached,
         writer: Writer::spawn(destination, buffer_size)?,
@@ -189,8 +193,11 @@ impl Tracer {
                 && let Some(record) = ring.next()
             {
                 match decode(&record) {
-                    Ok(event) => match self.cgroups.of(&event) {
+                    Ok(mut event) => match self.cgroups.of(&event) {
                         Ok(cgroup) => {
+                            if let Some(names) = &mut self.process_names {
+                                names.apply(&mut event);
+                            }
                             self.formatter.event(
                                 &mut self.buf,
                                 &event,

@@ -706,3 +706,49 @@ fn an_exited_owner_hands_nothing_to_a_child_forked_before_the_socket() {
         assert_eq!(line["pid"].as_i64(), Some(i64::from(parent)), "{line}");
     }
 }
+
+/// A client that connects from a worker thread of another name (`tt-worker`): every line of its
+/// socket names the process, as `ps` does, in both modes; tracefs mode, whose kernel side sees
+/// only the thread, adds the thread's name as `thread`.
+#[test]
+fn a_worker_thread_s_socket_is_named_after_its_process() {
+    let _serial = serial();
+    let mut server = Endpoint::server("127.0.0.1", "tt-thr-srv");
+    let mut client = Endpoint::client("tt-thr-cli");
+    let port = server.port;
+    let tracers: Vec<Tracer> = MODES
+        .iter()
+        .map(|mode| {
+            Tracer::start(&[
+                "--format",
+                "json",
+                "--mode",
+                mode,
+                "--pid",
+                &client.pid().to_string(),
+            ])
+        })
+        .collect();
+    server.step("listen");
+    client.step(&format!("connect-from-thread 127.0.0.1:{port}"));
+    server.step("accept");
+    client.step("close");
+    server.step("close-all");
+    for (mode, tracer) in MODES.iter().zip(tracers) {
+        let lines = tracer.stop().json();
+        let client_lines: Vec<&Value> = lines
+            .iter()
+            .filter(|l| l["type"] == "state" && l["dport"] == port)
+            .collect();
+        // SYN_SENT, ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE.
+        assert!(client_lines.len() >= 4, "{mode}: {lines:?}");
+        for line in client_lines {
+            assert_eq!(line["pid"], client.pid(), "{mode}: {line}");
+            assert_eq!(line["comm"], "tt-thr-cli", "{mode}: {line}");
+            let thread = (*mode == "tracefs").then_some("tt-worker");
+            assert_eq!(line["thread"].as_str(), thread, "{mode}: {line}");
+        }
+    }
+    server.exit();
+    client.exit();
+}

@@ -64,6 +64,7 @@ const TESTS: &[(&str, &[&str])] = &[
             "pre_forked",
             "handed_over_exec",
             "exited_owner",
+            "worker_thread",
         ],
     ),
     ("modes", &["logging", "snapshot_needs"]),

@@ -25,6 +25,7 @@ pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64, cgroup: Option<
         retransmits,
         cgroup_id,
         netns,
+        thread,
     } = *event;
     out.extend_from_slice(match kind {
         Kind::State { .. } => b"{\"type\":\"state\",\"time\":",
@@ -36,6 +37,11 @@ pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64, cgroup: Option<
     write::uint(out, pid);
     out.extend_from_slice(b",\"comm\":");
     string(out, &String::from_utf8_lossy(event.comm_bytes()));
+    if let Some(thread) = &thread {
+        let end = thread.iter().position(|&b| b == 0).unwrap_or(16);
+        out.extend_from_slice(b",\"thread\":");
+        string(out, &String::from_utf8_lossy(&thread[..end]));
+    }
     out.extend_from_slice(if event.is_ipv6() {
         b",\"family\":\"ipv6\",\"saddr\":\""
     } else {
