@@ -389,32 +389,38 @@ mod user {
     unsafe impl aya::Pod for super::ContainerFilter {}
 }
 
-/// Where a state transition's owner comes from (tracefs mode, which keeps per-socket state in a
-/// map keyed by the socket's address, an address the kernel reuses once a socket is freed).
+/// Where a state transition's owner, time in the old state and retransmit count come from. tracefs
+/// mode keeps them in a map keyed by the socket's address, an address the kernel reuses once a
+/// socket is freed: an entry a missed CLOSE left there belongs to a dead socket. BTF mode keeps
+/// them in the socket's own storage, which a child socket copies from its listener.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Origin {
     /// `connect()` or `listen()`: the process running now owns the socket.
     Opened,
-    /// A child socket a listener accepted (`LISTEN -> SYN_RECV`): the listener's owner.
+    /// A child socket a listener accepted (`LISTEN -> SYN_RECV`): the listener's owner, and no
+    /// time or count of its own yet, whatever an entry under its address says.
     Accepted,
-    /// Another socket new to tracing (out of CLOSE): owner unknown, whatever an entry under its
-    /// address says (a missed CLOSE would leave a dead socket's owner, time and count there).
+    /// A socket new to tracing (out of CLOSE), or a later transition with nothing kept: time and
+    /// count unknown; tracefs mode knows no owner either (an entry under the address of a socket
+    /// leaving CLOSE is a dead socket's).
     New,
-    /// A later transition of a socket: the entry kept under its address, if any.
+    /// A later transition of a socket: what is kept for it.
     Kept,
 }
 
 impl Origin {
-    /// The origin of `oldstate -> newstate`. A transition out of CLOSE, or a listener's child's
-    /// first one, never takes what is kept under the socket's address.
+    /// The origin of `oldstate -> newstate`, with `has_entry` telling whether something is kept
+    /// under the socket (a map entry under its address, or its storage). Decided here, whole, so
+    /// that a stale entry can never win over a socket's start: a transition out of CLOSE, or a
+    /// listener's child's first one, never takes what is kept.
     #[inline(always)]
-    pub const fn of(oldstate: u32, newstate: u32) -> Self {
+    pub const fn of(oldstate: u32, newstate: u32, has_entry: bool) -> Self {
         use tcp_state::{CLOSE, LISTEN, SYN_RECV, SYN_SENT};
         if (oldstate == CLOSE && newstate == SYN_SENT) || newstate == LISTEN {
             Self::Opened
         } else if oldstate == LISTEN && newstate == SYN_RECV {
             Self::Accepted
-        } else if oldstate == CLOSE {
+        } else if oldstate == CLOSE || !has_entry {
             Self::New
         } else {
             Self::Kept
@@ -440,6 +446,9 @@ pub mod tcp_state {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
+    use std::format;
+
     use super::{Origin, tcp_state::*};
 
     const STATES: [u32; 12] = [
@@ -457,30 +466,41 @@ mod tests {
         NEW_SYN_RECV,
     ];
 
-    /// Every pair of states: only a transition within a socket's life takes the kept entry; one
-    /// out of CLOSE, and a listener's child's first, never do (a stale entry under a reused
-    /// address would name a dead socket's owner and give a duration the new socket cannot have).
+    /// Every pair of states, with and without an entry, against what each transition means
+    /// (written out here, not derived from `Origin::of`). A socket's start never takes a kept
+    /// entry: with a stale one under a reused address (a missed CLOSE), a new accepted socket
+    /// would name a dead socket's owner and give a duration it cannot have. Taking the entry
+    /// before looking for a listener's child, as tracefs mode once did, fails here.
     #[test]
-    fn only_a_socket_s_later_transitions_take_the_kept_entry() {
+    fn a_socket_s_start_never_takes_a_kept_entry() {
         for old in STATES {
             for new in STATES {
-                let origin = Origin::of(old, new);
-                let expected = if (old == CLOSE && new == SYN_SENT) || new == LISTEN {
-                    Origin::Opened
-                } else if old == LISTEN && new == SYN_RECV {
-                    Origin::Accepted
-                } else if old == CLOSE {
-                    Origin::New
-                } else {
-                    Origin::Kept
-                };
-                assert_eq!(origin, expected, "{old} -> {new}");
-                if old == CLOSE || (old == LISTEN && new == SYN_RECV) {
-                    assert_ne!(origin, Origin::Kept, "{old} -> {new} took a stale entry");
+                for has_entry in [false, true] {
+                    let origin = Origin::of(old, new, has_entry);
+                    let at = format!("{old} -> {new}, entry {has_entry}");
+                    let expected = match (old, new) {
+                        // connect(), listen(): whoever runs now.
+                        (CLOSE, SYN_SENT) | (_, LISTEN) => Origin::Opened,
+                        // A listener's child, cloned in softirq context.
+                        (LISTEN, SYN_RECV) => Origin::Accepted,
+                        // Out of CLOSE otherwise: a socket new to tracing.
+                        (CLOSE, _) => Origin::New,
+                        // Within a socket's life: the entry, when there is one.
+                        _ if has_entry => Origin::Kept,
+                        _ => Origin::New,
+                    };
+                    assert_eq!(origin, expected, "{at}");
+                    if origin == Origin::Kept {
+                        assert!(has_entry, "{at}: took an entry that is not there");
+                    }
                 }
             }
         }
+        // The cases the stale-entry defect was about, spelled out.
+        assert_eq!(Origin::of(LISTEN, SYN_RECV, true), Origin::Accepted);
+        assert_eq!(Origin::of(CLOSE, SYN_SENT, true), Origin::Opened);
+        assert_eq!(Origin::of(CLOSE, CLOSE, true), Origin::New);
         // The listener's own close keeps its entry (its time in LISTEN, its owner).
-        assert_eq!(Origin::of(LISTEN, CLOSE), Origin::Kept);
+        assert_eq!(Origin::of(LISTEN, CLOSE, true), Origin::Kept);
     }
 }

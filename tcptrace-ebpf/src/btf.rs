@@ -291,11 +291,11 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
     // interrupted; on loopback, the peer) and takes the owner from the socket's storage. A child
     // socket's storage is its listener's, copied before this first transition of the child.
     // https://elixir.bootlin.com/linux/v6.18/source/net/core/bpf_sk_storage.c (bpf_sk_storage_clone)
-    let origin = Origin::of(oldstate, newstate);
-    let opened = origin == Origin::Opened;
     // SAFETY: `sk` as above; a storage value is this socket's, and the kernel holds the socket
     // lock across a transition.
     let stored = unsafe { storage(sk, newstate != tcp_state::CLOSE) };
+    let origin = Origin::of(oldstate, newstate, !stored.is_null());
+    let opened = origin == Origin::Opened;
     if stored.is_null() && newstate != tcp_state::CLOSE {
         warn!(
             ctx,

@@ -69,7 +69,7 @@ pub fn state(ctx: &TracePointContext) -> Result<(), ()> {
     // https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/tcp_ipv4.c (tcp_v4_connect)
     // https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/af_inet.c (__inet_listen_sk)
     let existing = SOCKETS.get_ptr_mut(skaddr);
-    let (owner, since_ns, retransmits) = match Origin::of(oldstate, newstate) {
+    let (owner, since_ns, retransmits) = match Origin::of(oldstate, newstate, existing.is_some()) {
         Origin::Opened => (current_owner(), 0, 0),
         // A passively opened child socket, cloned from its listener in softirq context: always a
         // new socket, whatever a missed CLOSE left under its address. Its owner is the listener's
@@ -88,6 +88,7 @@ pub fn state(ctx: &TracePointContext) -> Result<(), ()> {
             ),
             None => (UNKNOWN_OWNER, 0, 0),
         },
+        // Out of CLOSE: an entry under this address is a dead socket's (its CLOSE was missed).
         Origin::New => (UNKNOWN_OWNER, 0, 0),
         Origin::Kept => match existing {
             // SAFETY: a value of this map; a concurrent update at worst yields a stale duration.
