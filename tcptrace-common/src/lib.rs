@@ -344,8 +344,14 @@ pub struct SocketState {
     pub retransmits: u32,
     /// tracefs mode: the owner's cgroup v2 id when it was seen.
     pub cgroup_id: u64,
+    /// BTF mode: the kernel's `tcp_sock.total_retrans` when last read (at the socket's last
+    /// transition or retransmit), so that a failed attempt's share of it is known.
+    pub kernel_retrans: u32,
+    /// BTF mode: what the kernel added to `total_retrans` for attempts that failed while traced
+    /// (it counts an attempt before sending it): taken off the count on the CLOSE line.
+    pub failed_retrans: u32,
 }
-const _: () = assert!(size_of::<SocketState>() == 56);
+const _: () = assert!(size_of::<SocketState>() == 64);
 
 /// A process forked by another (BTF mode's `FORKED` and `SUCCESSORS` values).
 #[repr(C)]

@@ -302,19 +302,26 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
             "no socket storage could be created: this socket's owner is not kept"
         );
     }
-    let (owner, since_ns, retransmits) = if opened {
-        (current_owner(&offsets), 0, 0)
+    let (owner, since_ns, retransmits, failed_retrans) = if opened {
+        (current_owner(&offsets), 0, 0, 0)
     } else if let Some(state) = unsafe { stored.as_mut() } {
         let owner = live_owner(state);
         if origin != Origin::Kept {
             // A new socket: the listener's duration and counts are not its own.
-            (owner, 0, 0)
+            (owner, 0, 0, 0)
         } else {
-            (owner, state.since_ns, state.retransmits)
+            (
+                owner,
+                state.since_ns,
+                state.retransmits,
+                state.failed_retrans,
+            )
         }
     } else {
-        (UNKNOWN_OWNER, 0, 0)
+        (UNKNOWN_OWNER, 0, 0, 0)
     };
+    // SAFETY: `tp` is the BTF-typed tcp_sock of this socket.
+    let kernel_retrans = unsafe { field::<u32>(tp, offsets.tcp_total_retrans) };
     if let Some(state) = unsafe { stored.as_mut() } {
         let owned_ns = if opened { now } else { state.owned_ns };
         *state = SocketState {
@@ -325,6 +332,8 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
             pid: owner.pid,
             retransmits,
             cgroup_id: 0,
+            kernel_retrans,
+            failed_retrans,
         };
     }
 
@@ -332,11 +341,13 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
         return Ok(());
     }
     // The CLOSE line carries the kernel's own count: it covers retransmits from before tracing
-    // began, and an accepted socket's SYN-ACK retransmits (copied from its request socket).
+    // began, and an accepted socket's SYN-ACK retransmits (copied from its request socket). The
+    // kernel counts an attempt before sending it: what it counted for attempts seen failing is
+    // taken off.
     // https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/tcp_minisocks.c (tcp_create_openreq_child)
+    // https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/tcp_output.c (__tcp_retransmit_skb)
     let retransmits = if newstate == tcp_state::CLOSE {
-        // SAFETY: `tp` is the BTF-typed tcp_sock of this socket.
-        unsafe { field::<u32>(tp, offsets.tcp_total_retrans) }
+        kernel_retrans.saturating_sub(failed_retrans)
     } else {
         retransmits
     };
@@ -379,7 +390,7 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
 }
 
 /// `tcp_retransmit_skb(sk, skb[, err])`: a segment (data, SYN or FIN) sent again. Since 2025 it
-/// also fires for attempts that failed (`err` < 0): only segments that went out are counted.
+/// also fires for attempts that failed (`err` not 0): only segments that went out are counted.
 pub fn retransmit(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let config = CONFIG.load();
     let filters = config.filters;
@@ -405,9 +416,20 @@ pub fn retransmit(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let stored = unsafe { storage(sk, false) };
     let (owner, retransmits) = match unsafe { stored.as_mut() } {
         Some(stored) => {
+            // The kernel's count after this attempt. Where the tracepoint has `err`, it fires
+            // for every attempt, and only attempts grow the count (but for a fast-open
+            // listener's SYN-ACKs): the growth since the last look is this attempt's share, 0
+            // for one that failed before being counted (no route, no memory, ...).
+            // SAFETY: `tp` is the BTF-typed tcp_sock of this socket.
+            let kernel_retrans = unsafe { field::<u32>(tp, offsets.tcp_total_retrans) };
             if err == 0 {
                 stored.retransmits += 1;
+            } else {
+                stored.failed_retrans = stored
+                    .failed_retrans
+                    .saturating_add(kernel_retrans.saturating_sub(stored.kernel_retrans));
             }
+            stored.kernel_retrans = kernel_retrans;
             (live_owner(stored), stored.retransmits)
         }
         None => (UNKNOWN_OWNER, 0),

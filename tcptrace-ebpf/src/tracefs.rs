@@ -130,6 +130,8 @@ pub fn state(ctx: &TracePointContext) -> Result<(), ()> {
             pid: owner.pid,
             retransmits,
             cgroup_id: owner.cgroup_id,
+            kernel_retrans: 0,
+            failed_retrans: 0,
         };
         match existing {
             // SAFETY: as above; the kernel holds the socket lock across a transition.
@@ -258,7 +260,7 @@ pub fn retransmit(ctx: &TracePointContext, layout: &RetransmitLayout, kind: u16)
     };
     // Retransmits fire from the kernel's timers, where "current" is unrelated to the socket: the
     // owner comes from the per-socket state, or for a SYN-ACK from the listener. Since 2025 the
-    // tracepoint also fires for attempts that failed (`err` < 0): only what went out counts.
+    // tracepoint also fires for attempts that failed (`err` not 0): only what went out counts.
     let mut retransmits = 0;
     let owner = match SOCKETS.get_ptr_mut(skaddr) {
         Some(state) => unsafe {

@@ -90,7 +90,7 @@ impl Metrics {
         let retransmit_failures = Family::default();
         registry.register(
             "retransmit_failures",
-            "Retransmit attempts the kernel reports as failed (err < 0: nothing went out), by the socket's state",
+            "Retransmit attempts the kernel reports as failed (err not 0: nothing went out), by the socket's state",
             retransmit_failures.clone(),
         );
         // 10 us to about 42 s: connect latency on a LAN through slow closers.
@@ -152,7 +152,7 @@ impl Metrics {
             }
             Kind::Retransmit { state, err } => {
                 let state = StateName(state.unwrap_or(TcpState::Unknown(0)));
-                // An attempt the kernel reports as failed (`err` < 0) sent nothing.
+                // An attempt the kernel reports as failed (`err` not 0) sent nothing.
                 let family = match err {
                     Some(err) if err != 0 => &self.retransmit_failures,
                     _ => &self.retransmits,
