@@ -84,6 +84,10 @@ pub const EVENT_HAS_DURATION: u16 = 1 << 0;
 pub const EVENT_HAS_STATE: u16 = 1 << 1;
 /// `Event::flags`: the kernel gave an error code (`tcp_retransmit_skb` has `err` since 2025).
 pub const EVENT_HAS_ERR: u16 = 1 << 2;
+/// `Event::flags`: `comm` is the name of the thread that opened the socket, not of its process's
+/// main thread (tracefs mode, which cannot read the thread group leader's name): userspace looks
+/// the process's name up.
+pub const EVENT_COMM_OF_THREAD: u16 = 1 << 3;
 
 /// `PORT_FILTER` value bit: the port may match the socket's local side.
 pub const PORT_LOCAL: u8 = 1 << 0;
@@ -350,8 +354,11 @@ pub struct SocketState {
     /// BTF mode: what the kernel added to `total_retrans` for attempts that failed while traced
     /// (it counts an attempt before sending it): taken off the count on the CLOSE line.
     pub failed_retrans: u32,
+    /// tracefs mode: `EVENT_COMM_OF_THREAD` when `comm` is a thread's name, else 0.
+    pub owner_flags: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<SocketState>() == 64);
+const _: () = assert!(size_of::<SocketState>() == 72);
 
 /// A process forked by another (BTF mode's `FORKED` and `SUCCESSORS` values).
 #[repr(C)]
@@ -379,8 +386,11 @@ pub struct ListenerOwner {
     pub listeners: u32,
     /// The owner's cgroup v2 id; 0 when `pid` is 0.
     pub cgroup_id: u64,
+    /// `EVENT_COMM_OF_THREAD` when `comm` is a thread's name, else 0.
+    pub owner_flags: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<ListenerOwner>() == 40);
+const _: () = assert!(size_of::<ListenerOwner>() == 48);
 
 #[cfg(feature = "user")]
 mod user {

@@ -90,6 +90,7 @@ fn current_owner(offsets: &KernelOffsets) -> Owner {
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         comm,
         cgroup_id: 0,
+        flags: 0,
     }
 }
 
@@ -182,6 +183,7 @@ fn live_owner(state: &mut SocketState) -> Owner {
         pid: state.pid,
         comm: state.comm,
         cgroup_id: 0,
+        flags: 0,
     }
 }
 
@@ -334,6 +336,8 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
             cgroup_id: 0,
             kernel_retrans,
             failed_retrans,
+            owner_flags: 0,
+            _pad: 0,
         };
     }
 

@@ -6,8 +6,8 @@ use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, generated as gen_helpers},
 };
 use tcptrace_common::{
-    AF_INET, AF_INET6, Bytes16, Config, Event, FILTER_IPV4, FILTER_IPV6, FILTER_PID, FILTER_PORT,
-    PORT_LOCAL, PORT_REMOTE,
+    AF_INET, AF_INET6, Bytes16, Config, EVENT_COMM_OF_THREAD, Event, FILTER_IPV4, FILTER_IPV6,
+    FILTER_PID, FILTER_PORT, PORT_LOCAL, PORT_REMOTE,
 };
 
 use crate::{COUNTERS, EVENTS, PID_FILTER, PORT_FILTER};
@@ -19,12 +19,16 @@ pub struct Owner {
     pub comm: Bytes16,
     /// tracefs mode: the owner's cgroup v2 id when it was seen (BTF mode reads the socket's).
     pub cgroup_id: u64,
+    /// tracefs mode: `EVENT_COMM_OF_THREAD` when `comm` is the name of a thread other than the
+    /// process's main one; 0 otherwise (BTF mode reads the main thread's).
+    pub flags: u16,
 }
 
 pub const UNKNOWN_OWNER: Owner = Owner {
     pid: 0,
     comm: Bytes16::ZERO,
     cgroup_id: 0,
+    flags: 0,
 };
 
 #[inline(always)]
@@ -59,11 +63,15 @@ pub fn current_owner() -> Owner {
     // SAFETY: the buffer holds 16 bytes; on failure the helper zeroes it. Written straight into
     // an aligned buffer: the generic helper zeroes a byte array first, a byte loop on this target.
     unsafe { gen_helpers::bpf_get_current_comm(comm.0.as_mut_ptr().cast(), 16) };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     Owner {
-        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        pid: tgid,
         comm,
         // SAFETY: no arguments; the current task's cgroup v2 id.
         cgroup_id: unsafe { gen_helpers::bpf_get_current_cgroup_id() },
+        // The main thread's id is the process's: any other thread's name is its own.
+        flags: if tid != tgid { EVENT_COMM_OF_THREAD } else { 0 },
     }
 }
 

@@ -77,15 +77,7 @@ pub fn state(ctx: &TracePointContext) -> Result<(), ()> {
         // network namespaces, SO_REUSEPORT): this mode cannot tell which one accepted it.
         // https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/inet_connection_sock.c (inet_csk_clone_lock)
         Origin::Accepted => match unsafe { LISTENERS.get(sport) } {
-            Some(listener) => (
-                Owner {
-                    pid: listener.pid,
-                    comm: listener.comm,
-                    cgroup_id: listener.cgroup_id,
-                },
-                0,
-                0,
-            ),
+            Some(listener) => (listener_owner(listener), 0, 0),
             None => (UNKNOWN_OWNER, 0, 0),
         },
         // Out of CLOSE: an entry under this address is a dead socket's (its CLOSE was missed).
@@ -93,15 +85,7 @@ pub fn state(ctx: &TracePointContext) -> Result<(), ()> {
         Origin::Kept => match existing {
             // SAFETY: a value of this map; a concurrent update at worst yields a stale duration.
             Some(state) => unsafe {
-                (
-                    Owner {
-                        pid: (*state).pid,
-                        comm: (*state).comm,
-                        cgroup_id: (*state).cgroup_id,
-                    },
-                    (*state).since_ns,
-                    (*state).retransmits,
-                )
+                (kept_owner(&*state), (*state).since_ns, (*state).retransmits)
             },
             None => (UNKNOWN_OWNER, 0, 0),
         },
@@ -132,6 +116,8 @@ pub fn state(ctx: &TracePointContext) -> Result<(), ()> {
             cgroup_id: owner.cgroup_id,
             kernel_retrans: 0,
             failed_retrans: 0,
+            owner_flags: u32::from(owner.flags),
+            _pad: 0,
         };
         match existing {
             // SAFETY: as above; the kernel holds the socket lock across a transition.
@@ -165,7 +151,7 @@ pub fn state(ctx: &TracePointContext) -> Result<(), ()> {
             retransmits,
             err: 0,
             kind: KIND_STATE,
-            flags: if since_ns != 0 { EVENT_HAS_DURATION } else { 0 },
+            flags: if since_ns != 0 { EVENT_HAS_DURATION } else { 0 } | owner.flags,
             family,
             sport,
             dport,
@@ -178,6 +164,28 @@ pub fn state(ctx: &TracePointContext) -> Result<(), ()> {
         },
     );
     Ok(())
+}
+
+/// The owner kept for a socket.
+#[inline(always)]
+fn kept_owner(state: &SocketState) -> Owner {
+    Owner {
+        pid: state.pid,
+        comm: state.comm,
+        cgroup_id: state.cgroup_id,
+        flags: state.owner_flags as u16,
+    }
+}
+
+/// The owner of the listeners on a port.
+#[inline(always)]
+fn listener_owner(listener: &ListenerOwner) -> Owner {
+    Owner {
+        pid: listener.pid,
+        comm: listener.comm,
+        cgroup_id: listener.cgroup_id,
+        flags: listener.owner_flags as u16,
+    }
 }
 
 /// One more listener on `port`. A second listener of another owner makes the port ambiguous
@@ -196,6 +204,8 @@ fn add_listener(port: u16, skaddr: u64, owner: Owner) {
                 pid: if same { owner.pid } else { 0 },
                 listeners: existing.listeners.saturating_add(1),
                 cgroup_id: if same { owner.cgroup_id } else { 0 },
+                owner_flags: if same { u32::from(owner.flags) } else { 0 },
+                _pad: 0,
             }
         },
         None => ListenerOwner {
@@ -204,6 +214,8 @@ fn add_listener(port: u16, skaddr: u64, owner: Owner) {
             pid: owner.pid,
             listeners: 1,
             cgroup_id: owner.cgroup_id,
+            owner_flags: u32::from(owner.flags),
+            _pad: 0,
         },
     };
     let _ = LISTENERS.insert(port, entry, 0);
@@ -269,18 +281,10 @@ pub fn retransmit(ctx: &TracePointContext, layout: &RetransmitLayout, kind: u16)
                 (*state).retransmits += 1;
             }
             retransmits = (*state).retransmits;
-            Owner {
-                pid: (*state).pid,
-                comm: (*state).comm,
-                cgroup_id: (*state).cgroup_id,
-            }
+            kept_owner(&*state)
         },
         None => match unsafe { LISTENERS.get(sport) } {
-            Some(listener) if kind == KIND_RETRANSMIT_SYNACK => Owner {
-                pid: listener.pid,
-                comm: listener.comm,
-                cgroup_id: listener.cgroup_id,
-            },
+            Some(listener) if kind == KIND_RETRANSMIT_SYNACK => listener_owner(listener),
             _ => UNKNOWN_OWNER,
         },
     };
@@ -315,7 +319,8 @@ pub fn retransmit(ctx: &TracePointContext, layout: &RetransmitLayout, kind: u16)
             err: err.unwrap_or(0),
             kind,
             flags: if state.is_some() { EVENT_HAS_STATE } else { 0 }
-                | if err.is_some() { EVENT_HAS_ERR } else { 0 },
+                | if err.is_some() { EVENT_HAS_ERR } else { 0 }
+                | owner.flags,
             family,
             sport,
             dport,

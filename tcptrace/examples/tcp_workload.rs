@@ -5,8 +5,9 @@
 //! `tcp_workload server ADDR COMM [reuseport]` binds ADDR (port 0 picks one; with `reuseport`,
 //! SO_REUSEPORT first) and prints `bound PORT`;
 //! `tcp_workload client COMM` waits for `connect ADDR`. Then each stdin line is one step, answered
-//! with `ok` once done: `listen`, `accept`, `connect ADDR`, `connect-from-thread ADDR` (from a
-//! thread named `tt-worker`), `echo` (read a byte, write it back),
+//! with `ok` once done: `listen`, `listen-from-thread` (from a thread named `tt-listener`),
+//! `accept`, `connect ADDR`, `connect-from-thread ADDR` (from a thread named `tt-worker`),
+//! `rename COMM` (the main thread's name, which is the process's), `echo` (read a byte, write it back),
 //! `send` (write a byte, read the reply), `write` (a byte), `accept-many N` (accept and hold N
 //! connections), `accept-ready` (accept and hold every connection waiting, and say
 //! `peers PORT,PORT,...` with their remote ports), `close-all` (the held ones),
@@ -47,16 +48,31 @@ fn main() {
         let line = line.unwrap_or_else(|e| fail(&format!("stdin: {e}")));
         let mut words = line.split_whitespace();
         match (words.next(), words.next()) {
-            (Some("listen"), _) => {
+            (Some(step @ ("listen" | "listen-from-thread")), _) => {
                 let fd = socket
                     .take()
                     .unwrap_or_else(|| fail("listen: nothing bound"));
-                // SAFETY: `fd` is a bound TCP socket we own.
-                if unsafe { libc::listen(fd.as_raw_fd(), 4096) } != 0 {
-                    fail(&format!("listen: {}", std::io::Error::last_os_error()));
-                }
+                let listen = move || {
+                    // SAFETY: `fd` is a bound TCP socket we own.
+                    if unsafe { libc::listen(fd.as_raw_fd(), 4096) } != 0 {
+                        fail(&format!("listen: {}", std::io::Error::last_os_error()));
+                    }
+                    fd
+                };
+                let fd = if step == "listen" {
+                    listen()
+                } else {
+                    // listen() from a thread of another name than the process's (a worker pool).
+                    std::thread::Builder::new()
+                        .name("tt-listener".to_owned())
+                        .spawn(listen)
+                        .unwrap_or_else(|e| fail(&format!("thread: {e}")))
+                        .join()
+                        .unwrap_or_else(|_| fail("listen thread panicked"))
+                };
                 listener = Some(TcpListener::from(fd));
             }
+            (Some("rename"), Some(comm)) => set_comm(comm),
             (Some("accept"), _) => {
                 let l = listener
                     .as_ref()

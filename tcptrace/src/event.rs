@@ -6,8 +6,9 @@ use std::{
 };
 
 use tcptrace_common::{
-    AF_INET, AF_INET6, Bytes16, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, Event,
-    KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_SNAPSHOT, KIND_STATE, tcp_state,
+    AF_INET, AF_INET6, Bytes16, EVENT_COMM_OF_THREAD, EVENT_HAS_DURATION, EVENT_HAS_ERR,
+    EVENT_HAS_STATE, Event, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_SNAPSHOT, KIND_STATE,
+    tcp_state,
 };
 
 /// A kernel TCP state; numbers this build does not know are kept as `Unknown`.
@@ -136,6 +137,9 @@ pub struct TcpEvent {
     pub cgroup_id: u64,
     /// The socket's network namespace (inode number); 0 when unknown (tracefs mode).
     pub netns: u32,
+    /// tracefs mode: `comm` is the name of the thread that opened the socket, not its process's
+    /// main thread's (until `ProcessNames` puts the process's name there).
+    pub comm_of_thread: bool,
     /// tracefs mode: the name of the thread that opened the socket, when `comm` became its
     /// process's name and the two differ.
     pub thread: Option<[u8; 16]>,
@@ -236,6 +240,7 @@ pub fn decode(bytes: &[u8]) -> Result<TcpEvent, DecodeError> {
         retransmits,
         cgroup_id,
         netns,
+        comm_of_thread: has(EVENT_COMM_OF_THREAD),
         thread: None,
     })
 }

@@ -707,14 +707,67 @@ fn an_exited_owner_hands_nothing_to_a_child_forked_before_the_socket() {
     }
 }
 
-/// A client that connects from a worker thread of another name (`tt-worker`): every line of its
-/// socket names the process, as `ps` does, in both modes; tracefs mode, whose kernel side sees
-/// only the thread, adds the thread's name as `thread`.
+/// A server that listens from a thread named `tt-listener` and a client that connects from one
+/// named `tt-worker`: every line of their sockets names the process, as `ps` does, in both modes;
+/// tracefs mode, whose kernel side sees only the thread, adds the thread's name as `thread`.
 #[test]
 fn a_worker_thread_s_socket_is_named_after_its_process() {
     let _serial = serial();
     let mut server = Endpoint::server("127.0.0.1", "tt-thr-srv");
     let mut client = Endpoint::client("tt-thr-cli");
+    let port = server.port;
+    let tracers: Vec<Tracer> = MODES
+        .iter()
+        .map(|mode| {
+            Tracer::start(&[
+                "--format",
+                "json",
+                "--mode",
+                mode,
+                "--port",
+                &port.to_string(),
+            ])
+        })
+        .collect();
+    server.step("listen-from-thread");
+    client.step(&format!("connect-from-thread 127.0.0.1:{port}"));
+    server.step("accept");
+    client.step("close");
+    server.step("close-all");
+    server.step("close-listener");
+    for (mode, tracer) in MODES.iter().zip(tracers) {
+        let lines = tracer.stop().json();
+        let states: Vec<&Value> = lines.iter().filter(|l| l["type"] == "state").collect();
+        let sides = [
+            // SYN_SENT, ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE.
+            ("dport", &client, "tt-worker", 4),
+            // LISTEN and its CLOSE; the child's SYN_RECV, ESTABLISHED, CLOSE_WAIT, ...
+            ("sport", &server, "tt-listener", 5),
+        ];
+        for (side, owner, thread, at_least) in sides {
+            let owned: Vec<&&Value> = states.iter().filter(|l| l[side] == port).collect();
+            assert!(owned.len() >= at_least, "{mode}: {side}: {lines:?}");
+            for line in owned {
+                assert_eq!(line["pid"], owner.pid(), "{mode}: {line}");
+                assert_eq!(line["comm"], owner.comm.as_str(), "{mode}: {line}");
+                let thread = (*mode == "tracefs").then_some(thread);
+                assert_eq!(line["thread"].as_str(), thread, "{mode}: {line}");
+            }
+        }
+    }
+    server.exit();
+    client.exit();
+}
+
+/// A process that renames itself after connecting on its main thread: its lines keep the name
+/// it had then, in both modes, and carry no `thread` (tracefs mode looks a name up only for a
+/// socket opened on another thread). Past the name cache's second, a lookup would give the new
+/// name and call the old one a thread's.
+#[test]
+fn a_main_thread_s_socket_keeps_the_name_it_was_opened_under() {
+    let _serial = serial();
+    let mut server = Endpoint::server("127.0.0.1", "tt-ren-srv");
+    let mut client = Endpoint::client("tt-ren-cli");
     let port = server.port;
     let tracers: Vec<Tracer> = MODES
         .iter()
@@ -730,8 +783,10 @@ fn a_worker_thread_s_socket_is_named_after_its_process() {
         })
         .collect();
     server.step("listen");
-    client.step(&format!("connect-from-thread 127.0.0.1:{port}"));
+    client.step(&format!("connect 127.0.0.1:{port}"));
     server.step("accept");
+    client.step("rename tt-renamed");
+    std::thread::sleep(Duration::from_millis(1200));
     client.step("close");
     server.step("close-all");
     for (mode, tracer) in MODES.iter().zip(tracers) {
@@ -744,9 +799,8 @@ fn a_worker_thread_s_socket_is_named_after_its_process() {
         assert!(client_lines.len() >= 4, "{mode}: {lines:?}");
         for line in client_lines {
             assert_eq!(line["pid"], client.pid(), "{mode}: {line}");
-            assert_eq!(line["comm"], "tt-thr-cli", "{mode}: {line}");
-            let thread = (*mode == "tracefs").then_some("tt-worker");
-            assert_eq!(line["thread"].as_str(), thread, "{mode}: {line}");
+            assert_eq!(line["comm"], "tt-ren-cli", "{mode}: {line}");
+            assert!(line.get("thread").is_none(), "{mode}: {line}");
         }
     }
     server.exit();

@@ -25,6 +25,7 @@ pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64, cgroup: Option<
         retransmits,
         cgroup_id,
         netns,
+        comm_of_thread: _,
         thread,
     } = *event;
     out.extend_from_slice(match kind {
