@@ -160,6 +160,14 @@ pub struct Cli {
     /// containers). Off by default: it multiplies the series by the containers on the host.
     #[arg(long = "metrics-container-label", requires = "metrics_addr")]
     pub metrics_container_label: bool,
+
+    /// Instead of tracing: print what this host offers (kernel, BTF, ring buffer, socket storage,
+    /// tracefs, each tracepoint's layout, the capabilities held) and the mode tracing would run
+    /// in. Each mode --mode allows is loaded with the other flags given and let go at once, no
+    /// event read. Exits 0 when tracing would work, 1 when not; `--format json` prints one JSON
+    /// object (for fleet inventories).
+    #[arg(long = "check", conflicts_with_all = ["output", "metrics_addr", "snapshot"])]
+    pub check: bool,
 }
 
 /// Kinds of events `--events` can select.
@@ -268,6 +276,14 @@ impl Cli {
                     .error(clap::error::ErrorKind::TooManyValues, message)
                     .exit();
             }
+        }
+        if cli.check && cli.format == Format::None {
+            <Self as clap::CommandFactory>::command()
+                .error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    "--check prints its report as text or json, not none",
+                )
+                .exit();
         }
         if let Err(e) = cli.resolve_cgroups() {
             <Self as clap::CommandFactory>::command()

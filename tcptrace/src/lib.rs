@@ -3,11 +3,13 @@
 //! decode and format steps directly.
 
 pub mod cgroup;
+pub mod check;
 pub mod cli;
 pub mod event;
 pub mod filter;
 pub mod kernel;
 pub mod metrics;
+pub mod metrics_endpoint;
 pub mod output;
 pub mod privileges;
 pub mod process_names;

@@ -6,10 +6,12 @@ use std::{process::ExitCode, sync::Arc};
 use anyhow::Context as _;
 use tcptrace::{
     cgroup::Cgroups,
+    check,
     cli::{Cli, Format},
     filter::Filters,
     kernel,
-    metrics::{self, Metrics},
+    metrics::Metrics,
+    metrics_endpoint,
     output::{Destination, Formatter, text::Text},
     privileges, signals, tracer,
 };
@@ -18,6 +20,16 @@ fn main() -> ExitCode {
     // First: a SIGHUP (systemd's reload), SIGINT or SIGTERM while starting must not kill us.
     let held = signals::hold();
     let cli = Cli::parse_checked();
+    if cli.check {
+        return match check::run(&cli, cli.format == Format::Json) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("tcptrace: {}", one_line(&format!("{e:#}")));
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -47,9 +59,9 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
     };
     let metrics = match cli.metrics_addr {
         Some(addr) => {
-            let listener = metrics::bind(addr).await?;
+            let listener = metrics_endpoint::bind(addr).await?;
             let metrics = Arc::new(Metrics::new(cli.metrics_container_label));
-            tokio::spawn(metrics::serve(listener, Arc::clone(&metrics)));
+            tokio::spawn(metrics_endpoint::serve(listener, Arc::clone(&metrics)));
             Some(metrics)
         }
         None => None,

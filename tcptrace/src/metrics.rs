@@ -1,11 +1,10 @@
-//! Prometheus metrics: what passed the filters, counted whatever the output format, served as
-//! `/metrics` in the text format by prometheus-client. No label carries an address, a port or a
+//! Prometheus metrics: what passed the filters, counted whatever the output format, encoded in the
+//! text format by prometheus-client and served by [`crate::metrics_endpoint`]. No label carries an address, a port or a
 //! pid, so the number of series stays bounded on any host; the opt-in `container` label is
 //! bounded by the containers the host runs.
 
-use std::{fmt::Write as _, sync::Arc, time::Duration};
+use std::{fmt::Write as _, time::Duration};
 
-use anyhow::Context as _;
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder},
     metrics::{
@@ -14,10 +13,6 @@ use prometheus_client::{
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
-};
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
 };
 
 use crate::{
@@ -194,89 +189,6 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new(false)
     }
-}
-
-/// Binds the metrics address; done before the kernel is touched, so a taken port fails early.
-pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("failed to listen on --metrics-addr {addr}"))
-}
-
-/// Serves `GET /metrics` until the process ends.
-/// Connections served at once; more are closed as soon as they are accepted, so that idle or
-/// hostile clients cost a bounded number of descriptors.
-pub const MAX_CONNECTIONS: usize = 64;
-/// How long a client has to send its request and read the answer.
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
-/// Pause after a failed accept (out of descriptors, say), instead of retrying at once in a loop.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(_) => {
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-                continue;
-            }
-        };
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            // At the limit: the client is told no by the connection closing.
-            drop(stream);
-            continue;
-        };
-        let metrics = Arc::clone(&metrics);
-        tokio::spawn(async move {
-            // A scraper that stalls is dropped; the tracer never waits for it.
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, respond(stream, &metrics)).await;
-            drop(permit);
-        });
-    }
-}
-
-async fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
-    let mut request = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 || request.len() > 16 << 10 {
-            return Ok(());
-        }
-        request.extend_from_slice(&buf[..n]);
-    }
-    let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
-    let mut parts = line.split(|&b| b == b' ');
-    let (method, path) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    let path = path.split(|&b| b == b'?').next().unwrap_or_default();
-    let (status, content_type, body) = match (method, path) {
-        (b"GET", b"/metrics") => (
-            "200 OK",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.encode(),
-        ),
-        (b"GET", _) => (
-            "404 Not Found",
-            "text/plain; charset=utf-8",
-            "metrics are at /metrics\n".to_owned(),
-        ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain; charset=utf-8",
-            "only GET\n".to_owned(),
-        ),
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
 }
 
 #[cfg(test)]

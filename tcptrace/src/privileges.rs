@@ -6,37 +6,46 @@
 //! tracefs when nobody has: `CAP_SYS_ADMIN`. Once attached, nothing: the ring buffer is already
 //! mapped and the maps are read through file descriptors tcptrace holds.
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{Context as _, bail};
+use caps::{CapSet, Capability, CapsHashSet};
 
-/// Capability numbers (`include/uapi/linux/capability.h`).
-const CAP_SETPCAP: u32 = 8;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-/// The highest capability number this kernel knows, read from procfs; 63 if unreadable.
-const CAP_LAST_CAP_FILE: &str = "/proc/sys/kernel/cap_last_cap";
+/// What loading and attaching take: both of these, or `CAP_SYS_ADMIN` alone.
+const TRACING: [Capability; 2] = [Capability::CAP_BPF, Capability::CAP_PERFMON];
 
-fn effective_capabilities() -> anyhow::Result<u64> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").context("failed to read /proc/self/status")?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .ok_or_else(|| anyhow!("no CapEff line in /proc/self/status"))
+/// The capabilities tcptrace cares about, in the order `--check` lists them, with what each is for.
+pub const RELEVANT: [(Capability, &str); 4] = [
+    (Capability::CAP_BPF, "load programs and create maps"),
+    (Capability::CAP_PERFMON, "attach to tracepoints"),
+    (
+        Capability::CAP_SYS_ADMIN,
+        "all of the above on its own; mount tracefs",
+    ),
+    (
+        Capability::CAP_DAC_READ_SEARCH,
+        "read tracefs as a user other than root",
+    ),
+];
+
+/// The calling thread's effective capabilities.
+pub fn effective() -> anyhow::Result<CapsHashSet> {
+    caps::read(None, CapSet::Effective).context("failed to read this process's capabilities")
+}
+
+/// Whether `effective` is enough to load and attach the programs.
+pub fn can_trace(effective: &CapsHashSet) -> bool {
+    effective.contains(&Capability::CAP_SYS_ADMIN) || TRACING.iter().all(|c| effective.contains(c))
 }
 
 /// Refuses early, with the fix in the message, when the process cannot load BPF programs.
 pub fn check() -> anyhow::Result<()> {
-    let effective = effective_capabilities()?;
-    let has = |cap: u32| effective & (1 << cap) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+    let effective = effective()?;
+    if can_trace(&effective) {
         return Ok(());
     }
-    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
-        .into_iter()
-        .filter(|&(cap, _)| !has(cap))
-        .map(|(_, name)| name)
+    let missing: Vec<String> = TRACING
+        .iter()
+        .filter(|c| !effective.contains(c))
+        .map(ToString::to_string)
         .collect();
     bail!(
         "permission denied: tracing needs root, or the capabilities CAP_BPF and CAP_PERFMON \
@@ -70,77 +79,37 @@ fn needs_bpf_after_attach(release: &str, unprivileged_bpf_disabled: &str) -> boo
 /// With `keep_bpf` (see [`bpf_needed_after_attach`]) CAP_BPF stays in the effective and permitted
 /// sets, or CAP_SYS_ADMIN where the process loaded with that instead.
 pub fn drop_all(keep_bpf: bool) -> anyhow::Result<()> {
-    let kept: u64 = if keep_bpf {
-        let effective = effective_capabilities()?;
-        if effective & (1 << CAP_BPF) != 0 {
-            1 << CAP_BPF
-        } else {
-            effective & (1 << CAP_SYS_ADMIN)
-        }
+    let effective = effective()?;
+    let kept: CapsHashSet = if !keep_bpf {
+        CapsHashSet::new()
+    } else if effective.contains(&Capability::CAP_BPF) {
+        [Capability::CAP_BPF].into()
     } else {
-        0
+        effective
+            .intersection(&[Capability::CAP_SYS_ADMIN].into())
+            .copied()
+            .collect()
     };
-    // SAFETY: plain prctl calls with integer arguments.
+    // SAFETY: a plain prctl call with integer arguments.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(std::io::Error::last_os_error()).context("failed to set no_new_privs");
     }
-    let last_cap: u32 = std::fs::read_to_string(CAP_LAST_CAP_FILE)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(63);
     // The bounding set first: dropping from it takes CAP_SETPCAP, which goes with the rest below.
-    if effective_capabilities()? & (1 << CAP_SETPCAP) != 0 {
-        for cap in (0..=last_cap).filter(|&cap| kept & (1 << cap) == 0) {
-            // SAFETY: as above. EINVAL for a capability the kernel lacks is harmless.
-            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
+    if effective.contains(&Capability::CAP_SETPCAP) {
+        let bounding = caps::read(None, CapSet::Bounding)
+            .context("failed to read the capability bounding set")?;
+        for &cap in bounding.difference(&kept) {
+            caps::drop(None, CapSet::Bounding, cap)
+                .with_context(|| format!("failed to drop {cap} from the bounding set"))?;
         }
     }
-    // SAFETY: as above.
-    unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL,
-            0,
-            0,
-            0,
-        )
-    };
-    // capset(2) with empty effective, permitted and inheritable sets.
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: libc::c_int,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-    let mut header = Header {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let data = [
-        Data {
-            effective: kept as u32,
-            permitted: kept as u32,
-            inheritable: 0,
-        },
-        Data {
-            effective: (kept >> 32) as u32,
-            permitted: (kept >> 32) as u32,
-            inheritable: 0,
-        },
-    ];
-    // SAFETY: a version-3 header and two data structs, as capset(2) expects.
-    let rc = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("failed to drop capabilities");
-    }
-    if effective_capabilities()? != kept {
+    caps::clear(None, CapSet::Ambient).context("failed to clear the ambient capabilities")?;
+    caps::clear(None, CapSet::Inheritable)
+        .context("failed to clear the inheritable capabilities")?;
+    // Effective before permitted: the effective set must stay within the permitted one.
+    caps::set(None, CapSet::Effective, &kept).context("failed to drop capabilities")?;
+    caps::set(None, CapSet::Permitted, &kept).context("failed to drop capabilities")?;
+    if self::effective()? != kept {
         bail!("capabilities remain after dropping them");
     }
     Ok(())

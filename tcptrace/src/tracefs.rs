@@ -15,23 +15,55 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 /// The older location, under debugfs.
 const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
 
-/// Returns the tracefs mount point, mounting tracefs at `/sys/kernel/tracing` when it is nowhere
-/// to be found. Must run before the first attach: aya remembers the path it finds.
-pub fn ensure_mounted() -> anyhow::Result<PathBuf> {
+/// Where tracefs stands on this host, before tcptrace touches it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// Mounted and readable here.
+    Mounted(PathBuf),
+    /// Mounted here, but not ours to read (tracefs is root's, mode 0700).
+    Unreadable(PathBuf, String),
+    /// Something is mounted where tracefs belongs, and it has no `events` directory.
+    NotTracefs(PathBuf),
+    /// Mounted nowhere tcptrace looks: [`ensure_mounted`] mounts it at `/sys/kernel/tracing`.
+    Unmounted,
+}
+
+/// Looks for tracefs where current and older systems mount it, without changing anything.
+pub fn find() -> Found {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     for candidate in [TRACEFS, DEBUGFS_TRACING] {
         match std::fs::read_dir(Path::new(candidate).join("events")) {
-            Ok(_) => return Ok(PathBuf::from(candidate)),
-            // Mounted, but not ours to read (tracefs is root's, mode 0700).
-            Err(err) if err.kind() == io::ErrorKind::PermissionDenied => bail!(
-                "cannot read tracefs at {candidate} ({err}): run as root, or with \
-                 CAP_DAC_READ_SEARCH besides CAP_BPF and CAP_PERFMON"
-            ),
+            Ok(_) => return Found::Mounted(PathBuf::from(candidate)),
+            Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
+                return Found::Unreadable(PathBuf::from(candidate), err.to_string());
+            }
             Err(_) if is_mount_point(&mounts, candidate) => {
-                bail!("tracefs at {candidate} has no events directory: is it really tracefs?")
+                return Found::NotTracefs(PathBuf::from(candidate));
             }
             Err(_) => {}
         }
+    }
+    Found::Unmounted
+}
+
+/// Where [`ensure_mounted`] mounts tracefs when it is mounted nowhere.
+pub const MOUNT_POINT: &str = TRACEFS;
+
+/// Returns the tracefs mount point, mounting tracefs at `/sys/kernel/tracing` when it is nowhere
+/// to be found. Must run before the first attach: aya remembers the path it finds.
+pub fn ensure_mounted() -> anyhow::Result<PathBuf> {
+    match find() {
+        Found::Mounted(path) => return Ok(path),
+        Found::Unreadable(path, err) => bail!(
+            "cannot read tracefs at {} ({err}): run as root, or with \
+             CAP_DAC_READ_SEARCH besides CAP_BPF and CAP_PERFMON",
+            path.display()
+        ),
+        Found::NotTracefs(path) => bail!(
+            "tracefs at {} has no events directory: is it really tracefs?",
+            path.display()
+        ),
+        Found::Unmounted => {}
     }
     let target = CString::new(TRACEFS).context("tracefs path holds a NUL byte")?;
     let fstype = c"tracefs";
@@ -163,6 +195,19 @@ impl Format {
             return Err(FormatError::NoFields);
         }
         Ok(Self { fields })
+    }
+
+    /// The fields tcptrace reads, as `name@offset:size`, in the record's order.
+    pub fn summary(&self) -> String {
+        self.fields
+            .iter()
+            .filter(|f| {
+                STATE_FIELDS.contains(&f.name.as_str())
+                    || RETRANSMIT_FIELDS.contains(&f.name.as_str())
+            })
+            .map(|f| format!("{}@{}:{}", f.name, f.offset, f.size))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     pub fn field(&self, name: &str) -> Option<&Field> {

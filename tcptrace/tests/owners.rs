@@ -373,13 +373,6 @@ fn listener_holders(port: u16) -> Vec<u64> {
         .collect()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// Every server-side line names a process that holds the listener, and every client-side line
 /// names ab.
 fn check_nginx_lines(lines: &[Value], nginx: &Nginx, holders: &[u64], ab: u32) {
@@ -411,7 +404,7 @@ fn check_nginx_lines(lines: &[Value], nginx: &Nginx, holders: &[u64], ab: u32) {
 #[test]
 fn nginx_started_before_tracing() {
     let _serial = serial();
-    let port = free_port();
+    let port = support::free_port();
     let nginx = Nginx::start(port);
     let tracer = Tracer::start(&[
         "--format",
@@ -444,7 +437,7 @@ fn nginx_started_before_tracing() {
 #[test]
 fn nginx_started_after_tracing() {
     let _serial = serial();
-    let port = free_port();
+    let port = support::free_port();
     let tracer = Tracer::start(&[
         "--format",
         "json",
@@ -548,7 +541,7 @@ fn server_side(lines: &[Value], port: u16) -> Vec<&Value> {
 fn a_pre_forked_server_is_named_after_a_holder_of_its_listener() {
     for mode in MODES {
         let _serial = serial();
-        let port = free_port();
+        let port = support::free_port();
         let tracer = Tracer::start(&[
             "--format",
             "json",
@@ -593,7 +586,7 @@ fn a_pre_forked_server_is_named_after_a_holder_of_its_listener() {
 #[test]
 fn a_listener_handed_over_exec_is_named_after_the_server_that_holds_it() {
     let _serial = serial();
-    let port = free_port();
+    let port = support::free_port();
     let tracer = Tracer::start(&[
         "--format",
         "json",
@@ -638,7 +631,7 @@ fn a_listener_handed_over_exec_is_named_after_the_server_that_holds_it() {
 #[test]
 fn an_exited_owner_hands_nothing_to_a_child_forked_before_the_socket() {
     let _serial = serial();
-    let port = free_port();
+    let port = support::free_port();
     let tracer = Tracer::start(&[
         "--format",
         "json",

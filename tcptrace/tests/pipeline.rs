@@ -9,7 +9,7 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, TcpListener, TcpStream},
     os::unix::fs::PermissionsExt as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     sync::{
         Arc, Mutex,
@@ -21,27 +21,10 @@ use std::{
 
 use serde_json::Value;
 use support::{
-    Endpoint, TCPTRACE, Tracer, parse_and_validate, require_root, sh, socket_addr, status_field,
+    Endpoint, TCPTRACE, TempDir, Tracer, parse_and_validate,
+    prometheus::{Prometheus, http_get},
+    require_root, sh, socket_addr, status_field,
 };
-
-/// A directory of the test's own, removed afterwards.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("tcptrace-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).output();
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// `count` connections to a listener of this test on 127.0.0.1; returns its port.
 fn connections(listener: &TcpListener, count: usize) {
@@ -588,7 +571,7 @@ fn blocked_output() -> Blocked {
     let (reader, writer) = std::io::pipe().expect("pipe");
     let listener = listener();
     let port = listener.local_addr().unwrap().port().to_string();
-    let metrics_port = free_port();
+    let metrics_port = support::free_port();
     let tracer = Tracer::start_with_stdout(
         &[
             "--format",
@@ -694,93 +677,11 @@ fn a_second_signal_ends_the_wait_for_a_blocked_output() {
     );
 }
 
-/// A Prometheus server of the test's own, on loopback, killed when dropped.
-struct Prometheus {
-    child: Child,
-    port: u16,
-    _dir: TempDir,
-}
-
-impl Prometheus {
-    fn start(target: &str) -> Self {
-        let dir = TempDir::new("prometheus");
-        let config = dir.0.join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tcptrace\n    static_configs:\n      - targets: ['{target}']\n"),
-        )
-        .unwrap();
-        let port = free_port();
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.0.join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus (Debian package prometheus; cargo xtask setup installs it)");
-        Self {
-            child,
-            port,
-            _dir: dir,
-        }
-    }
-
-    /// The value of an instant query with one result, if it has one yet.
-    fn query(&self, query: &str) -> Option<f64> {
-        let encoded: String = query
-            .bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() || b == b'_' {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect();
-        let body = http_get(self.port, &format!("/api/v1/query?query={encoded}"))?;
-        let value: Value = serde_json::from_str(&body).ok()?;
-        value["data"]["result"][0]["value"][1]
-            .as_str()?
-            .parse()
-            .ok()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    listener().local_addr().unwrap().port()
-}
-
-/// A plain HTTP GET on loopback; the body, if the answer was 200.
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
-}
-
 #[test]
 fn metrics_scraped_by_a_real_prometheus_reflect_the_connections() {
     let listener = listener();
     let port = listener.local_addr().unwrap().port().to_string();
-    let metrics_port = free_port();
+    let metrics_port = support::free_port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let tracer = Tracer::start(&[
         "--format",

@@ -406,14 +406,6 @@ fn states_only_leaves_retransmits_out() {
     client.exit();
 }
 
-/// A free loopback port for `--metrics-addr`.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// The body of `GET /metrics`.
 fn scrape(port: u16) -> String {
     use std::io::{Read as _, Write as _};
@@ -459,7 +451,7 @@ fn failed_retransmit_attempts_are_reported_and_not_counted() {
     let tracers: Vec<(&str, u16, Tracer)> = ["btf", "tracefs"]
         .into_iter()
         .map(|mode| {
-            let metrics_port = free_port();
+            let metrics_port = support::free_port();
             let tracer = Tracer::start(&[
                 "--format",
                 "json",

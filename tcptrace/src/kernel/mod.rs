@@ -129,11 +129,8 @@ pub struct Settings<'a> {
 /// has it and says on stderr why it falls back when it does not.
 pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
     match settings.mode {
-        ModeChoice::Btf => {
-            btf_mode::supported().context("BTF mode is not available on this kernel")?;
-            btf_mode::load(settings).context("BTF mode failed")
-        }
-        ModeChoice::Tracefs => tracefs_mode::load(settings),
+        ModeChoice::Btf => load_mode(Mode::Btf, settings),
+        ModeChoice::Tracefs => load_mode(Mode::Tracefs, settings),
         ModeChoice::Auto => {
             let why = match btf_mode::supported() {
                 Ok(()) => match btf_mode::load(settings) {
@@ -145,6 +142,17 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
             eprintln!("tcptrace: BTF mode unavailable ({why}); using tracefs mode");
             tracefs_mode::load(settings)
         }
+    }
+}
+
+/// Loads and attaches one mode, or says why it cannot run here.
+pub fn load_mode(mode: Mode, settings: &Settings<'_>) -> anyhow::Result<Loaded> {
+    match mode {
+        Mode::Btf => {
+            btf_mode::supported().context("BTF mode is not available on this kernel")?;
+            btf_mode::load(settings).context("BTF mode failed")
+        }
+        Mode::Tracefs => tracefs_mode::load(settings),
     }
 }
 
@@ -305,14 +313,16 @@ fn raise_memlock_limit() {
     }
 }
 
-fn kernel_release() -> String {
+/// The running kernel's release (`uname -r`).
+pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
         .trim()
         .to_owned()
 }
 
-fn kernel_before(major: u32, minor: u32) -> bool {
+/// Whether the running kernel is older than `major.minor`.
+pub fn kernel_before(major: u32, minor: u32) -> bool {
     let release = kernel_release();
     let mut parts = release
         .split(['.', '-'])

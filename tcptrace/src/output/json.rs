@@ -159,7 +159,7 @@ fn time(out: &mut BytesMut, wall_ns: u64) {
 }
 
 /// A JSON string: quotes, backslashes and control characters escaped.
-fn string(out: &mut BytesMut, s: &str) {
+pub fn string(out: &mut BytesMut, s: &str) {
     out.put_u8(b'"');
     // The usual comm needs no escaping: copy it whole.
     if s.bytes()

@@ -22,6 +22,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod prometheus;
+
 pub const TCPTRACE: &str = env!("CARGO_BIN_EXE_tcptrace");
 
 /// When set, the mode every tracer a test starts runs in, unless the test names one.
@@ -879,4 +881,31 @@ impl Drop for Netns {
             .args(["link", "del", &format!("tth{id}")])
             .output();
     }
+}
+
+/// A directory of the test's own, removed afterwards.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("tcptrace-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A port on 127.0.0.1 that nothing listens on at the moment.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
