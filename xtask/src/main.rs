@@ -2,6 +2,7 @@
 //! machine, `test` runs every test, `run` builds and runs the tracer.
 
 mod bench;
+mod package;
 mod setup;
 mod soak;
 mod vm_test;
@@ -29,7 +30,8 @@ enum Task {
     /// Set up, then check and run every test: declared dependencies the code does not use
     /// (cargo-machete) and clippy's lints fail it, then unit tests, the end-to-end tests against
     /// the real kernel (as root; they fail, never skip, without it), the benchmark's smoke run
-    /// and the VM tests.
+    /// and the VM tests. Without a filter, `package` runs first: the packaging tests check what
+    /// it built.
     Test {
         /// Extra arguments for `cargo test` (for example a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -68,6 +70,9 @@ enum Task {
         #[arg(long)]
         kernel_package: Option<String>,
     },
+    /// Set up, then build the Debian package and the OCI image from the static (musl) binary,
+    /// into target/dist/ (the image also into buildah's storage as localhost/tcptrace:VERSION).
+    Package,
     /// Set up, build the release binary and run it with these arguments.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -106,6 +111,10 @@ fn run(args: Args) -> anyhow::Result<()> {
                 cargo(&root, &["clippy", "--all-targets", "--", "-D", "warnings"])?;
             }
             cargo(&root, &["build", "--release", "--package", "tcptrace"])?;
+            if args.is_empty() {
+                // The packaging tests check what this builds (target/dist/, buildah's storage).
+                package::package(&root)?;
+            }
             let mut test = vec![
                 "test",
                 "--release",
@@ -171,6 +180,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             setup::setup()?;
             require_root("the soak loads eBPF programs")?;
             soak::soak(&root, connections)
+        }
+        Task::Package => {
+            setup::setup()?;
+            package::package(&root)
         }
         Task::VmTest { kernel_package } => {
             setup::setup()?;

@@ -14,7 +14,10 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// (iptables), checking what is attached (bpftool), capability sets (util-linux's setpriv), a real
 /// Prometheus server and promtool for the metrics tests (prometheus), a second kernel booted in
 /// software emulation (qemu-system-x86, busybox-static, cpio, xz-utils), a real daemonizing
-/// pre-fork server and a load generator for the owner tests (nginx-light, apache2-utils).
+/// pre-fork server and a load generator for the owner tests (nginx-light, apache2-utils); for
+/// the packaging tests, the image builder and what checks the package and its files (buildah,
+/// lintian, man-db, systemd's `systemd-analyze verify`), and the log pipeline's rotation and
+/// collector (logrotate, procps' pkill, syslog-ng-core).
 const PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
@@ -27,17 +30,27 @@ const PACKAGES: &[&str] = &[
     "xz-utils",
     "nginx-light",
     "apache2-utils",
+    "buildah",
+    "lintian",
+    "man-db",
+    "systemd",
+    "logrotate",
+    "procps",
+    "syslog-ng-core",
 ];
 /// The static build for other hosts and for the VM tests.
 const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 /// The test command's check for declared dependencies the code does not use.
 const CARGO_MACHETE_VERSION: &str = "0.9.2";
+/// `cargo xtask package` builds the Debian package with it (pinned; builds with stable 1.95).
+const CARGO_DEB_VERSION: &str = "3.8.0";
 
 pub fn setup() -> anyhow::Result<()> {
     rust_src()?;
     musl_target()?;
     clippy()?;
     cargo_machete()?;
+    cargo_deb()?;
     bpf_linker()?;
     packages()
 }
@@ -62,6 +75,22 @@ fn cargo_machete() -> anyhow::Result<()> {
         "cargo-machete",
         "--version",
         CARGO_MACHETE_VERSION,
+        "--locked",
+    ]))
+}
+
+fn cargo_deb() -> anyhow::Result<()> {
+    if let Ok(version) = output(Command::new("cargo-deb").arg("--version"))
+        && version.contains(CARGO_DEB_VERSION)
+    {
+        return Ok(());
+    }
+    run(Command::new("cargo").args([
+        "+stable",
+        "install",
+        "cargo-deb",
+        "--version",
+        CARGO_DEB_VERSION,
         "--locked",
     ]))
 }

@@ -24,7 +24,7 @@ pub const SERIES: &[(&str, &str, &str)] = &[
     ("6.1", "linux-image-6.1.0-", "-amd64-unsigned"),
     ("6.12", "linux-image-6.12.", "+deb12-amd64-unsigned"),
 ];
-const TARGET: &str = "x86_64-unknown-linux-musl";
+pub const TARGET: &str = "x86_64-unknown-linux-musl";
 /// Modules the guest loads, dependencies first: veth pairs, iptables on nftables.
 const MODULES: &[&str] = &[
     "veth",
@@ -217,7 +217,9 @@ struct Binaries {
     tests: Vec<(PathBuf, &'static [&'static str])>,
 }
 
-fn build_static(root: &Path) -> anyhow::Result<Binaries> {
+/// Builds the static (musl) tcptrace and its examples; returns their release directory
+/// (`target/x86_64-unknown-linux-musl/release`). The VM tests and `cargo xtask package` share it.
+pub fn build_static_binaries(root: &Path) -> anyhow::Result<PathBuf> {
     crate::cargo(
         root,
         &[
@@ -231,6 +233,11 @@ fn build_static(root: &Path) -> anyhow::Result<Binaries> {
             "--examples",
         ],
     )?;
+    Ok(root.join("target").join(TARGET).join("release"))
+}
+
+fn build_static(root: &Path) -> anyhow::Result<Binaries> {
+    let release = build_static_binaries(root)?;
     let mut args = vec![
         "test",
         "--release",
@@ -277,7 +284,6 @@ fn build_static(root: &Path) -> anyhow::Result<Binaries> {
         tests.len(),
         TESTS.len()
     );
-    let release = root.join("target").join(TARGET).join("release");
     Ok(Binaries {
         tcptrace: release.join("tcptrace"),
         examples: vec![
