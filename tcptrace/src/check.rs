@@ -289,20 +289,9 @@ fn write_text(report: &Report, out: &mut Vec<u8>) {
     row("tracefs", &report.tracefs);
     for tracepoint in &report.tracepoints {
         let _ = writeln!(out, "tracepoint {}", tracepoint.name);
-        let _ = writeln!(
-            out,
-            "  {:<18} {:<8} {}",
-            "btf",
-            mark(tracepoint.btf.ok),
-            tracepoint.btf.detail
-        );
-        let _ = writeln!(
-            out,
-            "  {:<18} {:<8} {}",
-            "tracefs",
-            mark(tracepoint.tracefs.ok),
-            tracepoint.tracefs.detail
-        );
+        for (form, fact) in [("btf", &tracepoint.btf), ("tracefs", &tracepoint.tracefs)] {
+            let _ = writeln!(out, "  {form:<18} {:<8} {}", mark(fact.ok), fact.detail);
+        }
     }
     for (name, held, purpose) in &report.capabilities {
         let state = if *held { "held" } else { "missing" };

@@ -21,7 +21,7 @@ use std::{
 };
 
 use serde_json::Value;
-use support::{Tracer, parse_and_validate, require_root};
+use support::{TempDir, Tracer, parse_and_validate, require_root};
 
 /// Rotations under load; the packaged rule keeps 7 files, so none is deleted.
 const ROTATIONS: usize = 5;
@@ -29,24 +29,6 @@ const ROTATIONS: usize = 5;
 const LINES_PER_FILE: usize = 200;
 const PACKAGED_PATH: &str = "/var/log/tcptrace/events.json";
 const PACKAGED_UNIT: &str = "tcptrace.service";
-
-/// A directory of the test's own, removed afterwards.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("tcptrace-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The collector, stopped (by its handle) when the test ends, also when it fails.
 struct Collector {

@@ -17,6 +17,8 @@ use serde_json::Value;
 use support::{require_root, serial};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The Debian package's name (Debian's archive has an unrelated `tcptrace`).
+const PACKAGE: &str = "tcptrace-agent";
 const IMAGE: &str = "localhost/tcptrace";
 /// buildah as `cargo xtask package` uses it.
 const BUILDAH_STORAGE: &[&str] = &["--storage-driver", "vfs"];
@@ -26,9 +28,9 @@ const PACKAGE_FILES: &[&str] = &[
     "/usr/lib/systemd/system/tcptrace.service",
     "/usr/sbin/tcptrace",
     "/usr/share/bash-completion/completions/tcptrace",
-    "/usr/share/doc/tcptrace/README.md",
-    "/usr/share/doc/tcptrace/changelog.Debian.gz",
-    "/usr/share/doc/tcptrace/copyright",
+    "/usr/share/doc/tcptrace-agent/README.md",
+    "/usr/share/doc/tcptrace-agent/changelog.Debian.gz",
+    "/usr/share/doc/tcptrace-agent/copyright",
     "/usr/share/fish/vendor_completions.d/tcptrace.fish",
     "/usr/share/man/man8/tcptrace.8.gz",
     "/usr/share/zsh/vendor-completions/_tcptrace",
@@ -89,7 +91,7 @@ fn static_binary() -> PathBuf {
 
 fn package_installed() -> bool {
     Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", "tcptrace"])
+        .args(["-W", "-f=${Status}", PACKAGE])
         .output()
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("installed"))
 }
@@ -99,16 +101,16 @@ struct Installed;
 
 impl Drop for Installed {
     fn drop(&mut self) {
-        let _ = Command::new("dpkg").args(["--purge", "tcptrace"]).output();
+        let _ = Command::new("dpkg").args(["--purge", PACKAGE]).output();
     }
 }
 
 #[test]
 fn debian_package_passes_lintian_installs_works_and_purges_cleanly() {
     require_root();
-    // dpkg and the name tcptrace are machine-wide: one checkout's run at a time.
+    // dpkg and the package name are machine-wide: one checkout's run at a time.
     let _serial = serial();
-    let deb = built(workspace().join(format!("target/dist/tcptrace_{VERSION}-1_amd64.deb")));
+    let deb = built(workspace().join(format!("target/dist/{PACKAGE}_{VERSION}-1_amd64.deb")));
     let deb = deb.to_str().expect("UTF-8 path");
 
     let lintian = Command::new("lintian")
@@ -128,13 +130,13 @@ fn debian_package_passes_lintian_installs_works_and_purges_cleanly() {
 
     assert!(
         !package_installed(),
-        "a package named tcptrace is already installed: remove it first (this test installs and \
+        "a package named tcptrace-agent is already installed: remove it first (this test installs and \
          purges its own)"
     );
     let guard = Installed;
     run("dpkg", &["--install", deb]);
 
-    let listed: BTreeSet<String> = stdout(&run("dpkg", &["--listfiles", "tcptrace"]))
+    let listed: BTreeSet<String> = stdout(&run("dpkg", &["--listfiles", PACKAGE]))
         .lines()
         .filter(|path| !Path::new(path).is_dir())
         .map(str::to_owned)
@@ -143,7 +145,7 @@ fn debian_package_passes_lintian_installs_works_and_purges_cleanly() {
     assert_eq!(listed, want, "the package's files");
     let conffiles = stdout(&run(
         "dpkg-query",
-        &["--showformat=${Conffiles}", "--show", "tcptrace"],
+        &["--showformat=${Conffiles}", "--show", PACKAGE],
     ));
     assert!(
         conffiles.contains("/etc/logrotate.d/tcptrace"),
@@ -208,8 +210,8 @@ fn debian_package_passes_lintian_installs_works_and_purges_cleanly() {
         "logrotate --debug on the rule:\n{said}"
     );
 
-    run("dpkg", &["--purge", "tcptrace"]);
-    assert!(!package_installed(), "tcptrace is still installed");
+    run("dpkg", &["--purge", PACKAGE]);
+    assert!(!package_installed(), "tcptrace-agent is still installed");
     for path in PACKAGE_FILES {
         assert!(!Path::new(path).exists(), "{path} is left after purge");
     }
@@ -330,7 +332,7 @@ fn deployment_files_and_changelog_match_the_package_and_image() {
     // cargo-deb takes the package's version from Cargo.toml: the changelog must have its entry.
     let changelog = read("packaging/changelog");
     assert!(
-        changelog.starts_with(&format!("tcptrace ({VERSION}-1) ")),
+        changelog.starts_with(&format!("{PACKAGE} ({VERSION}-1) ")),
         "packaging/changelog needs an entry for {VERSION}-1 first"
     );
 

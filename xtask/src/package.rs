@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::vm_test;
+use crate::{setup::run, vm_test};
 
 /// The image's name in local storage; its tag is the workspace version. deploy/daemonset.yaml
 /// names it.
@@ -51,7 +51,7 @@ pub fn package(root: &Path) -> anyhow::Result<()> {
 
 /// cargo-deb on the binary built above (`--no-build`), into `dist`.
 fn debian_package(root: &Path, dist: &Path) -> anyhow::Result<PathBuf> {
-    let deb = dist.join(format!("tcptrace_{VERSION}-1_amd64.deb"));
+    let deb = dist.join(format!("tcptrace-agent_{VERSION}-1_amd64.deb"));
     if deb.exists() {
         std::fs::remove_file(&deb)
             .with_context(|| format!("failed to remove {}", deb.display()))?;
@@ -119,14 +119,4 @@ fn image(root: &Path, binary: &Path, dist: &Path) -> anyhow::Result<(String, Pat
         .arg(format!("oci-archive:{}:{image}", archive.display())))
     .context("failed to write the image archive")?;
     Ok((image, archive))
-}
-
-fn run(command: &mut Command) -> anyhow::Result<()> {
-    let status = command
-        .status()
-        .with_context(|| format!("failed to run {command:?}"))?;
-    if !status.success() {
-        bail!("{command:?} failed ({status})");
-    }
-    Ok(())
 }

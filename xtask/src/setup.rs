@@ -203,7 +203,8 @@ fn output(command: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn run(command: &mut Command) -> anyhow::Result<()> {
+/// Runs a command, failing on a non-zero exit.
+pub fn run(command: &mut Command) -> anyhow::Result<()> {
     let status = command
         .status()
         .with_context(|| format!("failed to run {command:?}"))?;
