@@ -77,6 +77,11 @@ pub const KIND_RETRANSMIT_SYNACK: u16 = 3;
 /// `Event::kind`: a socket that existed when tracing began (`--snapshot`); `oldstate` and
 /// `newstate` both hold its state then.
 pub const KIND_SNAPSHOT: u16 = 4;
+/// `Event::kind` (BTF mode): the kernel handed a closed connection to a timewait socket, which
+/// lives on in the connection's place. `oldstate` is the state the full socket left (FIN_WAIT2 or
+/// CLOSING), `newstate` the timewait socket's (FIN_WAIT2 while the peer has not closed, else
+/// TIME_WAIT). No CLOSE happened: the timewait scan reports its later moves and its end.
+pub const KIND_TIMEWAIT: u16 = 5;
 
 /// `Event::flags`: `duration_ns` is meaningful (the previous transition was seen).
 pub const EVENT_HAS_DURATION: u16 = 1 << 0;
@@ -88,6 +93,12 @@ pub const EVENT_HAS_ERR: u16 = 1 << 2;
 /// main thread (tracefs mode, which cannot read the thread group leader's name): userspace looks
 /// the process's name up.
 pub const EVENT_COMM_OF_THREAD: u16 = 1 << 3;
+/// `Event::flags`: `end` holds the connection's summary (BTF mode, on the line that ends it).
+pub const EVENT_HAS_SUMMARY: u16 = 1 << 4;
+
+/// `SocketState::owner_flags` bit (BTF mode): the socket connected (its own SYN counts in the
+/// kernel's `bytes_acked`).
+pub const SOCKET_ACTIVE_OPEN: u32 = 1 << 31;
 
 /// `PORT_FILTER` value bit: the port may match the socket's local side.
 pub const PORT_LOCAL: u8 = 1 << 0;
@@ -114,6 +125,12 @@ pub const FILTER_CGROUP: u32 = 1 << 7;
 pub const FILTER_NETNS: u32 = 1 << 8;
 /// `Config::filters` bit: keep only sockets in the container `CONTAINER_FILTER` names.
 pub const FILTER_CONTAINER: u32 = 1 << 9;
+/// `Config::filters` bit: keep only the lines that end connections (CLOSE, and hand-overs to a
+/// timewait socket, which userspace needs to see the end), no retransmits.
+pub const FILTER_ENDS: u32 = 1 << 10;
+/// `Config::filters` bit: of the lines that end connections, keep those that did not end with
+/// an orderly FIN (with `FILTER_ENDS`).
+pub const FILTER_FAILURES: u32 = 1 << 11;
 
 /// Linux address families as the tracepoints report them.
 pub const AF_INET: u16 = 2;
@@ -211,6 +228,9 @@ pub const KERNEL_HAS_CGROUP: u32 = 1 << 2;
 pub const KERNEL_CGROUP_TAGGED: u32 = 1 << 3;
 /// `KernelOffsets::features` bit: sockets point to their network namespace (`CONFIG_NET_NS`).
 pub const KERNEL_HAS_NETNS: u32 = 1 << 4;
+/// `KernelOffsets::features` bit: the BTF tracepoint `tcp_send_reset` passes the kernel's
+/// `enum sk_rst_reason` (6.10+).
+pub const KERNEL_RST_REASON: u32 = 1 << 5;
 
 /// Where BTF mode finds fields in kernel structs, read from the running kernel's BTF at load time.
 /// Offsets are in bytes.
@@ -255,10 +275,29 @@ pub struct KernelOffsets {
     pub skc_net: u32,
     /// `struct net`: the namespace's inode number (`ns.inum`).
     pub net_inum: u32,
+    /// `struct sock`: the error a connection ended with, the flag word (`SOCK_DONE`: the peer's
+    /// FIN arrived), and `struct sock_common`'s cookie.
+    pub sk_err: u32,
+    pub sk_flags: u32,
+    pub skc_cookie: u32,
+    /// `struct tcp_sock`: bytes the peer acknowledged, bytes received, smoothed RTT (µs << 3),
+    /// the next sequence number expected and the first one not yet read by the owner.
+    pub tcp_bytes_acked: u32,
+    pub tcp_bytes_received: u32,
+    pub tcp_srtt_us: u32,
+    pub tcp_rcv_nxt: u32,
+    pub tcp_copied_seq: u32,
+    /// `struct inet_timewait_sock`: the substate and the expiry (jiffies) of its timer.
+    pub tw_substate: u32,
+    pub tw_expires: u32,
+    /// `enum sk_rst_reason` values, plus 1 (0: this kernel has no such reason): what the kernel
+    /// passes when closing drops unread data, and when it resets for the socket's state.
+    pub rst_abort_on_close: u32,
+    pub rst_state: u32,
     /// `KERNEL_*` bits.
     pub features: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 104);
+const _: () = assert!(size_of::<KernelOffsets>() == 152);
 
 /// `--container` in the kernel (BTF mode): a container id prefix, lowercase hex, compared in
 /// 8-byte words with the name of each new cgroup at each of [`CONTAINER_ID_OFFSETS`].
@@ -328,8 +367,79 @@ pub struct Event {
     /// The socket's network namespace, as an inode number (BTF mode); 0 when unknown.
     pub netns: u32,
     pub _pad2: u32,
+    /// The socket's cookie (BTF mode): never reused, kept by its timewait socket; 0 when unknown.
+    pub cookie: u64,
+    /// How a connection ended, on the line that ends it (BTF mode).
+    pub end: End,
 }
-const _: () = assert!(size_of::<Event>() == 120);
+const _: () = assert!(size_of::<Event>() == 168);
+
+/// How a connection ended and what it carried: on its CLOSE line (and on a hand-over to a
+/// timewait socket, for the CLOSE userspace writes when that ends). BTF mode.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct End {
+    /// Data bytes the peer acknowledged, and data bytes received (the kernel's counts, which
+    /// include the SYN and FIN sequence numbers, less those).
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+    /// Since the socket's first transition seen (valid with `EVENT_HAS_SUMMARY`).
+    pub lifetime_ns: u64,
+    /// Smoothed round-trip time, in microseconds.
+    pub srtt_us: u32,
+    /// `reason::*`; 0 when not a connection's end.
+    pub reason: u16,
+    /// The kernel's `enum sk_rst_reason` value plus 1 when a reset was sent; 0 when none or unknown.
+    pub rst_reason: u16,
+    /// The socket's error (`sk_err`, a positive errno) when it ended; 0 when none.
+    pub error: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<End>() == 40);
+
+impl End {
+    pub const ZERO: Self = Self {
+        bytes_acked: 0,
+        bytes_received: 0,
+        lifetime_ns: 0,
+        srtt_us: 0,
+        reason: 0,
+        rst_reason: 0,
+        error: 0,
+        _pad: 0,
+    };
+}
+
+/// Why a connection ended (`End::reason`).
+pub mod reason {
+    /// An orderly close: FINs both ways.
+    pub const FIN: u16 = 1;
+    /// This side sent a reset (closed with unread data, SO_LINGER 0, out of memory, ...).
+    pub const RESET_SENT: u16 = 2;
+    /// The peer sent a reset (`ECONNRESET`, or `EPIPE` in CLOSE_WAIT).
+    pub const RESET_RECEIVED: u16 = 3;
+    /// A connect answered with a reset or an ICMP port unreachable (`ECONNREFUSED`).
+    pub const REFUSED: u16 = 4;
+    /// The handshake, a retransmission, keepalive or the peer's FIN timed out.
+    pub const TIMEOUT: u16 = 5;
+    /// `EHOSTUNREACH`, `ENETUNREACH` (ICMP errors, at once or after retransmitting).
+    pub const UNREACHABLE: u16 = 6;
+    /// Another error: `End::error` names it.
+    pub const ERROR: u16 = 7;
+    /// Closed by its owner before the handshake completed; nothing was sent.
+    pub const ABORTED: u16 = 8;
+}
+
+/// Linux errno values the kernel side classifies.
+pub mod errno {
+    pub const EPIPE: u32 = 32;
+    pub const EADDRNOTAVAIL: u32 = 99;
+    pub const ENETUNREACH: u32 = 101;
+    pub const ECONNRESET: u32 = 104;
+    pub const ETIMEDOUT: u32 = 110;
+    pub const ECONNREFUSED: u32 = 111;
+    pub const EHOSTUNREACH: u32 = 113;
+}
 
 /// Per-socket state kept by the kernel side.
 #[repr(C)]
@@ -354,11 +464,32 @@ pub struct SocketState {
     /// BTF mode: what the kernel added to `total_retrans` for attempts that failed while traced
     /// (it counts an attempt before sending it): taken off the count on the CLOSE line.
     pub failed_retrans: u32,
-    /// tracefs mode: `EVENT_COMM_OF_THREAD` when `comm` is a thread's name, else 0.
+    /// tracefs mode: `EVENT_COMM_OF_THREAD` when `comm` is a thread's name, else 0. BTF mode:
+    /// `SOCKET_ACTIVE_OPEN`.
     pub owner_flags: u32,
+    /// BTF mode: the kernel's `enum sk_rst_reason` plus 1 of a reset this socket sent (the
+    /// largest value: a reset whose reason this kernel does not pass); 0 when none.
+    pub rst_reason: u32,
+    /// BTF mode: when the socket's first transition was seen (`CLOCK_MONOTONIC` ns).
+    pub born_ns: u64,
+}
+const _: () = assert!(size_of::<SocketState>() == 80);
+
+/// One record of the timewait scan (`iter/tcp`, BTF mode): a timewait socket, or (cookie 0) the
+/// clock at the scan's end, `expires` then holding jiffies and `now_ns` nanoseconds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimewaitRecord {
+    pub cookie: u64,
+    /// When the timewait socket's timer expires, in jiffies.
+    pub expires: u64,
+    /// `CLOCK_MONOTONIC` ns (the clock record only).
+    pub now_ns: u64,
+    /// `tcp_state::FIN_WAIT2` or `TIME_WAIT`.
+    pub substate: u32,
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<SocketState>() == 72);
+const _: () = assert!(size_of::<TimewaitRecord>() == 32);
 
 /// A process forked by another (BTF mode's `FORKED` and `SUCCESSORS` values).
 #[repr(C)]
@@ -403,6 +534,7 @@ mod user {
     unsafe impl aya::Pod for super::SocketState {}
     unsafe impl aya::Pod for super::ListenerOwner {}
     unsafe impl aya::Pod for super::ContainerFilter {}
+    unsafe impl aya::Pod for super::TimewaitRecord {}
 }
 
 /// Where a state transition's owner, time in the old state and retransmit count come from. tracefs

@@ -12,18 +12,20 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::{
-            bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_seq_write, bpf_sk_storage_get,
-            bpf_skc_to_tcp_sock, bpf_sock_from_file,
+            bpf_get_current_task_btf, bpf_get_socket_cookie, bpf_jiffies64, bpf_probe_read_kernel,
+            bpf_seq_write, bpf_sk_storage_get, bpf_skc_to_tcp_sock, bpf_skc_to_tcp_timewait_sock,
+            bpf_sock_from_file,
         },
     },
     programs::BtfTracePointContext,
 };
 use aya_log_ebpf::warn;
 use tcptrace_common::{
-    AF_INET, Bytes16, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, Event, Forked,
-    KERNEL_HAS_IPV6, KERNEL_RETRANSMIT_ERR, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_SNAPSHOT,
-    KIND_STATE, KernelOffsets, Origin, SocketState, TRACE_RETRANSMITS, TRACE_SNAPSHOT,
-    TRACE_STATES, tcp_state,
+    AF_INET, Bytes16, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, EVENT_HAS_SUMMARY, End,
+    Event, FILTER_ENDS, FILTER_FAILURES, Forked, KERNEL_HAS_IPV6, KERNEL_RETRANSMIT_ERR,
+    KERNEL_RST_REASON, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_SNAPSHOT, KIND_STATE,
+    KIND_TIMEWAIT, KernelOffsets, Origin, SOCKET_ACTIVE_OPEN, SocketState, TRACE_RETRANSMITS,
+    TRACE_SNAPSHOT, TRACE_STATES, TimewaitRecord, errno, reason, tcp_state,
 };
 
 use crate::{
@@ -304,24 +306,40 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
             "no socket storage could be created: this socket's owner is not kept"
         );
     }
-    let (owner, since_ns, retransmits, failed_retrans) = if opened {
-        (current_owner(&offsets), 0, 0, 0)
+    // What a socket carries from one transition to the next; a new socket (an accepted one
+    // included: its storage is its listener's copy) starts afresh.
+    let mut kept = Kept {
+        active_open: opened && newstate == tcp_state::SYN_SENT,
+        ..Kept::default()
+    };
+    let owner = if opened {
+        current_owner(&offsets)
     } else if let Some(state) = unsafe { stored.as_mut() } {
         let owner = live_owner(state);
-        if origin != Origin::Kept {
-            // A new socket: the listener's duration and counts are not its own.
-            (owner, 0, 0, 0)
-        } else {
-            (
-                owner,
-                state.since_ns,
-                state.retransmits,
-                state.failed_retrans,
-            )
+        if origin == Origin::Kept {
+            kept = Kept {
+                since_ns: state.since_ns,
+                retransmits: state.retransmits,
+                failed_retrans: state.failed_retrans,
+                rst_reason: state.rst_reason,
+                born_ns: state.born_ns,
+                active_open: state.owner_flags & SOCKET_ACTIVE_OPEN != 0,
+            };
         }
+        owner
     } else {
-        (UNKNOWN_OWNER, 0, 0, 0)
+        UNKNOWN_OWNER
     };
+    let Kept {
+        since_ns,
+        retransmits,
+        failed_retrans,
+        rst_reason,
+        born_ns,
+        active_open,
+    } = kept;
+    // The first transition seen starts the connection's lifetime.
+    let born_ns = if born_ns == 0 { now } else { born_ns };
     // SAFETY: `tp` is the BTF-typed tcp_sock of this socket.
     let kernel_retrans = unsafe { field::<u32>(tp, offsets.tcp_total_retrans) };
     if let Some(state) = unsafe { stored.as_mut() } {
@@ -336,13 +354,57 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
             cgroup_id: 0,
             kernel_retrans,
             failed_retrans,
-            owner_flags: 0,
-            _pad: 0,
+            owner_flags: if active_open { SOCKET_ACTIVE_OPEN } else { 0 },
+            rst_reason,
+            born_ns,
         };
     }
 
     if filters & TRACE_STATES == 0 || !owner_wanted(filters, owner.pid) {
         return Ok(());
+    }
+    // How the connection ended, when it did: a CLOSE, or a hand-over to a timewait socket
+    // (FIN_WAIT2 or CLOSING to CLOSE after an orderly close: the connection lives on).
+    let ended = newstate == tcp_state::CLOSE && oldstate != tcp_state::LISTEN;
+    let mut kind = KIND_STATE;
+    let mut entered = newstate;
+    let mut end = End::ZERO;
+    if ended {
+        // SAFETY: BTF-typed socket pointers; offsets from this kernel's BTF.
+        end = unsafe {
+            ending(
+                &offsets,
+                sk as *const u8,
+                tp,
+                oldstate,
+                rst_reason,
+                active_open,
+            )
+        };
+        end.lifetime_ns = now.saturating_sub(born_ns);
+        if end.reason == reason::FIN
+            && (oldstate == tcp_state::FIN_WAIT2 || oldstate == tcp_state::CLOSING)
+        {
+            kind = KIND_TIMEWAIT;
+            // The timewait socket starts in TIME_WAIT once the peer's FIN is in (CLOSING, or
+            // FIN_WAIT2 with `SOCK_DONE`); in FIN_WAIT2 while the peer has not closed.
+            // SAFETY: as above.
+            let flags: u64 = unsafe { field(sk as *const u8, offsets.sk_flags) };
+            entered = if oldstate == tcp_state::CLOSING || flags & SOCK_DONE != 0 {
+                tcp_state::TIME_WAIT
+            } else {
+                tcp_state::FIN_WAIT2
+            };
+        }
+    }
+    if filters & FILTER_ENDS != 0 {
+        // Only the lines that end connections; with `--failures`, those not ended by a FIN (a
+        // hand-over still goes up: its end may be a failure, seen by the timewait scan).
+        if !ended
+            || (filters & FILTER_FAILURES != 0 && kind == KIND_STATE && end.reason == reason::FIN)
+        {
+            return Ok(());
+        }
     }
     // The CLOSE line carries the kernel's own count: it covers retransmits from before tracing
     // began, and an accepted socket's SYN-ACK retransmits (copied from its request socket). The
@@ -365,6 +427,10 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
     if !identity_wanted(filters, &offsets, &id) {
         return Ok(());
     }
+    let mut flags = if since_ns != 0 { EVENT_HAS_DURATION } else { 0 };
+    if ended {
+        flags |= EVENT_HAS_SUMMARY;
+    }
     emit(
         &config,
         Event {
@@ -377,19 +443,206 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
             pid: owner.pid,
             retransmits,
             err: 0,
-            kind: KIND_STATE,
-            flags: if since_ns != 0 { EVENT_HAS_DURATION } else { 0 },
+            kind,
+            flags,
             family: ends.family,
             sport: ends.sport,
             dport: ends.dport,
             oldstate,
-            newstate,
+            newstate: entered,
             _pad: 0,
             cgroup_id: id.cgroup_id,
             netns: id.netns,
             _pad2: 0,
+            // SAFETY: `sk` as above.
+            cookie: unsafe { bpf_get_socket_cookie(sk) },
+            end,
         },
     );
+    Ok(())
+}
+
+/// What a socket's storage carries from one transition to the next.
+#[derive(Default)]
+struct Kept {
+    since_ns: u64,
+    retransmits: u32,
+    failed_retrans: u32,
+    rst_reason: u32,
+    born_ns: u64,
+    active_open: bool,
+}
+
+/// `sock_flags` bit `SOCK_DONE`: the peer's FIN arrived (`tcp_fin`).
+const SOCK_DONE: u64 = 1 << 1;
+
+/// Why a connection ended, read at its transition to CLOSE, and what it carried. The kernel sets
+/// `sk_err` before it closes a socket for an error (`tcp_done_with_error`, `tcp_write_err`,
+/// `tcp_v4_err`), so an error is known here. A reset this socket sent before (out of memory,
+/// keepalive, `tcp_abort`) was kept by `reset_sent`. The kernel closes a socket that drops unread
+/// data, or disconnects it (SO_LINGER 0), *before* it sends the reset: a socket leaving a state
+/// where a reset is due (`tcp_need_reset`) with no error is one of those, its reason read from
+/// what was left unread, as `__tcp_close` decides it.
+/// https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/tcp.c (__tcp_close, tcp_disconnect)
+#[inline(always)]
+unsafe fn ending(
+    offsets: &KernelOffsets,
+    sk: *const u8,
+    tp: *const u8,
+    oldstate: u32,
+    rst_reason: u32,
+    active_open: bool,
+) -> End {
+    // SAFETY: BTF-typed socket pointers; offsets from this kernel's BTF.
+    let (error, bytes_acked, bytes_received, srtt, flags) = unsafe {
+        (
+            field::<i32>(sk, offsets.sk_err).max(0) as u32,
+            field::<u64>(tp, offsets.tcp_bytes_acked),
+            field::<u64>(tp, offsets.tcp_bytes_received),
+            field::<u32>(tp, offsets.tcp_srtt_us),
+            field::<u64>(sk, offsets.sk_flags),
+        )
+    };
+    // The peer's FIN takes a sequence number but is no data.
+    let fin_in = u32::from(flags & SOCK_DONE != 0);
+    let mut end = End {
+        bytes_acked,
+        bytes_received,
+        srtt_us: srtt >> 3,
+        rst_reason: rst_reason.min(u32::from(u16::MAX)) as u16,
+        error,
+        ..End::ZERO
+    };
+    end.reason = match error {
+        errno::ECONNREFUSED => reason::REFUSED,
+        errno::ECONNRESET | errno::EPIPE => reason::RESET_RECEIVED,
+        errno::ETIMEDOUT => reason::TIMEOUT,
+        errno::EHOSTUNREACH | errno::ENETUNREACH => reason::UNREACHABLE,
+        _ if rst_reason != 0 => reason::RESET_SENT,
+        0 => match oldstate {
+            tcp_state::SYN_SENT => {
+                // A connect that never got a local port (every port in use) fails in
+                // `tcp_v4_connect` after SYN_SENT, its error returned, not kept.
+                // SAFETY: as above.
+                if unsafe { field::<u16>(tp, offsets.inet_sport) } == 0 {
+                    end.error = errno::EADDRNOTAVAIL;
+                    reason::ERROR
+                } else {
+                    reason::ABORTED
+                }
+            }
+            tcp_state::ESTABLISHED
+            | tcp_state::CLOSE_WAIT
+            | tcp_state::FIN_WAIT1
+            | tcp_state::SYN_RECV => {
+                // SAFETY: as above.
+                let (rcv_nxt, copied_seq) = unsafe {
+                    (
+                        field::<u32>(tp, offsets.tcp_rcv_nxt),
+                        field::<u32>(tp, offsets.tcp_copied_seq),
+                    )
+                };
+                let unread = rcv_nxt.wrapping_sub(copied_seq).wrapping_sub(fin_in);
+                end.rst_reason = if unread != 0 && unread < 1 << 31 {
+                    offsets.rst_abort_on_close
+                } else {
+                    offsets.rst_state
+                } as u16;
+                reason::RESET_SENT
+            }
+            _ => reason::FIN,
+        },
+        _ => reason::ERROR,
+    };
+    // Data bytes: the kernel's counts include our SYN (when we connected) and our FIN once the
+    // peer acknowledged them (an orderly close from LAST_ACK, FIN_WAIT2 or CLOSING), and the
+    // peer's FIN.
+    let syn_out = u64::from(active_open && bytes_acked != 0);
+    let fin_out = u64::from(
+        end.reason == reason::FIN
+            && matches!(
+                oldstate,
+                tcp_state::LAST_ACK | tcp_state::FIN_WAIT2 | tcp_state::CLOSING
+            ),
+    );
+    end.bytes_acked = bytes_acked.saturating_sub(syn_out + fin_out);
+    end.bytes_received = bytes_received.saturating_sub(u64::from(fin_in));
+    end
+}
+
+/// `tcp_send_reset(sk, skb[, reason])`: a socket that sends a reset keeps the kernel's reason
+/// for its CLOSE line. NULL or not a full socket (a reply for no socket, a timewait socket):
+/// nothing to keep.
+pub fn reset_sent(ctx: &BtfTracePointContext) {
+    let sk: *mut c_void = ctx.arg(0);
+    if sk.is_null() {
+        return;
+    }
+    let offsets = OFFSETS.load();
+    // SAFETY: `sk` is typed from the tracepoint; the helper returns NULL for other than full
+    // sockets.
+    if let Some(state) = unsafe { storage(sk, false).as_mut() } {
+        state.rst_reason = if offsets.features & KERNEL_RST_REASON != 0 {
+            ctx.arg::<u32>(2).saturating_add(1)
+        } else {
+            u32::from(u16::MAX)
+        };
+    }
+}
+
+/// The context of an `iter/tcp` program (`struct bpf_iter__tcp`).
+#[repr(C)]
+pub struct TcpIterContext {
+    meta: *const u8,
+    sk_common: *const c_void,
+    uid: u32,
+}
+
+/// One TCP socket of the host, timewait sockets included: for each timewait socket whose cookie
+/// was ever taken, its cookie, substate and timer expiry go to the iterator's output; at the end,
+/// the clock (jiffies and nanoseconds) that userspace reads the expiries against.
+pub fn timewait_scan(ctx: *const TcpIterContext) -> Result<(), ()> {
+    // SAFETY: the iterator's context, read as the kernel lays it out.
+    let (meta, skc) = unsafe { ((*ctx).meta, (*ctx).sk_common) };
+    let mut record = TimewaitRecord::default();
+    if skc.is_null() {
+        // SAFETY: no arguments.
+        unsafe {
+            record.expires = bpf_jiffies64();
+            record.now_ns = bpf_ktime_get_ns();
+        }
+    } else {
+        let offsets = OFFSETS.load();
+        // SAFETY: a BTF-typed socket pointer; offsets from this kernel's BTF.
+        let state: u8 = unsafe { field(skc as *const u8, offsets.skc_state) };
+        if u32::from(state) != tcp_state::TIME_WAIT {
+            return Ok(());
+        }
+        // SAFETY: as above; NULL unless a TCP timewait socket.
+        let tw = unsafe { bpf_skc_to_tcp_timewait_sock(skc.cast_mut()) } as *const u8;
+        if tw.is_null() {
+            return Ok(());
+        }
+        // SAFETY: as above.
+        unsafe {
+            record.cookie = field(tw, offsets.skc_cookie);
+            if record.cookie == 0 {
+                // Never traced: tcptrace takes the cookie of every socket it reports.
+                return Ok(());
+            }
+            record.substate = u32::from(field::<u8>(tw, offsets.tw_substate));
+            record.expires = field(tw, offsets.tw_expires);
+        }
+    }
+    // SAFETY: `meta` is the iterator's `struct bpf_iter_meta`, whose first field is the seq_file.
+    unsafe {
+        let seq: *mut c_void = field(meta, 0);
+        bpf_seq_write(
+            seq.cast(),
+            ptr::addr_of!(record).cast(),
+            size_of::<TimewaitRecord>() as u32,
+        );
+    }
     Ok(())
 }
 
@@ -469,6 +722,9 @@ pub fn retransmit(ctx: &BtfTracePointContext) -> Result<(), ()> {
             cgroup_id: id.cgroup_id,
             netns: id.netns,
             _pad2: 0,
+            // SAFETY: `sk` as above.
+            cookie: unsafe { bpf_get_socket_cookie(sk) },
+            end: End::ZERO,
         },
     );
     Ok(())
@@ -529,6 +785,8 @@ pub fn retransmit_synack(ctx: &BtfTracePointContext) -> Result<(), ()> {
             cgroup_id: id.cgroup_id,
             netns: id.netns,
             _pad2: 0,
+            cookie: 0,
+            end: End::ZERO,
         },
     );
     Ok(())
@@ -619,6 +877,9 @@ pub fn snapshot(ctx: *const TaskFileContext) -> Result<(), ()> {
         cgroup_id: id.cgroup_id,
         netns: id.netns,
         _pad2: 0,
+        // SAFETY: `sk` as above.
+        cookie: unsafe { bpf_get_socket_cookie(sk) },
+        end: End::ZERO,
     };
     // SAFETY: `meta` is the iterator's `struct bpf_iter_meta`, whose first field is the seq_file.
     unsafe {

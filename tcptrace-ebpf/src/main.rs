@@ -161,6 +161,12 @@ pub fn btf_tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
     }
 }
 
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn btf_tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
+    btf::reset_sent(&ctx);
+    0
+}
+
 #[btf_tracepoint(function = "sched_process_fork")]
 pub fn btf_sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     btf::forked(&ctx);
@@ -190,6 +196,16 @@ pub fn btf_cgroup_mkdir(ctx: BtfTracePointContext) -> i32 {
 #[unsafe(link_section = "iter/task_file")]
 pub fn snapshot_sockets(ctx: *mut core::ffi::c_void) -> i32 {
     match btf::snapshot(ctx.cast()) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+/// `iter/tcp`: every TCP socket of the host, timewait sockets included, run by userspace once
+/// per scan interval.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn timewait_scan(ctx: *mut core::ffi::c_void) -> i32 {
+    match btf::timewait_scan(ctx.cast()) {
         Ok(()) | Err(()) => 0,
     }
 }

@@ -6,9 +6,9 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TracePointContext};
 use aya_log_ebpf::warn;
 use tcptrace_common::{
-    AF_INET, AF_INET6, Bytes16, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, Event,
-    FIELD_ABSENT, IPPROTO_TCP, KIND_RETRANSMIT_SYNACK, KIND_STATE, ListenerOwner, Origin,
-    RetransmitLayout, SocketState, TRACE_RETRANSMITS, TRACE_STATES, tcp_state,
+    AF_INET, AF_INET6, Bytes16, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, End, Event,
+    FIELD_ABSENT, FILTER_ENDS, IPPROTO_TCP, KIND_RETRANSMIT_SYNACK, KIND_STATE, ListenerOwner,
+    Origin, RetransmitLayout, SocketState, TRACE_RETRANSMITS, TRACE_STATES, tcp_state,
 };
 
 use crate::{
@@ -117,7 +117,8 @@ pub fn state(ctx: &TracePointContext) -> Result<(), ()> {
             kernel_retrans: 0,
             failed_retrans: 0,
             owner_flags: u32::from(owner.flags),
-            _pad: 0,
+            rst_reason: 0,
+            born_ns: 0,
         };
         match existing {
             // SAFETY: as above; the kernel holds the socket lock across a transition.
@@ -130,6 +131,10 @@ pub fn state(ctx: &TracePointContext) -> Result<(), ()> {
 
     // With only retransmits traced this program still runs: it keeps the owners they need.
     if filters & TRACE_STATES == 0 || !tracked || !ports_wanted(filters, sport, dport) {
+        return Ok(());
+    }
+    // `--events connections`: only the lines that end connections.
+    if filters & FILTER_ENDS != 0 && newstate != tcp_state::CLOSE {
         return Ok(());
     }
     let (saddr, daddr) = addresses(
@@ -161,6 +166,8 @@ pub fn state(ctx: &TracePointContext) -> Result<(), ()> {
             cgroup_id: owner.cgroup_id,
             netns: 0,
             _pad2: 0,
+            cookie: 0,
+            end: End::ZERO,
         },
     );
     Ok(())
@@ -330,6 +337,8 @@ pub fn retransmit(ctx: &TracePointContext, layout: &RetransmitLayout, kind: u16)
             cgroup_id: owner.cgroup_id,
             netns: 0,
             _pad2: 0,
+            cookie: 0,
+            end: End::ZERO,
         },
     );
     Ok(())

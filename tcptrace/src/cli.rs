@@ -83,6 +83,20 @@ pub struct Cli {
     )]
     pub events: Vec<EventKind>,
 
+    /// Keep only the lines that end connections which did not end with an orderly FIN: resets
+    /// sent or received, refused connects, timeouts, unreachable hosts, errors, aborted connects
+    /// (each line with its reason and the connection's summary). Filtered in the kernel; no
+    /// retransmit lines. BTF mode only.
+    #[arg(long = "failures")]
+    pub failures: bool,
+
+    /// BTF mode: how many connections held by timewait sockets (FIN_WAIT2 after close, TIME_WAIT)
+    /// are followed at once. Beyond it, a connection handed to a timewait socket gets its CLOSE
+    /// line at once, and tcptrace_timewait_untracked_total counts it.
+    #[arg(long = "max-timewait", value_name = "N", default_value = "65536",
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=4_194_304))]
+    pub max_timewait: usize,
+
     /// Output format: an aligned table, one JSON object per line, or nothing (with
     /// --metrics-addr: a pure exporter).
     #[arg(

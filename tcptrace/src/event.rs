@@ -7,9 +7,11 @@ use std::{
 
 use tcptrace_common::{
     AF_INET, AF_INET6, Bytes16, EVENT_COMM_OF_THREAD, EVENT_HAS_DURATION, EVENT_HAS_ERR,
-    EVENT_HAS_STATE, Event, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_SNAPSHOT, KIND_STATE,
-    tcp_state,
+    EVENT_HAS_STATE, EVENT_HAS_SUMMARY, Event, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK,
+    KIND_SNAPSHOT, KIND_STATE, KIND_TIMEWAIT, tcp_state,
 };
+
+use crate::ending::Ending;
 
 /// A kernel TCP state; numbers this build does not know are kept as `Unknown`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -115,6 +117,14 @@ pub enum Kind {
     RetransmitSynack,
     /// A socket that existed when tracing began, in `state` (`--snapshot`).
     Snapshot { state: TcpState },
+    /// BTF mode: a closed connection handed to a timewait socket, which starts in `new`
+    /// (FIN_WAIT2 or TIME_WAIT). Never written as such: the timewait tracker makes it a
+    /// transition to TIME_WAIT, or keeps it until the timewait socket moves.
+    Handoff {
+        old: TcpState,
+        new: TcpState,
+        duration_ns: Option<u64>,
+    },
 }
 
 /// One decoded event.
@@ -143,6 +153,10 @@ pub struct TcpEvent {
     /// tracefs mode: the name of the thread that opened the socket, when `comm` became its
     /// process's name and the two differ.
     pub thread: Option<[u8; 16]>,
+    /// The socket's cookie (BTF mode): one connection's lines share it; 0 when unknown.
+    pub cookie: u64,
+    /// On the line that ends a connection (BTF mode): why, and what it carried.
+    pub end: Option<Ending>,
 }
 
 impl TcpEvent {
@@ -201,6 +215,8 @@ pub fn decode(bytes: &[u8]) -> Result<TcpEvent, DecodeError> {
         cgroup_id,
         netns,
         _pad2: _,
+        cookie,
+        end,
     } = raw;
     let (saddr, daddr) = match family {
         AF_INET => (ipv4(saddr), ipv4(daddr)),
@@ -225,6 +241,11 @@ pub fn decode(bytes: &[u8]) -> Result<TcpEvent, DecodeError> {
         KIND_SNAPSHOT => Kind::Snapshot {
             state: oldstate.into(),
         },
+        KIND_TIMEWAIT => Kind::Handoff {
+            old: oldstate.into(),
+            new: newstate.into(),
+            duration_ns: has(EVENT_HAS_DURATION).then_some(duration_ns),
+        },
         other => return Err(DecodeError::UnknownKind(other)),
     };
     Ok(TcpEvent {
@@ -242,6 +263,12 @@ pub fn decode(bytes: &[u8]) -> Result<TcpEvent, DecodeError> {
         netns,
         comm_of_thread: has(EVENT_COMM_OF_THREAD),
         thread: None,
+        cookie,
+        end: if has(EVENT_HAS_SUMMARY) {
+            Ending::decode(&end)
+        } else {
+            None
+        },
     })
 }
 

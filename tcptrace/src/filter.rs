@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 
 use tcptrace_common::{
-    FILTER_CGROUP, FILTER_CONTAINER, FILTER_IPV4, FILTER_IPV6, FILTER_NETNS, FILTER_PID,
-    FILTER_PORT, PORT_LOCAL, PORT_REMOTE, TRACE_RETRANSMITS, TRACE_STATES,
+    FILTER_CGROUP, FILTER_CONTAINER, FILTER_ENDS, FILTER_FAILURES, FILTER_IPV4, FILTER_IPV6,
+    FILTER_NETNS, FILTER_PID, FILTER_PORT, PORT_LOCAL, PORT_REMOTE, TRACE_RETRANSMITS,
+    TRACE_STATES,
 };
 
 use crate::cli::{Cli, EventKind};
@@ -56,7 +57,11 @@ impl Filters {
             (cli.ipv4, FILTER_IPV4),
             (cli.ipv6, FILTER_IPV6),
             (cli.traces(EventKind::States), TRACE_STATES),
-            (cli.traces(EventKind::Retransmits), TRACE_RETRANSMITS),
+            (
+                cli.traces(EventKind::Retransmits) && !cli.failures,
+                TRACE_RETRANSMITS,
+            ),
+            (cli.failures, FILTER_ENDS | FILTER_FAILURES),
         ]
         .into_iter()
         .filter_map(|(on, bit)| on.then_some(bit))

@@ -5,6 +5,7 @@
 pub mod cgroup;
 pub mod check;
 pub mod cli;
+pub mod ending;
 pub mod event;
 pub mod filter;
 pub mod kernel;
@@ -14,5 +15,6 @@ pub mod output;
 pub mod privileges;
 pub mod process_names;
 pub mod signals;
+pub mod timewait;
 pub mod tracefs;
 pub mod tracer;

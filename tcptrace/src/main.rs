@@ -96,7 +96,11 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
         destination,
         metrics,
         signals,
-        cli.buffer_size,
+        tracer::Options {
+            buffer_size: cli.buffer_size,
+            max_timewait: cli.max_timewait,
+            failures_only: cli.failures,
+        },
     )
     .await?;
     if !summary.reader_gone {

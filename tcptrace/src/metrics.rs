@@ -10,6 +10,7 @@ use prometheus_client::{
     metrics::{
         counter::Counter,
         family::Family,
+        gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
@@ -17,9 +18,25 @@ use prometheus_client::{
 
 use crate::{
     cgroup::Cgroup,
+    ending::Reason,
     event::{Kind, TcpEvent, TcpState},
     kernel::Counters,
 };
+
+/// Why a connection ended, as a label value.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct ReasonName(pub Reason);
+
+impl EncodeLabelValue for ReasonName {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.0.name())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: ReasonName,
+}
 
 /// A TCP state as a label value: the kernel's name, or `STATE_n`.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -62,6 +79,10 @@ pub struct Metrics {
     retransmits: Family<(StateLabels, ContainerLabel), Counter>,
     retransmit_failures: Family<(StateLabels, ContainerLabel), Counter>,
     durations: Family<(StateLabels, ContainerLabel), Histogram>,
+    closed: Family<(ReasonLabels, ContainerLabel), Counter>,
+    time_wait: Gauge,
+    time_wait_durations: Histogram,
+    timewait_untracked: Counter,
     lost: Counter,
     container_label: bool,
 }
@@ -97,6 +118,31 @@ impl Metrics {
             "Time sockets spent in a state before leaving it (SYN_SENT: connect latency)",
             durations.clone(),
         );
+        let closed = Family::default();
+        registry.register(
+            "connections_closed",
+            "Connections that ended, by why (BTF mode): fin, reset_sent, reset_received, refused, timeout, unreachable, error, aborted",
+            closed.clone(),
+        );
+        let time_wait = Gauge::default();
+        registry.register(
+            "time_wait_sockets",
+            "Traced connections in TIME_WAIT now (BTF mode; what `ss -tan state time-wait` counts of them)",
+            time_wait.clone(),
+        );
+        // 1 s to about 17 min: 60 s is the kernel's TIME_WAIT, less when ended early.
+        let time_wait_durations = Histogram::new(exponential_buckets(1.0, 2.0, 11));
+        registry.register(
+            "time_wait_duration_seconds",
+            "Time connections spent in TIME_WAIT (BTF mode; to the timewait scan's resolution)",
+            time_wait_durations.clone(),
+        );
+        let timewait_untracked = Counter::default();
+        registry.register(
+            "timewait_untracked",
+            "Connections handed to a timewait socket while --max-timewait were followed: written as CLOSE at once",
+            timewait_untracked.clone(),
+        );
         let lost = Counter::default();
         registry.register(
             "events_lost",
@@ -109,6 +155,10 @@ impl Metrics {
             retransmits,
             retransmit_failures,
             durations,
+            closed,
+            time_wait,
+            time_wait_durations,
+            timewait_untracked,
             lost,
             container_label,
         }
@@ -143,8 +193,21 @@ impl Metrics {
                     self.durations
                         .get_or_create(&(labels, container.clone()))
                         .observe(Duration::from_nanos(ns).as_secs_f64());
+                    if old == TcpState::TimeWait {
+                        self.time_wait_durations
+                            .observe(Duration::from_nanos(ns).as_secs_f64());
+                    }
+                }
+                if let (TcpState::Close, Some(end)) = (new, &event.end) {
+                    let labels = ReasonLabels {
+                        reason: ReasonName(end.reason),
+                    };
+                    self.closed
+                        .get_or_create(&(labels, container.clone()))
+                        .inc();
                 }
             }
+            Kind::Handoff { .. } => {}
             Kind::Retransmit { state, err } => {
                 let state = StateName(state.unwrap_or(TcpState::Unknown(0)));
                 // An attempt the kernel reports as failed (`err` not 0) sent nothing.
@@ -168,6 +231,15 @@ impl Metrics {
                     .inc();
             }
         }
+    }
+
+    /// The timewait tracker's state: connections in TIME_WAIT, and hand-overs it could not follow
+    /// (a running total).
+    pub fn timewait(&self, in_time_wait: usize, untracked: u64) {
+        self.time_wait
+            .set(i64::try_from(in_time_wait).unwrap_or(i64::MAX));
+        self.timewait_untracked
+            .inc_by(untracked.saturating_sub(self.timewait_untracked.get()));
     }
 
     /// Takes the kernel side's counters.

@@ -14,17 +14,21 @@ use tokio::{
 
 use crate::{
     cgroup::Cgroups,
-    event::{WallClock, decode},
-    kernel::{Attached, Loaded, Mode},
+    event::{Kind, TcpEvent, TcpState, WallClock, decode},
+    kernel::{Attached, Loaded, Mode, TimewaitScan},
     metrics::Metrics,
     output::{Chunk, Destination, Formatter, MAX_LINE, Outcome, Room, Writer},
     process_names::ProcessNames,
     signals::Signals,
+    timewait::Timewait,
 };
 
 /// How often the ring buffer is drained when the kernel side has not woken us: the longest an
 /// event waits before it is written.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+/// How often the timewait scan runs (BTF mode): the resolution of the ends of TIME_WAIT and
+/// FIN_WAIT2 after close.
+pub const TIMEWAIT_SCAN_INTERVAL: Duration = Duration::from_secs(1);
 /// How often lost events are reported (at most one report per interval).
 const LOST_INTERVAL: Duration = Duration::from_secs(1);
 /// Lines are formatted into buffers of this size and go to the writer in chunks cut from them,
@@ -48,8 +52,28 @@ pub struct Summary {
     pub reader_gone: bool,
 }
 
+/// Settings of the run loop from the command line.
+pub struct Options {
+    /// `--buffer-size`.
+    pub buffer_size: usize,
+    /// `--max-timewait`.
+    pub max_timewait: usize,
+    /// `--failures`: only lines that end connections other than with a FIN.
+    pub failures_only: bool,
+}
+
+/// The timewait scan and what it follows.
+struct Timewaits {
+    scan: TimewaitScan,
+    tracker: Timewait,
+    records: Vec<u8>,
+    lines: Vec<TcpEvent>,
+}
+
 struct Tracer {
     formatter: Formatter,
+    timewaits: Option<Timewaits>,
+    failures_only: bool,
     cgroups: Cgroups,
     /// tracefs mode: process names in place of thread names.
     process_names: Option<ProcessNames>,
@@ -80,13 +104,14 @@ pub async fn run(
     destination: Destination,
     metrics: Option<Arc<Metrics>>,
     mut signals: Signals,
-    buffer_size: usize,
+    options: Options,
 ) -> anyhow::Result<Summary> {
     let Loaded {
         events,
         attached,
         mode,
         snapshot,
+        timewait,
     } = loaded;
     let mut buf = BytesMut::with_capacity(BUFFER);
     if destination.is_empty_file() {
@@ -94,11 +119,18 @@ pub async fn run(
     }
     let mut tracer = Tracer {
         formatter,
+        timewaits: timewait.map(|scan| Timewaits {
+            scan,
+            tracker: Timewait::new(options.max_timewait),
+            records: Vec::new(),
+            lines: Vec::new(),
+        }),
+        failures_only: options.failures_only,
         cgroups,
         process_names: (mode == Mode::Tracefs).then(ProcessNames::default),
         metrics,
         attached,
-        writer: Writer::spawn(destination, buffer_size)?,
+        writer: Writer::spawn(destination, options.buffer_size)?,
         buf,
         buf_events: 0,
         spare: BytesMut::new(),
@@ -116,6 +148,9 @@ pub async fn run(
     drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut lost_tick = interval(LOST_INTERVAL);
     lost_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut scan_tick = interval(TIMEWAIT_SCAN_INTERVAL);
+    scan_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let scans = tracer.timewaits.is_some();
     // The sockets that existed at start, before anything that happened since.
     tracer.snapshot(&snapshot);
     eprintln!("tcptrace: tracing ({mode} mode); Ctrl-C to stop");
@@ -137,6 +172,11 @@ pub async fn run(
                 tracer.attached.flush_log();
             }
             _ = lost_tick.tick() => tracer.report_lost()?,
+            _ = scan_tick.tick(), if scans && waiting.is_none() => {
+                // What the ring buffer holds first: the hand-overs the scan judges.
+                tracer.drain(ring.get_mut());
+                tracer.scan_timewait()?;
+            }
             outcome = tracer.writer.finished() => return tracer.ended(outcome),
             _ = signals.hangup.recv() => tracer.writer.reopen(),
             _ = signals.interrupt.recv() => break,
@@ -193,25 +233,23 @@ impl Tracer {
                 && let Some(record) = ring.next()
             {
                 match decode(&record) {
-                    Ok(mut event) => match self.cgroups.of(&event) {
-                        Ok(cgroup) => {
-                            if let Some(names) = &mut self.process_names {
-                                names.apply(&mut event);
-                            }
-                            self.formatter.event(
-                                &mut self.buf,
-                                &event,
-                                clock.wall_ns(event.ts_ns),
-                                cgroup,
-                            );
-                            if let Some(metrics) = &self.metrics {
-                                metrics.record(&event, cgroup);
-                            }
-                            self.buf_events += 1;
+                    Ok(mut event) => {
+                        if let Some(names) = &mut self.process_names {
+                            names.apply(&mut event);
                         }
-                        // Filtered out in userspace (tracefs mode's --cgroup, --container).
-                        Err(_) => self.filtered += 1,
-                    },
+                        if let Kind::Handoff { .. } = event.kind {
+                            match self.timewaits.as_mut().map(|t| t.tracker.handoff(&event)) {
+                                Some(Some(line)) => event = line,
+                                Some(None) => {
+                                    // Followed, nothing to write yet.
+                                    self.filtered += 1;
+                                    continue;
+                                }
+                                None => {}
+                            }
+                        }
+                        self.write(&event, &clock);
+                    }
                     Err(_) => self.malformed += 1,
                 }
             }
@@ -220,6 +258,65 @@ impl Tracer {
                 return;
             }
         }
+    }
+
+    /// Formats one event (and counts it), unless a filter only userspace can apply drops it:
+    /// tracefs mode's --cgroup and --container, `--failures` for lines the timewait tracker
+    /// writes.
+    fn write(&mut self, event: &TcpEvent, clock: &WallClock) {
+        if self.failures_only
+            && !matches!(
+                (event.kind, &event.end),
+                (Kind::State { new: TcpState::Close, .. }, Some(end)) if end.failed()
+            )
+        {
+            self.filtered += 1;
+            return;
+        }
+        match self.cgroups.of(event) {
+            Ok(cgroup) => {
+                self.formatter
+                    .event(&mut self.buf, event, clock.wall_ns(event.ts_ns), cgroup);
+                if let Some(metrics) = &self.metrics {
+                    metrics.record(event, cgroup);
+                }
+                self.buf_events += 1;
+            }
+            Err(_) => self.filtered += 1,
+        }
+    }
+
+    /// Runs the timewait scan and writes what it found: connections that entered TIME_WAIT,
+    /// and those whose timewait socket is gone.
+    fn scan_timewait(&mut self) -> anyhow::Result<()> {
+        let Some(timewaits) = &mut self.timewaits else {
+            return Ok(());
+        };
+        let started_ns = monotonic_ns();
+        timewaits.scan.run(&mut timewaits.records)?;
+        let mut lines = std::mem::take(&mut timewaits.lines);
+        timewaits
+            .tracker
+            .scan(&timewaits.records, started_ns, &mut lines);
+        if let Some(metrics) = &self.metrics {
+            metrics.timewait(
+                timewaits.tracker.in_time_wait(),
+                timewaits.tracker.untracked,
+            );
+        }
+        let clock = WallClock::sample();
+        for line in lines.drain(..) {
+            if self.buf.capacity() - self.buf.len() < MAX_LINE {
+                self.push();
+                self.buf.reserve(BUFFER);
+            }
+            self.write(&line, &clock);
+        }
+        if let Some(timewaits) = &mut self.timewaits {
+            timewaits.lines = lines;
+        }
+        self.push();
+        Ok(())
     }
 
     /// Hands the waiting chunk, then what `buf` holds, to the writer if its queue has room.
@@ -351,4 +448,15 @@ impl Tracer {
             }),
         }
     }
+}
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds: the kernel side's clock.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a valid out pointer; this clock cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }

@@ -11,13 +11,14 @@ use aya::{
 };
 use tcptrace_common::{
     CONTAINER_FILTER_GLOBAL, ContainerFilter, KERNEL_CGROUP_TAGGED, KERNEL_HAS_CGROUP,
-    KERNEL_HAS_IPV6, KERNEL_HAS_NETNS, KERNEL_RETRANSMIT_ERR, KernelOffsets, OFFSETS_GLOBAL,
-    RETRANSMIT_LAYOUT_GLOBAL, SYNACK_LAYOUT_GLOBAL, TRACE_RETRANSMITS, TRACE_SNAPSHOT,
+    KERNEL_HAS_IPV6, KERNEL_HAS_NETNS, KERNEL_RETRANSMIT_ERR, KERNEL_RST_REASON, KernelOffsets,
+    OFFSETS_GLOBAL, RETRANSMIT_LAYOUT_GLOBAL, SYNACK_LAYOUT_GLOBAL, TRACE_RETRANSMITS,
+    TRACE_SNAPSHOT,
 };
 
 use super::{
     EBPF_OBJECT, Loaded, Mode, Settings, VMLINUX_BTF, config, fill_filters, finish, kernel_before,
-    kernel_release, loader, tracefs_mode, vmlinux,
+    kernel_release, loader, timewait_scan::TimewaitScan, tracefs_mode, vmlinux,
 };
 use crate::tracefs;
 
@@ -36,14 +37,32 @@ pub fn supported() -> anyhow::Result<()> {
 }
 
 pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
-    let (mut offsets, retransmit_args, synack_args) = {
+    let (mut offsets, retransmit_args, synack_args, reset_args) = {
         let vmlinux = vmlinux::Btf::from_file(Path::new(VMLINUX_BTF))?;
+        let mut offsets = offsets(&vmlinux)?;
+        // The kernel's reasons for the resets it sends (6.10+), named on the CLOSE lines.
+        if let Some(reasons) = vmlinux.enum_values("sk_rst_reason") {
+            let value = |name: &str| {
+                reasons
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .and_then(|(_, v)| u32::try_from(*v + 1).ok())
+                    .unwrap_or(0)
+            };
+            offsets.rst_abort_on_close = value("SK_RST_REASON_TCP_ABORT_ON_CLOSE");
+            offsets.rst_state = value("SK_RST_REASON_TCP_STATE");
+            crate::ending::set_rst_reasons(reasons);
+        }
         (
-            offsets(&vmlinux)?,
+            offsets,
             vmlinux.tracepoint_args("tcp_retransmit_skb"),
             vmlinux.tracepoint_args("tcp_retransmit_synack"),
+            vmlinux.tracepoint_args("tcp_send_reset"),
         )
     };
+    if reset_args.is_some_and(|args| args >= 3) {
+        offsets.features |= KERNEL_RST_REASON;
+    }
     let retransmits = settings.filters.bits & TRACE_RETRANSMITS != 0;
     if retransmit_args.is_some_and(|args| args >= 3) {
         offsets.features |= KERNEL_RETRANSMIT_ERR;
@@ -123,6 +142,17 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
         }
     }
 
+    // Resets a socket sends before it closes (out of memory, keepalive, an abort) name the
+    // kernel's reason on its CLOSE line.
+    if reset_args.is_some() {
+        programs.push(attach(
+            &mut ebpf,
+            &btf,
+            "btf_tcp_send_reset",
+            "tcp_send_reset",
+        )?);
+    }
+
     // Owners that exit hand their sockets to the process they forked (a daemon's listener).
     for (program, tracepoint) in [
         ("btf_sched_process_fork", "sched_process_fork"),
@@ -154,7 +184,10 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
             Vec::new()
         }
     };
-    finish(ebpf, programs, Mode::Btf, snapshot, log_level)
+    let timewait = TimewaitScan::load(&mut ebpf, &btf)?;
+    let mut loaded = finish(ebpf, programs, Mode::Btf, snapshot, log_level)?;
+    loaded.timewait = Some(timewait);
+    Ok(loaded)
 }
 
 /// `--container` as the kernel side compares it: the prefix in little-endian 8-byte words.
@@ -200,6 +233,16 @@ fn offsets(btf: &vmlinux::Btf) -> anyhow::Result<KernelOffsets> {
         task_group_leader: need("task_struct", "group_leader")?,
         task_comm: need("task_struct", "comm")?,
         socket_sk: need("socket", "sk")?,
+        sk_err: need("sock", "sk_err")?,
+        sk_flags: need("sock_common", "skc_flags")?,
+        skc_cookie: need("sock_common", "skc_cookie")?,
+        tcp_bytes_acked: need("tcp_sock", "bytes_acked")?,
+        tcp_bytes_received: need("tcp_sock", "bytes_received")?,
+        tcp_srtt_us: need("tcp_sock", "srtt_us")?,
+        tcp_rcv_nxt: need("tcp_sock", "rcv_nxt")?,
+        tcp_copied_seq: need("tcp_sock", "copied_seq")?,
+        tw_substate: need("inet_timewait_sock", "tw_substate")?,
+        tw_expires: need("inet_timewait_sock", "tw_timer")? + need("timer_list", "expires")?,
         features: if v6.0.is_some() && v6.1.is_some() {
             KERNEL_HAS_IPV6
         } else {

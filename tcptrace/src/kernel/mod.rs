@@ -10,6 +10,7 @@
 
 mod btf_mode;
 mod diagnostics;
+mod timewait_scan;
 mod tracefs_mode;
 pub mod vmlinux;
 
@@ -29,6 +30,7 @@ use tcptrace_common::{
     CGROUP_FILTER_MAP, CONFIG_GLOBAL, CONTAINER_CGROUPS_MAP, COUNTER_RINGBUF_FULL, COUNTERS_MAP,
     Config, EVENTS_MAP, NETNS_FILTER_MAP, PID_FILTER_MAP, PORT_FILTER_MAP,
 };
+pub use timewait_scan::TimewaitScan;
 
 use crate::{cli::ModeChoice, filter::Filters};
 
@@ -62,6 +64,8 @@ pub struct Loaded {
     /// Records of the sockets that existed at start (`--snapshot`, BTF mode), as the ring buffer
     /// carries them, back to back.
     pub snapshot: Vec<u8>,
+    /// BTF mode: the scan that follows connections held by timewait sockets.
+    pub timewait: Option<TimewaitScan>,
 }
 
 /// The loaded programs, attached while this lives, and their counters.
@@ -252,6 +256,7 @@ fn finish(
         },
         mode,
         snapshot,
+        timewait: None,
     })
 }
 

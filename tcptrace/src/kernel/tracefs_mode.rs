@@ -9,8 +9,8 @@ use aya::{
     programs::{ProgramFd, TracePoint},
 };
 use tcptrace_common::{
-    FILTER_NETNS, LISTENERS_MAP, RETRANSMIT_LAYOUT_GLOBAL, RetransmitLayout, SOCKETS_MAP,
-    STATE_LAYOUT_GLOBAL, SYNACK_LAYOUT_GLOBAL, TRACE_RETRANSMITS,
+    FILTER_FAILURES, FILTER_NETNS, LISTENERS_MAP, RETRANSMIT_LAYOUT_GLOBAL, RetransmitLayout,
+    SOCKETS_MAP, STATE_LAYOUT_GLOBAL, SYNACK_LAYOUT_GLOBAL, TRACE_RETRANSMITS,
 };
 
 use super::{EBPF_OBJECT, Loaded, Mode, Settings, config, fill_filters, finish, loader};
@@ -20,6 +20,9 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
     if settings.filters.bits & FILTER_NETNS != 0 {
         // The classic tracepoints carry no namespace, and without BTF no socket can be read.
         bail!("--netns needs BTF mode: tracefs mode cannot see a socket's network namespace");
+    }
+    if settings.filters.bits & FILTER_FAILURES != 0 {
+        bail!("--failures needs BTF mode: tracefs mode cannot read why a connection ended");
     }
     if settings.snapshot {
         eprintln!("tcptrace: warning: --snapshot needs BTF mode; no snapshot is written");

@@ -228,6 +228,31 @@ impl Btf {
         None
     }
 
+    /// The names and values of enum `name`'s enumerators (32-bit enums). None when the kernel has
+    /// no such enum.
+    pub fn enum_values(&self, name: &str) -> Option<Vec<(String, i64)>> {
+        let header = self
+            .named(name)
+            .filter_map(|id| self.header(id))
+            .find(|h| h.kind == KIND_ENUM)?;
+        Some(
+            (0..header.vlen)
+                .map(|i| {
+                    let at = header.rest + 8 * i;
+                    let name = String::from_utf8_lossy(self.name(self.u32_at(at))).into_owned();
+                    let raw = self.u32_at(at + 4);
+                    // kind_flag: the enum is signed.
+                    let value = if header.kind_flag {
+                        i64::from(raw as i32)
+                    } else {
+                        i64::from(raw)
+                    };
+                    (name, value)
+                })
+                .collect(),
+        )
+    }
+
     /// Arguments of BTF-enabled tracepoint `name` (`btf_trace_<name>`, whose first parameter is
     /// the tracepoint's private data and not counted). None when the kernel has no such type.
     pub fn tracepoint_args(&self, name: &str) -> Option<usize> {
@@ -338,6 +363,14 @@ mod tests {
                 "accepted {len} bytes"
             );
         }
+    }
+
+    #[test]
+    fn reads_this_kernels_enums() {
+        let btf = Btf::from_file(Path::new("/sys/kernel/btf/vmlinux")).expect("vmlinux BTF parses");
+        let states = btf.enum_values("sock_flags").expect("enum sock_flags");
+        assert!(states.contains(&("SOCK_DONE".to_string(), 1)), "{states:?}");
+        assert!(btf.enum_values("no_such_enum_anywhere").is_none());
     }
 
     #[test]

@@ -8,6 +8,7 @@ use bytes::{BufMut as _, BytesMut};
 use super::write;
 use crate::{
     cgroup::Cgroup,
+    ending::{Ending, errno_name, rst_reason_name},
     event::{Kind, TcpEvent, TcpState},
 };
 
@@ -27,9 +28,11 @@ pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64, cgroup: Option<
         netns,
         comm_of_thread: _,
         thread,
+        cookie,
+        end,
     } = *event;
     out.extend_from_slice(match kind {
-        Kind::State { .. } => b"{\"type\":\"state\",\"time\":",
+        Kind::State { .. } | Kind::Handoff { .. } => b"{\"type\":\"state\",\"time\":",
         Kind::Retransmit { .. } | Kind::RetransmitSynack => b"{\"type\":\"retransmit\",\"time\":",
         Kind::Snapshot { .. } => b"{\"type\":\"socket\",\"time\":",
     });
@@ -60,6 +63,11 @@ pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64, cgroup: Option<
             old,
             new,
             duration_ns,
+        }
+        | Kind::Handoff {
+            old,
+            new,
+            duration_ns,
         } => {
             out.extend_from_slice(b",\"oldstate\":");
             state(out, old);
@@ -75,6 +83,9 @@ pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64, cgroup: Option<
             if new == TcpState::Close {
                 out.extend_from_slice(b",\"retransmits\":");
                 write::uint(out, retransmits);
+                if let Some(end) = &end {
+                    ending(out, end);
+                }
             }
         }
         Kind::Retransmit {
@@ -105,6 +116,10 @@ pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64, cgroup: Option<
     out.extend_from_slice(b",\"skaddr\":\"");
     write::hex(out, skaddr);
     out.put_u8(b'"');
+    if cookie != 0 {
+        out.extend_from_slice(b",\"cookie\":");
+        write::uint(out, cookie);
+    }
     // Where the socket lives; each key only when known.
     if netns != 0 {
         out.extend_from_slice(b",\"netns\":");
@@ -129,6 +144,29 @@ pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64, cgroup: Option<
         }
     }
     out.extend_from_slice(b"}\n");
+}
+
+/// Why a connection ended and what it carried (BTF mode's CLOSE lines).
+fn ending(out: &mut BytesMut, end: &Ending) {
+    out.extend_from_slice(b",\"reason\":\"");
+    out.extend_from_slice(end.reason.name().as_bytes());
+    out.put_u8(b'"');
+    if let Some(name) = end.rst_reason.and_then(rst_reason_name) {
+        out.extend_from_slice(b",\"rst_reason\":");
+        string(out, name);
+    }
+    if let Some(errno) = end.error {
+        out.extend_from_slice(b",\"error\":");
+        string(out, &errno_name(errno));
+    }
+    out.extend_from_slice(b",\"bytes_sent\":");
+    write::uint(out, end.bytes_sent);
+    out.extend_from_slice(b",\"bytes_received\":");
+    write::uint(out, end.bytes_received);
+    out.extend_from_slice(b",\"srtt_us\":");
+    write::uint(out, end.srtt_us);
+    out.extend_from_slice(b",\"lifetime_ns\":");
+    write::uint(out, end.lifetime_ns);
 }
 
 pub fn lost(out: &mut BytesMut, wall_ns: u64, count: u64) {

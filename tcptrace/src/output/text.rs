@@ -1,6 +1,6 @@
 //! The aligned table, in the tcpstates tradition.
 
-use std::fmt::Write as _;
+use std::{borrow::Cow, fmt::Write as _};
 
 use bytes::{BufMut as _, BytesMut};
 use unicode_width::UnicodeWidthChar;
@@ -8,6 +8,7 @@ use unicode_width::UnicodeWidthChar;
 use super::{Utc, write};
 use crate::{
     cgroup::Cgroup,
+    ending::{Ending, Reason, errno_name, rst_reason_name},
     event::{Kind, TcpEvent},
 };
 
@@ -88,6 +89,11 @@ impl Text {
                 old,
                 new,
                 duration_ns: Some(ns),
+            }
+            | Kind::Handoff {
+                old,
+                new,
+                duration_ns: Some(ns),
             } => {
                 write!(
                     out,
@@ -97,6 +103,11 @@ impl Text {
                 )
             }
             Kind::State {
+                old,
+                new,
+                duration_ns: None,
+            }
+            | Kind::Handoff {
                 old,
                 new,
                 duration_ns: None,
@@ -124,7 +135,25 @@ impl Text {
                 None => out.put_u8(b'-'),
             }
         }
+        if let (Kind::State { .. }, Some(end)) = (event.kind, &event.end) {
+            reason(out, end);
+        }
         out.put_u8(b'\n');
+    }
+}
+
+/// Why a connection ended, last on its CLOSE line: `reset_sent(TCP_ABORT_ON_CLOSE)`,
+/// `error(ECONNABORTED)`, `refused`.
+fn reason(out: &mut BytesMut, end: &Ending) {
+    out.put_u8(b' ');
+    out.extend_from_slice(end.reason.name().as_bytes());
+    let detail = match end.reason {
+        Reason::ResetSent => end.rst_reason.and_then(rst_reason_name).map(Cow::Borrowed),
+        Reason::Error | Reason::Unknown(_) => end.error.map(errno_name),
+        _ => None,
+    };
+    if let Some(detail) = detail {
+        let _ = write!(out, "({detail})");
     }
 }
 
