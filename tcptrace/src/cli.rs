@@ -90,7 +90,15 @@ pub struct Cli {
     #[arg(long = "failures")]
     pub failures: bool,
 
-    /// BTF mode: how many connections held by timewait sockets (FIN_WAIT2 after close, TIME_WAIT)
+    /// BTF mode: follow connections into TIME_WAIT as `ss` shows them. A connection the kernel
+    /// hands to a timewait socket gets no CLOSE at the hand-over, but `FIN_WAIT2 -> TIME_WAIT`
+    /// when it enters TIME_WAIT and `TIME_WAIT -> CLOSE` when that ends (found by a scan of the
+    /// host's TCP sockets once a second). Without it, the hand-over is written as the kernel's
+    /// `FIN_WAIT2 -> CLOSE` (or `CLOSING -> CLOSE`).
+    #[arg(long = "time-wait")]
+    pub time_wait: bool,
+
+    /// BTF mode, with --time-wait: how many connections held by timewait sockets (FIN_WAIT2 after close, TIME_WAIT)
     /// are followed at once. Beyond it, a connection handed to a timewait socket gets its CLOSE
     /// line at once, and tcptrace_timewait_untracked_total counts it.
     #[arg(long = "max-timewait", value_name = "N", default_value = "65536",
@@ -191,6 +199,9 @@ pub enum EventKind {
     States,
     /// Retransmitted segments, SYNs and SYN-ACKs (tcp:tcp_retransmit_skb, tcp:tcp_retransmit_synack).
     Retransmits,
+    /// One line per connection when it ends, with its bytes each way, lifetime and why it ended
+    /// (what tcplife shows). Not with the other kinds.
+    Connections,
 }
 
 /// Values of `--mode`.
@@ -291,6 +302,14 @@ impl Cli {
                     .exit();
             }
         }
+        if cli.traces(EventKind::Connections) && cli.events.len() > 1 {
+            <Self as clap::CommandFactory>::command()
+                .error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    "--events connections cannot be combined with other kinds",
+                )
+                .exit();
+        }
         if cli.check && cli.format == Format::None {
             <Self as clap::CommandFactory>::command()
                 .error(
@@ -348,6 +367,11 @@ impl Cli {
 
     pub fn traces(&self, kind: EventKind) -> bool {
         self.events.contains(&kind)
+    }
+
+    /// Only the lines that end connections: `--events connections` or `--failures`.
+    pub fn ends_only(&self) -> bool {
+        self.failures || self.traces(EventKind::Connections)
     }
 }
 

@@ -127,6 +127,26 @@ pub enum Kind {
     },
 }
 
+impl Kind {
+    /// The state a transition or hand-over left; the socket's state otherwise, when known.
+    pub fn old_state(&self) -> TcpState {
+        match *self {
+            Self::State { old, .. } | Self::Handoff { old, .. } => old,
+            Self::Retransmit { state, .. } => state.unwrap_or(TcpState::Unknown(0)),
+            Self::RetransmitSynack => TcpState::SynRecv,
+            Self::Snapshot { state } => state,
+        }
+    }
+
+    /// The time spent in the state left, when known.
+    pub fn duration_ns(&self) -> Option<u64> {
+        match *self {
+            Self::State { duration_ns, .. } | Self::Handoff { duration_ns, .. } => duration_ns,
+            _ => None,
+        }
+    }
+}
+
 /// One decoded event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpEvent {

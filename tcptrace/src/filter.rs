@@ -56,12 +56,16 @@ impl Filters {
             (cli.container.is_some(), FILTER_CONTAINER),
             (cli.ipv4, FILTER_IPV4),
             (cli.ipv6, FILTER_IPV6),
-            (cli.traces(EventKind::States), TRACE_STATES),
             (
-                cli.traces(EventKind::Retransmits) && !cli.failures,
+                cli.traces(EventKind::States) || cli.ends_only(),
+                TRACE_STATES,
+            ),
+            (
+                cli.traces(EventKind::Retransmits) && !cli.ends_only(),
                 TRACE_RETRANSMITS,
             ),
-            (cli.failures, FILTER_ENDS | FILTER_FAILURES),
+            (cli.ends_only(), FILTER_ENDS),
+            (cli.failures, FILTER_FAILURES),
         ]
         .into_iter()
         .filter_map(|(on, bit)| on.then_some(bit))

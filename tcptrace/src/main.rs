@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use tcptrace::{
     cgroup::Cgroups,
     check,
-    cli::{Cli, Format},
+    cli::{Cli, EventKind, Format},
     filter::Filters,
     kernel,
     metrics::Metrics,
@@ -52,8 +52,16 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
         None => Destination::stdout(),
     };
     let formatter = match cli.format {
-        Format::Text if cli.wide => Formatter::Text(Text::new(cli.timestamp, cli.ipv4).wide()),
-        Format::Text => Formatter::Text(Text::new(cli.timestamp, cli.ipv4)),
+        Format::Text => {
+            let mut text = Text::new(cli.timestamp, cli.ipv4);
+            if cli.wide {
+                text = text.wide();
+            }
+            if cli.traces(EventKind::Connections) {
+                text = text.connections();
+            }
+            Formatter::Text(text)
+        }
         Format::Json => Formatter::Json,
         Format::None => Formatter::None,
     };
@@ -99,7 +107,9 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
         tracer::Options {
             buffer_size: cli.buffer_size,
             max_timewait: cli.max_timewait,
+            ends_only: cli.ends_only(),
             failures_only: cli.failures,
+            time_wait: cli.time_wait,
         },
     )
     .await?;

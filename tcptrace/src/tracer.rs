@@ -58,8 +58,12 @@ pub struct Options {
     pub buffer_size: usize,
     /// `--max-timewait`.
     pub max_timewait: usize,
-    /// `--failures`: only lines that end connections other than with a FIN.
+    /// `--events connections`, `--failures`: only lines that end connections.
+    pub ends_only: bool,
+    /// `--failures`: of those, only connections that did not end with a FIN.
     pub failures_only: bool,
+    /// `--time-wait`: follow connections into TIME_WAIT (BTF mode).
+    pub time_wait: bool,
 }
 
 /// The timewait scan and what it follows.
@@ -73,6 +77,7 @@ struct Timewaits {
 struct Tracer {
     formatter: Formatter,
     timewaits: Option<Timewaits>,
+    ends_only: bool,
     failures_only: bool,
     cgroups: Cgroups,
     /// tracefs mode: process names in place of thread names.
@@ -119,12 +124,15 @@ pub async fn run(
     }
     let mut tracer = Tracer {
         formatter,
-        timewaits: timewait.map(|scan| Timewaits {
-            scan,
-            tracker: Timewait::new(options.max_timewait),
-            records: Vec::new(),
-            lines: Vec::new(),
-        }),
+        timewaits: timewait
+            .filter(|_| options.time_wait)
+            .map(|scan| Timewaits {
+                scan,
+                tracker: Timewait::new(options.max_timewait),
+                records: Vec::new(),
+                lines: Vec::new(),
+            }),
+        ends_only: options.ends_only,
         failures_only: options.failures_only,
         cgroups,
         process_names: (mode == Mode::Tracefs).then(ProcessNames::default),
@@ -175,7 +183,10 @@ pub async fn run(
             _ = scan_tick.tick(), if scans && waiting.is_none() => {
                 // What the ring buffer holds first: the hand-overs the scan judges.
                 tracer.drain(ring.get_mut());
-                tracer.scan_timewait()?;
+                if let Err(e) = tracer.scan_timewait() {
+                    // Out of descriptors, say: the next scan tries again.
+                    eprintln!("tcptrace: warning: {e:#}");
+                }
             }
             outcome = tracer.writer.finished() => return tracer.ended(outcome),
             _ = signals.hangup.recv() => tracer.writer.reopen(),
@@ -245,7 +256,14 @@ impl Tracer {
                                     self.filtered += 1;
                                     continue;
                                 }
-                                None => {}
+                                // Not followed: the CLOSE the kernel made of the hand-over.
+                                None => {
+                                    event.kind = Kind::State {
+                                        old: event.kind.old_state(),
+                                        new: TcpState::Close,
+                                        duration_ns: event.kind.duration_ns(),
+                                    }
+                                }
                             }
                         }
                         self.write(&event, &clock);
@@ -261,17 +279,32 @@ impl Tracer {
     }
 
     /// Formats one event (and counts it), unless a filter only userspace can apply drops it:
-    /// tracefs mode's --cgroup and --container, `--failures` for lines the timewait tracker
-    /// writes.
+    /// tracefs mode's --cgroup and --container, and for the lines the timewait tracker makes,
+    /// `--events connections` and `--failures`.
     fn write(&mut self, event: &TcpEvent, clock: &WallClock) {
-        if self.failures_only
-            && !matches!(
-                (event.kind, &event.end),
-                (Kind::State { new: TcpState::Close, .. }, Some(end)) if end.failed()
-            )
-        {
-            self.filtered += 1;
-            return;
+        if self.ends_only {
+            let wanted = match (event.kind, &event.end) {
+                (
+                    Kind::State {
+                        new: TcpState::Close,
+                        ..
+                    },
+                    Some(end),
+                ) => !self.failures_only || end.failed(),
+                // tracefs mode: no reasons, every CLOSE.
+                (
+                    Kind::State {
+                        new: TcpState::Close,
+                        ..
+                    },
+                    None,
+                ) => !self.failures_only,
+                _ => false,
+            };
+            if !wanted {
+                self.filtered += 1;
+                return;
+            }
         }
         match self.cgroups.of(event) {
             Ok(cgroup) => {

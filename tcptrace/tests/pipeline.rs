@@ -239,9 +239,13 @@ fn a_stalled_reader_loses_events_and_says_how_many() {
     tracer.signal(libc::SIGSTOP);
     connections(&listener, 200);
     tracer.signal(libc::SIGCONT);
-    // Tracing goes on normally afterwards.
+    // Tracing goes on normally afterwards. One connection at a time: its ten records (1,760
+    // bytes) fit the 4 KiB ring buffer, the three together would not.
     thread::sleep(Duration::from_millis(300));
-    connections(&listener, 3);
+    for _ in 0..3 {
+        connections(&listener, 1);
+        thread::sleep(Duration::from_millis(150));
+    }
     drop(listener);
     thread::sleep(Duration::from_millis(1200));
     let output = tracer.stop();

@@ -20,6 +20,9 @@ pub struct Text {
     pub addr_width: usize,
     /// End each line with the CONTAINER column.
     pub wide: bool,
+    /// One line per connection at its end (`--events connections`): bytes each way, lifetime
+    /// and reason in place of the states.
+    pub connections: bool,
 }
 
 impl Text {
@@ -28,6 +31,15 @@ impl Text {
             timestamp,
             addr_width: if ipv4_only { 15 } else { 39 },
             wide: false,
+            connections: false,
+        }
+    }
+
+    /// One line per connection (`--events connections`).
+    pub fn connections(self) -> Self {
+        Self {
+            connections: true,
+            ..self
         }
     }
 
@@ -41,6 +53,18 @@ impl Text {
             out.extend_from_slice(b"TIME            ");
         }
         let w = self.addr_width;
+        if self.connections {
+            let _ = write!(
+                out,
+                "{:<7} {:<16} {:<w$} {:<5} {:<w$} {:<5} {:<12} {:<12} {:<12} REASON",
+                "PID", "COMM", "LADDR", "LPORT", "RADDR", "RPORT", "TX_BYTES", "RX_BYTES", "MS"
+            );
+            if self.wide {
+                let _ = write!(out, " CONTAINER");
+            }
+            out.put_u8(b'\n');
+            return;
+        }
         let _ = write!(
             out,
             "{:<7} {:<16} {:<w$} {:<5} {:<w$} {:<5} {:<12}    {:<12} MS",
@@ -83,6 +107,10 @@ impl Text {
             padded(out, 5, |out| write::uint(out, port));
         }
         out.put_u8(b' ');
+        if self.connections {
+            self.connection(out, event, cgroup);
+            return;
+        }
         let states = out.len();
         let _ = match event.kind {
             Kind::State {
@@ -137,6 +165,38 @@ impl Text {
         }
         if let (Kind::State { .. }, Some(end)) = (event.kind, &event.end) {
             reason(out, end);
+        }
+        out.put_u8(b'\n');
+    }
+}
+
+impl Text {
+    /// The rest of a `--events connections` line: bytes each way, lifetime, reason (`-` where
+    /// tracefs mode cannot tell).
+    fn connection(&self, out: &mut BytesMut, event: &TcpEvent, cgroup: Option<&Cgroup>) {
+        match &event.end {
+            Some(end) => {
+                padded(out, 12, |out| write::uint(out, end.bytes_sent));
+                out.put_u8(b' ');
+                padded(out, 12, |out| write::uint(out, end.bytes_received));
+                out.put_u8(b' ');
+                let ns = end.lifetime_ns;
+                padded(out, 12, |out| {
+                    let _ = write!(out, "{}.{:03}", ns / 1_000_000, ns / 1000 % 1000);
+                });
+                // `reason` leads with the separating space.
+                reason(out, end);
+            }
+            None => {
+                let _ = write!(out, "{:<12} {:<12} {:<12} -", "-", "-", "-");
+            }
+        }
+        if self.wide {
+            out.put_u8(b' ');
+            match cgroup {
+                Some(cgroup) => name(out, cgroup.short().as_bytes(), 0),
+                None => out.put_u8(b'-'),
+            }
         }
         out.put_u8(b'\n');
     }
@@ -254,6 +314,62 @@ mod tests {
             let out = String::from_utf8(out.to_vec()).unwrap();
             assert_eq!(out.find(shown), Some(column), "{header}{out}");
         }
+    }
+
+    fn closed(reason: u16, error: u32) -> tcptrace_common::Event {
+        let mut raw = raw_state(tcp_state::SYN_SENT, tcp_state::CLOSE);
+        raw.flags |= tcptrace_common::EVENT_HAS_SUMMARY;
+        raw.end = tcptrace_common::End {
+            bytes_acked: 4096,
+            bytes_received: 123,
+            lifetime_ns: 2_500_000,
+            srtt_us: 40,
+            reason,
+            error,
+            ..tcptrace_common::End::ZERO
+        };
+        raw
+    }
+
+    #[test]
+    fn a_close_line_ends_with_why_and_the_connections_view_has_its_own_columns() {
+        use tcptrace_common::reason;
+        let text = Text::new(false, true);
+        let refused = line(&text, &closed(reason::REFUSED, 111));
+        assert!(
+            refused.ends_with("SYN_SENT     -> CLOSE        1.500 refused\n"),
+            "{refused:?}"
+        );
+        let error = line(&text, &closed(reason::ERROR, 99));
+        assert!(error.ends_with(" error(EADDRNOTAVAIL)\n"), "{error:?}");
+
+        let view = Text::new(false, true).connections();
+        let mut header = BytesMut::new();
+        view.header(&mut header);
+        let header = String::from_utf8(header.to_vec()).unwrap();
+        let row = line(&view, &closed(reason::FIN, 0));
+        for (column, value) in [
+            ("TX_BYTES", "4096"),
+            ("RX_BYTES", "123"),
+            ("MS", "2.500"),
+            ("REASON", "fin"),
+        ] {
+            assert_eq!(
+                header.find(column),
+                row.find(&format!(" {value} "))
+                    .map(|at| at + 1)
+                    .or_else(|| row.find(&format!(" {value}\n")).map(|at| at + 1)),
+                "{column}: {header}{row}"
+            );
+        }
+        // tracefs mode: no summary, dashes.
+        let mut raw = closed(reason::FIN, 0);
+        raw.flags = 0;
+        let row = line(&view, &raw);
+        assert!(
+            row.ends_with("-            -            -            -\n"),
+            "{row:?}"
+        );
     }
 
     #[test]

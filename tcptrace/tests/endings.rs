@@ -1,0 +1,572 @@
+//! How connections end (BTF mode), provoked for real: each reason on its CLOSE line with the
+//! connection's summary, `--failures`, and TIME_WAIT as `ss` shows it (the hand-over to a
+//! timewait socket, the move to TIME_WAIT, the end).
+
+mod support;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::{AsRawFd as _, FromRawFd as _},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use support::{Netns, Tracer, free_port, parse_and_validate};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn setsockopt(fd: i32, level: i32, name: i32, value: &[i32]) {
+    // SAFETY: a valid socket and a value of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            value.as_ptr().cast(),
+            std::mem::size_of_val(value) as u32,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "setsockopt {level}/{name}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// SO_LINGER with a zero timeout: close() resets the connection.
+fn linger_zero(stream: &TcpStream) {
+    setsockopt(
+        stream.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_LINGER,
+        &[1, 0],
+    );
+}
+
+/// A connect from a socket with the given options set first, bound to `local` when given.
+fn connect_with(
+    to: SocketAddr,
+    local: Option<SocketAddr>,
+    opts: &[(i32, i32, i32)],
+) -> std::io::Result<TcpStream> {
+    // SAFETY: a new socket, owned by the stream made from it.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0);
+    // SAFETY: `fd` is ours.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    for &(level, name, value) in opts {
+        setsockopt(fd, level, name, &[value]);
+    }
+    let sockaddr = |addr: SocketAddr| {
+        let SocketAddr::V4(v4) = addr else {
+            panic!("IPv4 only")
+        };
+        libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*v4.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        }
+    };
+    let len = size_of::<libc::sockaddr_in>() as u32;
+    if let Some(local) = local {
+        let addr = sockaddr(local);
+        // SAFETY: a valid sockaddr_in of `len` bytes.
+        let rc = unsafe { libc::bind(fd, (&raw const addr).cast(), len) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    let addr = sockaddr(to);
+    // SAFETY: as above.
+    let rc = unsafe { libc::connect(fd, (&raw const addr).cast(), len) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
+}
+
+/// The JSON lines so far.
+fn json(tracer: &Tracer) -> Vec<Value> {
+    parse_and_validate(&tracer.lines_so_far())
+}
+
+/// The line ending the connection from local port `sport` (the socket whose local port it is).
+fn close_of(lines: &[Value], sport: u16, dport: u16) -> Option<Value> {
+    lines
+        .iter()
+        .find(|l| l["newstate"] == "CLOSE" && l["sport"] == sport && l["dport"] == dport)
+        .cloned()
+}
+
+fn wait_close(tracer: &Tracer, sport: u16, dport: u16) -> Value {
+    tracer.wait_for(WAIT, &format!("the CLOSE of {sport} -> {dport}"), |lines| {
+        close_of(&parse_and_validate(lines), sport, dport).is_some()
+    });
+    close_of(&json(tracer), sport, dport).expect("the CLOSE line")
+}
+
+fn port(stream: &TcpStream) -> u16 {
+    stream.local_addr().unwrap().port()
+}
+
+#[test]
+fn each_reason_is_provoked_for_real_and_failures_keeps_the_failed_ones() {
+    let netns = Netns::new(41);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let lport = listener.local_addr().unwrap().port();
+    let closed_port = free_port();
+    let (drop_port, reject_port) = (free_port(), free_port());
+    let ports = format!("{lport},{closed_port},{drop_port},{reject_port}");
+    let all = Tracer::start(&["--mode", "btf", "--format", "json", "--port", &ports]);
+    let failures = Tracer::start(&[
+        "--mode",
+        "btf",
+        "--format",
+        "json",
+        "--failures",
+        "--port",
+        &ports,
+    ]);
+
+    // fin: a transfer of a known size each way, the client closing first.
+    let mut client = TcpStream::connect(("127.0.0.1", lport)).unwrap();
+    let (mut server, _) = listener.accept().unwrap();
+    client.write_all(&[7; 3000]).unwrap();
+    let mut got = vec![0; 3000];
+    server.read_exact(&mut got).unwrap();
+    server.write_all(&[9; 1234]).unwrap();
+    let mut got = vec![0; 1234];
+    client.read_exact(&mut got).unwrap();
+    let (fin_client, fin_server) = (port(&client), lport);
+    drop(client);
+    let mut rest = Vec::new();
+    server.read_to_end(&mut rest).unwrap();
+    drop(server);
+    let fin = wait_close(&all, fin_server, fin_client);
+    assert_eq!(fin["oldstate"], "LAST_ACK");
+    assert_eq!(fin["reason"], "fin", "{fin}");
+    assert_eq!(
+        (fin["bytes_sent"].as_u64(), fin["bytes_received"].as_u64()),
+        (Some(1234), Some(3000)),
+        "{fin}"
+    );
+    let srtt = fin["srtt_us"].as_u64().unwrap();
+    assert!(srtt > 0 && srtt < 1_000_000, "{fin}");
+    assert!(fin["lifetime_ns"].as_u64().unwrap() > 0, "{fin}");
+
+    // refused: nothing listens.
+    let err = TcpStream::connect(("127.0.0.1", closed_port)).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    let refused = {
+        all.wait_for(WAIT, "the refused connect", |lines| {
+            parse_and_validate(lines)
+                .iter()
+                .any(|l| l["dport"] == closed_port && l["newstate"] == "CLOSE")
+        });
+        json(&all)
+            .into_iter()
+            .find(|l| l["dport"] == closed_port && l["newstate"] == "CLOSE")
+            .unwrap()
+    };
+    assert_eq!(
+        (&refused["oldstate"], &refused["reason"], &refused["error"]),
+        (
+            &"SYN_SENT".into(),
+            &"refused".into(),
+            &"ECONNREFUSED".into()
+        ),
+        "{refused}"
+    );
+
+    // reset_sent by SO_LINGER 0 (the kernel's reason TCP_STATE), reset_received by its peer.
+    let client = TcpStream::connect(("127.0.0.1", lport)).unwrap();
+    let (mut server, _) = listener.accept().unwrap();
+    let linger_port = port(&client);
+    linger_zero(&client);
+    drop(client);
+    let sent = wait_close(&all, linger_port, lport);
+    assert_eq!(
+        (&sent["oldstate"], &sent["reason"], &sent["rst_reason"]),
+        (
+            &"ESTABLISHED".into(),
+            &"reset_sent".into(),
+            &"TCP_STATE".into()
+        ),
+        "{sent}"
+    );
+    let _ = server.read(&mut [0; 16]);
+    drop(server);
+    let received = wait_close(&all, lport, linger_port);
+    assert_eq!(
+        (&received["reason"], &received["error"]),
+        (&"reset_received".into(), &"ECONNRESET".into()),
+        "{received}"
+    );
+
+    // reset_sent by a close with unread data (TCP_ABORT_ON_CLOSE).
+    let mut client = TcpStream::connect(("127.0.0.1", lport)).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    client.write_all(b"never read").unwrap();
+    let unread_port = port(&client);
+    thread::sleep(Duration::from_millis(100));
+    drop(server);
+    let unread = wait_close(&all, lport, unread_port);
+    assert_eq!(
+        (&unread["reason"], &unread["rst_reason"]),
+        (&"reset_sent".into(), &"TCP_ABORT_ON_CLOSE".into()),
+        "{unread}"
+    );
+    assert_eq!(unread["bytes_received"], 10, "{unread}");
+    drop(client);
+    let unread_peer = wait_close(&all, unread_port, lport);
+    assert_eq!(unread_peer["reason"], "reset_received", "{unread_peer}");
+
+    // timeout: the namespace drops the SYNs; one retry (TCP_SYNCNT) fails in about 3 s.
+    netns.iptables(&[
+        "-A",
+        "INPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        &drop_port.to_string(),
+        "-j",
+        "DROP",
+    ]);
+    // unreachable: the namespace answers with ICMP host unreachable.
+    netns.iptables(&[
+        "-A",
+        "INPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        &reject_port.to_string(),
+        "-j",
+        "REJECT",
+        "--reject-with",
+        "icmp-host-unreachable",
+    ]);
+    let ns_ip: std::net::Ipv4Addr = netns.ns_ip.parse().unwrap();
+    let err = connect_with(
+        SocketAddr::from((ns_ip, drop_port)),
+        None,
+        &[(libc::IPPROTO_TCP, libc::TCP_SYNCNT, 1)],
+    )
+    .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ETIMEDOUT));
+    let err = connect_with(SocketAddr::from((ns_ip, reject_port)), None, &[]).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EHOSTUNREACH));
+    all.wait_for(WAIT, "the timeout and the unreachable host", |lines| {
+        let lines = parse_and_validate(lines);
+        [drop_port, reject_port].iter().all(|&p| {
+            lines
+                .iter()
+                .any(|l| l["dport"] == p && l["newstate"] == "CLOSE")
+        })
+    });
+    let lines = json(&all);
+    let end_at = |p: u16| {
+        lines
+            .iter()
+            .find(|l| l["dport"] == p && l["newstate"] == "CLOSE")
+            .unwrap()
+            .clone()
+    };
+    let timeout = end_at(drop_port);
+    assert_eq!(
+        (&timeout["reason"], &timeout["error"]),
+        (&"timeout".into(), &"ETIMEDOUT".into()),
+        "{timeout}"
+    );
+    assert!(timeout["retransmits"].as_u64().unwrap() >= 1, "{timeout}");
+    let unreachable = end_at(reject_port);
+    assert_eq!(
+        (&unreachable["reason"], &unreachable["error"]),
+        (&"unreachable".into(), &"EHOSTUNREACH".into()),
+        "{unreachable}"
+    );
+
+    // Every line of a connection carries one cookie; connections differ.
+    let cookies = |sport: u16, dport: u16| -> Vec<u64> {
+        lines
+            .iter()
+            .filter(|l| l["sport"] == sport && l["dport"] == dport)
+            .map(|l| l["cookie"].as_u64().expect("a cookie"))
+            .collect()
+    };
+    let server_side = cookies(lport, fin_client);
+    assert!(
+        server_side.len() >= 4 && server_side.iter().all(|&c| c == server_side[0]),
+        "{server_side:?}"
+    );
+    assert_ne!(server_side[0], cookies(fin_client, lport)[0]);
+
+    // --failures: exactly the connections that did not end with a FIN, nothing else.
+    let failed = {
+        thread::sleep(Duration::from_millis(300));
+        json(&failures)
+    };
+    let mut got: Vec<(u64, u64, String)> = failed
+        .iter()
+        .map(|l| {
+            assert_eq!(l["newstate"], "CLOSE", "{l}");
+            (
+                l["sport"].as_u64().unwrap(),
+                l["dport"].as_u64().unwrap(),
+                l["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .filter(|(s, d, _)| *s != 0 || *d != 0)
+        .collect();
+    got.sort();
+    let mut want: Vec<(u64, u64, String)> = [
+        &refused,
+        &sent,
+        &received,
+        &unread,
+        &unread_peer,
+        &timeout,
+        &unreachable,
+    ]
+    .iter()
+    .map(|l| {
+        (
+            l["sport"].as_u64().unwrap(),
+            l["dport"].as_u64().unwrap(),
+            l["reason"].as_str().unwrap().to_owned(),
+        )
+    })
+    .collect();
+    want.sort();
+    assert_eq!(got, want);
+    drop(all.stop());
+    drop(failures.stop());
+}
+
+/// `ss`'s state for the connection from `local` to `remote` ("TIME-WAIT", "FIN-WAIT-2", or empty).
+fn ss_state(local: u16, remote: u16) -> String {
+    let out = Command::new("ss")
+        .args([
+            "-tanH",
+            &format!("( sport = :{local} and dport = :{remote} )"),
+        ])
+        .output()
+        .expect("ss runs");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+fn lines_of(tracer: &Tracer, sport: u16, dport: u16) -> Vec<Value> {
+    json(tracer)
+        .into_iter()
+        .filter(|l| l["sport"] == sport && l["dport"] == dport)
+        .collect()
+}
+
+#[test]
+fn time_wait_is_shown_as_ss_shows_it_and_ends_with_its_socket() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let lport = listener.local_addr().unwrap().port();
+    let tracer = Tracer::start(&[
+        "--time-wait",
+        "--mode",
+        "btf",
+        "--format",
+        "json",
+        "--port",
+        &lport.to_string(),
+    ]);
+
+    // The server closes first; the peer closes a second later.
+    let client = TcpStream::connect(("127.0.0.1", lport)).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    let cport = port(&client);
+    let closed = Instant::now();
+    drop(server);
+    tracer.wait_for(WAIT, "FIN_WAIT1 -> FIN_WAIT2", |lines| {
+        parse_and_validate(lines)
+            .iter()
+            .any(|l| l["sport"] == lport && l["dport"] == cport && l["newstate"] == "FIN_WAIT2")
+    });
+    assert_eq!(ss_state(lport, cport), "FIN-WAIT-2");
+    thread::sleep(Duration::from_secs(1).saturating_sub(closed.elapsed()));
+    // No CLOSE at the hand-over.
+    assert!(
+        lines_of(&tracer, lport, cport)
+            .iter()
+            .all(|l| l["newstate"] != "CLOSE"),
+        "{:?}",
+        lines_of(&tracer, lport, cport)
+    );
+    drop(client);
+    tracer.wait_for(WAIT, "FIN_WAIT2 -> TIME_WAIT", |lines| {
+        parse_and_validate(lines)
+            .iter()
+            .any(|l| l["sport"] == lport && l["dport"] == cport && l["newstate"] == "TIME_WAIT")
+    });
+    assert_eq!(ss_state(lport, cport), "TIME-WAIT");
+    let lines = lines_of(&tracer, lport, cport);
+    let tw = lines.iter().find(|l| l["newstate"] == "TIME_WAIT").unwrap();
+    assert_eq!(tw["oldstate"], "FIN_WAIT2");
+    // About a second in FIN_WAIT2 (the peer's FIN came a second after close).
+    let in_fin_wait2 = tw["duration_ns"].as_u64().unwrap();
+    assert!((700_000_000..2_000_000_000).contains(&in_fin_wait2), "{tw}");
+    assert_eq!(tw["pid"], std::process::id());
+
+    // An early end: the client's port connects again. The server's timewait socket takes the new
+    // SYN (its sequence is newer) and is gone: TIME_WAIT -> CLOSE, reason fin, same cookie.
+    thread::sleep(Duration::from_millis(1100));
+    let again = connect_with(
+        SocketAddr::from(([127, 0, 0, 1], lport)),
+        Some(SocketAddr::from(([127, 0, 0, 1], cport))),
+        &[(libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)],
+    )
+    .expect("reconnect from the same port");
+    let (reaccepted, _) = listener.accept().unwrap();
+    tracer.wait_for(WAIT, "TIME_WAIT -> CLOSE", |lines| {
+        parse_and_validate(lines)
+            .iter()
+            .any(|l| l["sport"] == lport && l["dport"] == cport && l["oldstate"] == "TIME_WAIT")
+    });
+    let lines = lines_of(&tracer, lport, cport);
+    let end = lines.iter().find(|l| l["oldstate"] == "TIME_WAIT").unwrap();
+    assert_eq!(
+        (&end["newstate"], &end["reason"]),
+        (&"CLOSE".into(), &"fin".into()),
+        "{end}"
+    );
+    assert_eq!(end["cookie"], tw["cookie"]);
+    let first = lines.iter().find(|l| l["cookie"] == tw["cookie"]).unwrap();
+    assert_eq!(first["newstate"], "SYN_RECV", "{lines:?}");
+    let in_time_wait = end["duration_ns"].as_u64().unwrap();
+    assert!(in_time_wait < 5_000_000_000, "{end}");
+    drop((again, reaccepted));
+    drop(tracer.stop());
+}
+
+#[test]
+fn a_peer_that_never_closes_ends_in_fin_wait2_after_the_fin_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let lport = listener.local_addr().unwrap().port();
+    let tracer = Tracer::start(&[
+        "--time-wait",
+        "--mode",
+        "btf",
+        "--format",
+        "json",
+        "--port",
+        &lport.to_string(),
+    ]);
+    let client = TcpStream::connect(("127.0.0.1", lport)).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    let cport = port(&client);
+    // A FIN timeout of 2 s for this socket (TCP_LINGER2), then the server closes first.
+    setsockopt(
+        server.as_raw_fd(),
+        libc::IPPROTO_TCP,
+        libc::TCP_LINGER2,
+        &[2],
+    );
+    drop(server);
+    tracer.wait_for(Duration::from_secs(15), "FIN_WAIT2 -> CLOSE", |lines| {
+        parse_and_validate(lines)
+            .iter()
+            .any(|l| l["sport"] == lport && l["dport"] == cport && l["newstate"] == "CLOSE")
+    });
+    let lines = lines_of(&tracer, lport, cport);
+    let end = lines.iter().find(|l| l["newstate"] == "CLOSE").unwrap();
+    assert_eq!(
+        (&end["oldstate"], &end["reason"]),
+        (&"FIN_WAIT2".into(), &"timeout".into()),
+        "{lines:?}"
+    );
+    let in_fin_wait2 = end["duration_ns"].as_u64().unwrap();
+    assert!(
+        (1_500_000_000..5_000_000_000).contains(&in_fin_wait2),
+        "{end}"
+    );
+    assert!(
+        lines.iter().all(|l| l["newstate"] != "TIME_WAIT"),
+        "{lines:?}"
+    );
+    drop(client);
+    drop(tracer.stop());
+}
+
+#[test]
+fn the_connections_view_has_one_line_per_connection_and_cannot_be_mixed() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let lport = listener.local_addr().unwrap().port();
+    let tracer = Tracer::start(&[
+        "--mode",
+        "btf",
+        "-4",
+        "--events",
+        "connections",
+        "--port",
+        &lport.to_string(),
+    ]);
+    let mut client = TcpStream::connect(("127.0.0.1", lport)).unwrap();
+    let (mut server, _) = listener.accept().unwrap();
+    client.write_all(&[1; 777]).unwrap();
+    let mut got = vec![0; 777];
+    server.read_exact(&mut got).unwrap();
+    let cport = port(&client);
+    drop(client);
+    server.read_to_end(&mut Vec::new()).unwrap();
+    drop(server);
+    tracer.wait_for(WAIT, "two connection lines", |lines| lines.len() >= 3);
+    let output = tracer.stop();
+    let header = &output.lines[0];
+    assert!(
+        header.contains("TX_BYTES") && header.ends_with("REASON"),
+        "{header}"
+    );
+    let rows: Vec<Vec<&str>> = output.lines[1..]
+        .iter()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    // Each side once: the client sent 777 bytes, the server received them; both ended with FIN.
+    assert_eq!(rows.len(), 2, "{:#?}", output.lines);
+    for row in &rows {
+        assert_eq!(row[0], std::process::id().to_string(), "{row:?}");
+    }
+    let client_row = rows
+        .iter()
+        .find(|r| r[3] == cport.to_string())
+        .expect("the client's line");
+    assert_eq!(
+        (client_row[6], client_row[7], client_row[9]),
+        ("777", "0", "fin"),
+        "{client_row:?}"
+    );
+    let server_row = rows
+        .iter()
+        .find(|r| r[3] == lport.to_string())
+        .expect("the server's line");
+    assert_eq!(
+        (server_row[6], server_row[7], server_row[9]),
+        ("0", "777", "fin"),
+        "{server_row:?}"
+    );
+
+    let mixed = Command::new(env!("CARGO_BIN_EXE_tcptrace"))
+        .args(["--events", "connections,states"])
+        .output()
+        .unwrap();
+    assert_eq!(mixed.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&mixed.stderr);
+    assert!(
+        stderr.contains("--events connections cannot be combined"),
+        "{stderr}"
+    );
+}
