@@ -90,15 +90,14 @@ pub struct Cli {
     #[arg(long = "failures")]
     pub failures: bool,
 
-    /// BTF mode: follow connections into TIME_WAIT as `ss` shows them. A connection the kernel
-    /// hands to a timewait socket gets no CLOSE at the hand-over, but `FIN_WAIT2 -> TIME_WAIT`
-    /// when it enters TIME_WAIT and `TIME_WAIT -> CLOSE` when that ends (found by a scan of the
-    /// host's TCP sockets once a second). Without it, the hand-over is written as the kernel's
-    /// `FIN_WAIT2 -> CLOSE` (or `CLOSING -> CLOSE`).
-    #[arg(long = "time-wait")]
-    pub time_wait: bool,
+    /// BTF mode: write the kernel's hand-over of a closed connection to a timewait socket as
+    /// `FIN_WAIT2 -> CLOSE` (or `CLOSING -> CLOSE`), as tcpstates does, and run no timewait
+    /// scan. By default the connection is followed as `ss` shows it: `FIN_WAIT2 -> TIME_WAIT`
+    /// when it enters TIME_WAIT, `TIME_WAIT -> CLOSE` when that ends.
+    #[arg(long = "no-time-wait")]
+    pub no_time_wait: bool,
 
-    /// BTF mode, with --time-wait: how many connections held by timewait sockets (FIN_WAIT2 after close, TIME_WAIT)
+    /// BTF mode: how many connections held by timewait sockets (FIN_WAIT2 after close, TIME_WAIT)
     /// are followed at once. Beyond it, a connection handed to a timewait socket gets its CLOSE
     /// line at once, and tcptrace_timewait_untracked_total counts it.
     #[arg(long = "max-timewait", value_name = "N", default_value = "65536",

@@ -109,7 +109,7 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
             max_timewait: cli.max_timewait,
             ends_only: cli.ends_only(),
             failures_only: cli.failures,
-            time_wait: cli.time_wait,
+            time_wait: !cli.no_time_wait,
         },
     )
     .await?;

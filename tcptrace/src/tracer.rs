@@ -194,6 +194,13 @@ pub async fn run(
             _ = signals.terminate.recv() => break,
         }
     }
+    // A last scan: connections that entered TIME_WAIT since the last one get their line.
+    if scans {
+        tracer.drain(ring.get_mut());
+        if let Err(e) = tracer.scan_timewait() {
+            eprintln!("tcptrace: warning: {e:#}");
+        }
+    }
     tracer.stop(ring.get_mut(), &mut signals).await
 }
 

@@ -377,7 +377,6 @@ fn time_wait_is_shown_as_ss_shows_it_and_ends_with_its_socket() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let lport = listener.local_addr().unwrap().port();
     let tracer = Tracer::start(&[
-        "--time-wait",
         "--mode",
         "btf",
         "--format",
@@ -458,7 +457,6 @@ fn a_peer_that_never_closes_ends_in_fin_wait2_after_the_fin_timeout() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let lport = listener.local_addr().unwrap().port();
     let tracer = Tracer::start(&[
-        "--time-wait",
         "--mode",
         "btf",
         "--format",

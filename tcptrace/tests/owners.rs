@@ -37,6 +37,12 @@ fn accepted_lines(lines: &[Value], local: u16, remote: u16) -> Vec<&Value> {
         .collect()
 }
 
+/// A raw line that ends a socket's connection: its CLOSE, or (BTF mode, for the side that closed
+/// first) its move to TIME_WAIT, as `ss` shows it.
+fn ends_connection(line: &str) -> bool {
+    line.contains("\"newstate\":\"CLOSE\"") || line.contains("\"newstate\":\"TIME_WAIT\"")
+}
+
 fn pids(lines: &[&Value]) -> Vec<u64> {
     lines
         .iter()
@@ -126,10 +132,7 @@ fn sockets_that_predate_tracing_get_their_owners() {
         |lines| {
             lines
                 .iter()
-                .filter(|l| {
-                    l.contains("\"newstate\":\"CLOSE\"")
-                        && l.contains(&format!("{old_client_port}"))
-                })
+                .filter(|l| ends_connection(l) && l.contains(&format!("{old_client_port}")))
                 .count()
                 >= 2
         },
@@ -422,9 +425,7 @@ fn nginx_started_before_tracing() {
         |lines| {
             lines
                 .iter()
-                .filter(|l| {
-                    l.contains("\"newstate\":\"CLOSE\"") && l.contains(&format!("\"sport\":{port}"))
-                })
+                .filter(|l| ends_connection(l) && l.contains(&format!("\"sport\":{port}")))
                 .count()
                 >= 200
         },
@@ -455,9 +456,7 @@ fn nginx_started_after_tracing() {
         |lines| {
             lines
                 .iter()
-                .filter(|l| {
-                    l.contains("\"newstate\":\"CLOSE\"") && l.contains(&format!("\"sport\":{port}"))
-                })
+                .filter(|l| ends_connection(l) && l.contains(&format!("\"sport\":{port}")))
                 .count()
                 >= 200
         },
@@ -560,7 +559,7 @@ fn a_pre_forked_server_is_named_after_a_holder_of_its_listener() {
                 lines
                     .iter()
                     .filter(|l| {
-                        l.contains("\"newstate\":\"CLOSE\"")
+                        ends_connection(l)
                             && l.contains(&format!("\"sport\":{port},\"daddr\":\"127.0.0.1\""))
                     })
                     .count()
@@ -605,7 +604,7 @@ fn a_listener_handed_over_exec_is_named_after_the_server_that_holds_it() {
             lines
                 .iter()
                 .filter(|l| {
-                    l.contains("\"newstate\":\"CLOSE\"")
+                    ends_connection(l)
                         && l.contains(&format!("\"sport\":{port},\"daddr\":\"127.0.0.1\""))
                 })
                 .count()
@@ -685,7 +684,7 @@ fn an_exited_owner_hands_nothing_to_a_child_forked_before_the_socket() {
         "the server side's CLOSE line",
         |lines| {
             lines.iter().any(|l| {
-                l.contains("\"newstate\":\"CLOSE\"")
+                ends_connection(l)
                     && l.contains(&format!("\"sport\":{port},\"daddr\":\"127.0.0.1\""))
             })
         },

@@ -65,6 +65,8 @@ fn retransmit_lines<'a>(lines: &'a [Value], side: &str, port: u16) -> Vec<&'a Va
 
 /// The CLOSE line of the socket that retransmitted `first`: the next one with its address (an
 /// address is reused once its socket is gone, so earlier lines may belong to another socket).
+/// The tracers whose CLOSE lines are read run with `--no-time-wait`: a connection that closes
+/// first would otherwise get its CLOSE when its TIME_WAIT ends, 60 s later.
 fn close_after<'a>(lines: &'a [Value], first: &Value) -> &'a Value {
     let start = lines
         .iter()
@@ -149,7 +151,7 @@ fn data_syn_and_synack_retransmits_with_their_owners_and_filters() {
     let mut synack_client = Endpoint::client("tt-rtx-acli");
     let (dport, sport, aport) = (data_server.port, syn_server.port, synack_server.port);
 
-    let all = Tracer::start(&["--format", "json"]);
+    let all = Tracer::start(&["--format", "json", "--no-time-wait"]);
     let by_pid = Tracer::start(&[
         "--format",
         "json",
@@ -379,7 +381,13 @@ fn states_only_leaves_retransmits_out() {
         "--port",
         &port.to_string(),
     ]);
-    let both = Tracer::start(&["--format", "json", "--port", &port.to_string()]);
+    let both = Tracer::start(&[
+        "--format",
+        "json",
+        "--no-time-wait",
+        "--port",
+        &port.to_string(),
+    ]);
     server.step("listen");
     connect_through_dropped_syns(&netns, &mut server, &mut client, &both);
     let (states, both) = (states.stop(), both.stop());
@@ -455,6 +463,7 @@ fn failed_retransmit_attempts_are_reported_and_not_counted() {
             let tracer = Tracer::start(&[
                 "--format",
                 "json",
+                "--no-time-wait",
                 "--mode",
                 mode,
                 "--port",

@@ -468,10 +468,13 @@ fn traced(
         .filter(|l| {
             l.starts_with("{\"type\":\"state\"") && (l.contains(&sport) || l.contains(&dport))
         })
-        // The listener's own CLOSE -> LISTEN and LISTEN -> CLOSE are not the connections'.
+        // The listener's own CLOSE -> LISTEN and LISTEN -> CLOSE are not the connections'. Nor
+        // is the end of a server side's TIME_WAIT that a client port used again ended early
+        // (BTF mode): its FIN_WAIT2 -> TIME_WAIT is the connection's tenth line.
         .filter(|l| {
             !l.contains("\"newstate\":\"LISTEN\"")
                 && !l.contains("\"oldstate\":\"LISTEN\",\"newstate\":\"CLOSE\"")
+                && !l.contains("\"oldstate\":\"TIME_WAIT\"")
         })
         .count() as u64;
     // Written and counted; the next run should not pay for writing it back to disk.

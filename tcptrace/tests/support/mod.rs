@@ -525,13 +525,34 @@ pub fn by_socket<'a>(
 ) -> BTreeMap<String, Vec<&'a Value>> {
     let mut sockets: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
     for line in lines {
-        let skaddr = line["skaddr"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no skaddr: {line}"))
-            .to_owned();
-        sockets.entry(skaddr).or_default().push(line);
+        // The cookie where there is one (BTF mode): a freed socket's address may be reused before
+        // the line of its connection's move to TIME_WAIT is written.
+        let key = match line["cookie"].as_u64() {
+            Some(cookie) => format!("cookie {cookie}"),
+            None => line["skaddr"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no skaddr: {line}"))
+                .to_owned(),
+        };
+        sockets.entry(key).or_default().push(line);
     }
     sockets
+}
+
+/// Whether the tests run tcptrace in tracefs mode (`cargo xtask test`'s second pass).
+pub fn tracefs_mode() -> bool {
+    std::env::var(TEST_MODE_VAR).is_ok_and(|mode| mode == "tracefs")
+}
+
+/// The last transition written for the side that closes a connection first, once the peer has
+/// closed too: BTF mode follows the connection into TIME_WAIT; tracefs mode writes the kernel's
+/// hand-over to the timewait socket as a CLOSE.
+pub fn first_closer_end() -> &'static str {
+    if tracefs_mode() {
+        "FIN_WAIT2->CLOSE"
+    } else {
+        "FIN_WAIT2->TIME_WAIT"
+    }
 }
 
 /// `OLD->NEW` of each state line.
