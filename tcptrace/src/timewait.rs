@@ -65,6 +65,11 @@ impl Timewait {
         }
     }
 
+    /// Whether it follows no connection (then no scan is needed).
+    pub fn is_empty(&self) -> bool {
+        self.followed.is_empty()
+    }
+
     /// Connections in TIME_WAIT now.
     pub fn in_time_wait(&self) -> usize {
         self.followed

@@ -26,9 +26,13 @@ use crate::{
 /// How often the ring buffer is drained when the kernel side has not woken us: the longest an
 /// event waits before it is written.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
-/// How often the timewait scan runs (BTF mode): the resolution of the ends of TIME_WAIT and
-/// FIN_WAIT2 after close.
+/// How often the timewait scan runs (BTF mode) at most: the resolution of the ends of TIME_WAIT
+/// and FIN_WAIT2 after close. It walks every TCP socket of the host, so on a host with many the
+/// interval grows to keep its cost under 0.5% of a core, up to [`TIMEWAIT_SCAN_MAX_INTERVAL`].
 pub const TIMEWAIT_SCAN_INTERVAL: Duration = Duration::from_secs(1);
+pub const TIMEWAIT_SCAN_MAX_INTERVAL: Duration = Duration::from_secs(30);
+/// The scan's CPU time is kept under 1/this of the time between scans (0.5%).
+const TIMEWAIT_SCAN_BUDGET: u32 = 200;
 /// How often lost events are reported (at most one report per interval).
 const LOST_INTERVAL: Duration = Duration::from_secs(1);
 /// Lines are formatted into buffers of this size and go to the writer in chunks cut from them,
@@ -156,9 +160,11 @@ pub async fn run(
     drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut lost_tick = interval(LOST_INTERVAL);
     lost_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut scan_tick = interval(TIMEWAIT_SCAN_INTERVAL);
-    scan_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut next_scan = tokio::time::Instant::now() + TIMEWAIT_SCAN_INTERVAL;
     let scans = tracer.timewaits.is_some();
+    if scans && let Err(e) = tracer.scan_timewait(true) {
+        eprintln!("tcptrace: warning: {e:#}");
+    }
     // The sockets that existed at start, before anything that happened since.
     tracer.snapshot(&snapshot);
     eprintln!("tcptrace: tracing ({mode} mode); Ctrl-C to stop");
@@ -180,13 +186,17 @@ pub async fn run(
                 tracer.attached.flush_log();
             }
             _ = lost_tick.tick() => tracer.report_lost()?,
-            _ = scan_tick.tick(), if scans && waiting.is_none() => {
+            () = tokio::time::sleep_until(next_scan), if scans && waiting.is_none() => {
                 // What the ring buffer holds first: the hand-overs the scan judges.
                 tracer.drain(ring.get_mut());
-                if let Err(e) = tracer.scan_timewait() {
+                let cost = tracer.scan_timewait(false).unwrap_or_else(|e| {
                     // Out of descriptors, say: the next scan tries again.
                     eprintln!("tcptrace: warning: {e:#}");
-                }
+                    Duration::ZERO
+                });
+                next_scan = tokio::time::Instant::now()
+                    + (cost * TIMEWAIT_SCAN_BUDGET)
+                        .clamp(TIMEWAIT_SCAN_INTERVAL, TIMEWAIT_SCAN_MAX_INTERVAL);
             }
             outcome = tracer.writer.finished() => return tracer.ended(outcome),
             _ = signals.hangup.recv() => tracer.writer.reopen(),
@@ -197,7 +207,7 @@ pub async fn run(
     // A last scan: connections that entered TIME_WAIT since the last one get their line.
     if scans {
         tracer.drain(ring.get_mut());
-        if let Err(e) = tracer.scan_timewait() {
+        if let Err(e) = tracer.scan_timewait(false) {
             eprintln!("tcptrace: warning: {e:#}");
         }
     }
@@ -326,18 +336,28 @@ impl Tracer {
         }
     }
 
-    /// Runs the timewait scan and writes what it found: connections that entered TIME_WAIT,
-    /// and those whose timewait socket is gone.
-    fn scan_timewait(&mut self) -> anyhow::Result<()> {
+    /// Runs the timewait scan, when it follows any connection (or `even_if_idle`: the first
+    /// scan, whose clock the tracker measures the kernel's tick rate against), and writes what it found:
+    /// connections that entered TIME_WAIT, and those whose timewait socket is gone. Returns the
+    /// CPU time the scan took.
+    fn scan_timewait(&mut self, even_if_idle: bool) -> anyhow::Result<Duration> {
         let Some(timewaits) = &mut self.timewaits else {
-            return Ok(());
+            return Ok(Duration::ZERO);
         };
+        if timewaits.tracker.is_empty() && !even_if_idle {
+            if let Some(metrics) = &self.metrics {
+                metrics.timewait(0, timewaits.tracker.untracked);
+            }
+            return Ok(Duration::ZERO);
+        }
         let started_ns = monotonic_ns();
+        let cpu_before = thread_cpu_ns();
         timewaits.scan.run(&mut timewaits.records)?;
         let mut lines = std::mem::take(&mut timewaits.lines);
         timewaits
             .tracker
             .scan(&timewaits.records, started_ns, &mut lines);
+        let cost = Duration::from_nanos(thread_cpu_ns().saturating_sub(cpu_before));
         if let Some(metrics) = &self.metrics {
             metrics.timewait(
                 timewaits.tracker.in_time_wait(),
@@ -356,7 +376,7 @@ impl Tracer {
             timewaits.lines = lines;
         }
         self.push();
-        Ok(())
+        Ok(cost)
     }
 
     /// Hands the waiting chunk, then what `buf` holds, to the writer if its queue has room.
@@ -492,11 +512,20 @@ impl Tracer {
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: the kernel side's clock.
 fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// CPU time this thread has used (user and system), in nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: a valid clock id and a valid out pointer; this clock cannot fail.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // SAFETY: a valid clock id and a valid out pointer; these clocks cannot fail.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }

@@ -17,6 +17,9 @@ use serde_json::Value;
 use support::{Netns, Tracer, free_port, parse_and_validate};
 
 const WAIT: Duration = Duration::from_secs(10);
+/// For what the timewait scan finds: it runs once a second, less often on a host with many
+/// sockets (its interval grows with its cost, up to 30 s).
+const SCAN_WAIT: Duration = Duration::from_secs(45);
 
 fn setsockopt(fd: i32, level: i32, name: i32, value: &[i32]) {
     // SAFETY: a valid socket and a value of the size given.
@@ -407,7 +410,7 @@ fn time_wait_is_shown_as_ss_shows_it_and_ends_with_its_socket() {
         lines_of(&tracer, lport, cport)
     );
     drop(client);
-    tracer.wait_for(WAIT, "FIN_WAIT2 -> TIME_WAIT", |lines| {
+    tracer.wait_for(SCAN_WAIT, "FIN_WAIT2 -> TIME_WAIT", |lines| {
         parse_and_validate(lines)
             .iter()
             .any(|l| l["sport"] == lport && l["dport"] == cport && l["newstate"] == "TIME_WAIT")
@@ -431,7 +434,7 @@ fn time_wait_is_shown_as_ss_shows_it_and_ends_with_its_socket() {
     )
     .expect("reconnect from the same port");
     let (reaccepted, _) = listener.accept().unwrap();
-    tracer.wait_for(WAIT, "TIME_WAIT -> CLOSE", |lines| {
+    tracer.wait_for(SCAN_WAIT, "TIME_WAIT -> CLOSE", |lines| {
         parse_and_validate(lines)
             .iter()
             .any(|l| l["sport"] == lport && l["dport"] == cport && l["oldstate"] == "TIME_WAIT")
@@ -446,8 +449,9 @@ fn time_wait_is_shown_as_ss_shows_it_and_ends_with_its_socket() {
     assert_eq!(end["cookie"], tw["cookie"]);
     let first = lines.iter().find(|l| l["cookie"] == tw["cookie"]).unwrap();
     assert_eq!(first["newstate"], "SYN_RECV", "{lines:?}");
+    // Ended early: well before the kernel's 60 s, within a scan interval of the new SYN.
     let in_time_wait = end["duration_ns"].as_u64().unwrap();
-    assert!(in_time_wait < 5_000_000_000, "{end}");
+    assert!(in_time_wait < 35_000_000_000, "{end}");
     drop((again, reaccepted));
     drop(tracer.stop());
 }
@@ -475,7 +479,7 @@ fn a_peer_that_never_closes_ends_in_fin_wait2_after_the_fin_timeout() {
         &[2],
     );
     drop(server);
-    tracer.wait_for(Duration::from_secs(15), "FIN_WAIT2 -> CLOSE", |lines| {
+    tracer.wait_for(SCAN_WAIT, "FIN_WAIT2 -> CLOSE", |lines| {
         parse_and_validate(lines)
             .iter()
             .any(|l| l["sport"] == lport && l["dport"] == cport && l["newstate"] == "CLOSE")
@@ -487,9 +491,10 @@ fn a_peer_that_never_closes_ends_in_fin_wait2_after_the_fin_timeout() {
         (&"FIN_WAIT2".into(), &"timeout".into()),
         "{lines:?}"
     );
+    // The FIN timeout of 2 s, seen within a scan interval.
     let in_fin_wait2 = end["duration_ns"].as_u64().unwrap();
     assert!(
-        (1_500_000_000..5_000_000_000).contains(&in_fin_wait2),
+        (1_500_000_000..35_000_000_000).contains(&in_fin_wait2),
         "{end}"
     );
     assert!(

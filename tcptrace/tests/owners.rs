@@ -37,6 +37,11 @@ fn accepted_lines(lines: &[Value], local: u16, remote: u16) -> Vec<&Value> {
         .collect()
 }
 
+/// How long a test waits for the lines that end connections: a move to TIME_WAIT comes with the
+/// timewait scan, which runs once a second, less often on a host with many sockets (the interval
+/// grows with the scan's cost, up to 30 s).
+const ENDS_WAIT: Duration = Duration::from_secs(45);
+
 /// A raw line that ends a socket's connection: its CLOSE, or (BTF mode, for the side that closed
 /// first) its move to TIME_WAIT, as `ss` shows it.
 fn ends_connection(line: &str) -> bool {
@@ -126,17 +131,13 @@ fn sockets_that_predate_tracing_get_their_owners() {
     old_client.step("close");
     server.step("wait-eof");
     server.step("close");
-    tracer.wait_for(
-        Duration::from_secs(5),
-        "the old connection's CLOSE lines",
-        |lines| {
-            lines
-                .iter()
-                .filter(|l| ends_connection(l) && l.contains(&format!("{old_client_port}")))
-                .count()
-                >= 2
-        },
-    );
+    tracer.wait_for(ENDS_WAIT, "the old connection's CLOSE lines", |lines| {
+        lines
+            .iter()
+            .filter(|l| ends_connection(l) && l.contains(&format!("{old_client_port}")))
+            .count()
+            >= 2
+    });
     let lines = tracer.stop().json();
 
     let server_pid = u64::from(server.pid());
@@ -419,17 +420,13 @@ fn nginx_started_before_tracing() {
         &port.to_string(),
     ]);
     let ab = nginx.load(200);
-    tracer.wait_for(
-        Duration::from_secs(5),
-        "200 server-side CLOSE lines",
-        |lines| {
-            lines
-                .iter()
-                .filter(|l| ends_connection(l) && l.contains(&format!("\"sport\":{port}")))
-                .count()
-                >= 200
-        },
-    );
+    tracer.wait_for(ENDS_WAIT, "200 server-side CLOSE lines", |lines| {
+        lines
+            .iter()
+            .filter(|l| ends_connection(l) && l.contains(&format!("\"sport\":{port}")))
+            .count()
+            >= 200
+    });
     let holders = nginx.listener_holders();
     assert!(holders.len() >= 3, "ss lists {holders:?}");
     check_nginx_lines(&tracer.stop().json(), &nginx, &holders, ab);
@@ -450,17 +447,13 @@ fn nginx_started_after_tracing() {
     ]);
     let nginx = Nginx::start(port);
     let ab = nginx.load(200);
-    tracer.wait_for(
-        Duration::from_secs(5),
-        "200 server-side CLOSE lines",
-        |lines| {
-            lines
-                .iter()
-                .filter(|l| ends_connection(l) && l.contains(&format!("\"sport\":{port}")))
-                .count()
-                >= 200
-        },
-    );
+    tracer.wait_for(ENDS_WAIT, "200 server-side CLOSE lines", |lines| {
+        lines
+            .iter()
+            .filter(|l| ends_connection(l) && l.contains(&format!("\"sport\":{port}")))
+            .count()
+            >= 200
+    });
     let holders = nginx.listener_holders();
     assert!(holders.len() >= 3, "ss lists {holders:?}");
     let lines = tracer.stop().json();
@@ -552,20 +545,16 @@ fn a_pre_forked_server_is_named_after_a_holder_of_its_listener() {
         ]);
         let server = Handover::start(&["prefork", &port.to_string(), "3"], port);
         server.load(20);
-        tracer.wait_for(
-            Duration::from_secs(5),
-            "20 server-side CLOSE lines",
-            |lines| {
-                lines
-                    .iter()
-                    .filter(|l| {
-                        ends_connection(l)
-                            && l.contains(&format!("\"sport\":{port},\"daddr\":\"127.0.0.1\""))
-                    })
-                    .count()
-                    >= 20
-            },
-        );
+        tracer.wait_for(ENDS_WAIT, "20 server-side CLOSE lines", |lines| {
+            lines
+                .iter()
+                .filter(|l| {
+                    ends_connection(l)
+                        && l.contains(&format!("\"sport\":{port},\"daddr\":\"127.0.0.1\""))
+                })
+                .count()
+                >= 20
+        });
         let holders = server.listener_holders();
         assert_eq!(holders.len(), 4, "ss lists {holders:?}");
         let lines = tracer.stop().json();
@@ -597,20 +586,16 @@ fn a_listener_handed_over_exec_is_named_after_the_server_that_holds_it() {
     ]);
     let server = Handover::start(&["exec", &port.to_string()], port);
     server.load(20);
-    tracer.wait_for(
-        Duration::from_secs(5),
-        "20 server-side CLOSE lines",
-        |lines| {
-            lines
-                .iter()
-                .filter(|l| {
-                    ends_connection(l)
-                        && l.contains(&format!("\"sport\":{port},\"daddr\":\"127.0.0.1\""))
-                })
-                .count()
-                >= 20
-        },
-    );
+    tracer.wait_for(ENDS_WAIT, "20 server-side CLOSE lines", |lines| {
+        lines
+            .iter()
+            .filter(|l| {
+                ends_connection(l)
+                    && l.contains(&format!("\"sport\":{port},\"daddr\":\"127.0.0.1\""))
+            })
+            .count()
+            >= 20
+    });
     assert_eq!(server.listener_holders(), [server.pid as u64]);
     let lines = tracer.stop().json();
     // The listen() call itself was the launcher's.
@@ -679,16 +664,11 @@ fn an_exited_owner_hands_nothing_to_a_child_forked_before_the_socket() {
     std::io::Read::read_exact(&mut stream, &mut byte).expect("read");
     assert!(server.wait().expect("wait").success());
     drop(stream);
-    tracer.wait_for(
-        Duration::from_secs(5),
-        "the server side's CLOSE line",
-        |lines| {
-            lines.iter().any(|l| {
-                ends_connection(l)
-                    && l.contains(&format!("\"sport\":{port},\"daddr\":\"127.0.0.1\""))
-            })
-        },
-    );
+    tracer.wait_for(ENDS_WAIT, "the server side's CLOSE line", |lines| {
+        lines.iter().any(|l| {
+            ends_connection(l) && l.contains(&format!("\"sport\":{port},\"daddr\":\"127.0.0.1\""))
+        })
+    });
     let lines = tracer.stop().json();
     let served = server_side(&lines, port);
     assert!(served.len() >= 4, "{served:?}");
