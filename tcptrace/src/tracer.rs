@@ -160,11 +160,17 @@ pub async fn run(
     drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut lost_tick = interval(LOST_INTERVAL);
     lost_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut next_scan = tokio::time::Instant::now() + TIMEWAIT_SCAN_INTERVAL;
     let scans = tracer.timewaits.is_some();
-    if scans && let Err(e) = tracer.scan_timewait(true) {
-        eprintln!("tcptrace: warning: {e:#}");
-    }
+    // The first scan reads the kernel's clock, and what a scan costs on this host.
+    let cost = if scans {
+        tracer.scan_timewait(true).unwrap_or_else(|e| {
+            eprintln!("tcptrace: warning: {e:#}");
+            Duration::ZERO
+        })
+    } else {
+        Duration::ZERO
+    };
+    let mut next_scan = tokio::time::Instant::now() + scan_interval(cost);
     // The sockets that existed at start, before anything that happened since.
     tracer.snapshot(&snapshot);
     eprintln!("tcptrace: tracing ({mode} mode); Ctrl-C to stop");
@@ -194,9 +200,7 @@ pub async fn run(
                     eprintln!("tcptrace: warning: {e:#}");
                     Duration::ZERO
                 });
-                next_scan = tokio::time::Instant::now()
-                    + (cost * TIMEWAIT_SCAN_BUDGET)
-                        .clamp(TIMEWAIT_SCAN_INTERVAL, TIMEWAIT_SCAN_MAX_INTERVAL);
+                next_scan = tokio::time::Instant::now() + scan_interval(cost);
             }
             outcome = tracer.writer.finished() => return tracer.ended(outcome),
             _ = signals.hangup.recv() => tracer.writer.reopen(),
@@ -508,6 +512,11 @@ impl Tracer {
             }),
         }
     }
+}
+
+/// The time to the next timewait scan after one that cost `cost` of CPU: its budget's worth.
+fn scan_interval(cost: Duration) -> Duration {
+    (cost * TIMEWAIT_SCAN_BUDGET).clamp(TIMEWAIT_SCAN_INTERVAL, TIMEWAIT_SCAN_MAX_INTERVAL)
 }
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: the kernel side's clock.
