@@ -127,7 +127,18 @@ fn each_reason_is_provoked_for_real_and_failures_keeps_the_failed_ones() {
     let closed_port = free_port();
     let (drop_port, reject_port) = (free_port(), free_port());
     let ports = format!("{lport},{closed_port},{drop_port},{reject_port}");
-    let all = Tracer::start(&["--mode", "btf", "--format", "json", "--port", &ports]);
+    let metrics_port = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let all = Tracer::start(&[
+        "--mode",
+        "btf",
+        "--format",
+        "json",
+        "--port",
+        &ports,
+        "--metrics-addr",
+        &metrics_addr,
+    ]);
     let failures = Tracer::start(&[
         "--mode",
         "btf",
@@ -310,6 +321,26 @@ fn each_reason_is_provoked_for_real_and_failures_keeps_the_failed_ones() {
     );
     assert_ne!(server_side[0], cookies(fin_client, lport)[0]);
 
+    // The metric counts each connection's end by its reason.
+    let metrics = support::prometheus::http_get(metrics_port, "/metrics").expect("metrics");
+    let closed = |reason: &str| {
+        let series = format!("tcptrace_connections_closed_total{{reason=\"{reason}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .map_or(0, |n| n.parse::<u64>().expect("a count"))
+    };
+    for (reason, count) in [
+        ("fin", 1),
+        ("refused", 1),
+        ("reset_sent", 2),
+        ("reset_received", 2),
+        ("timeout", 1),
+        ("unreachable", 1),
+    ] {
+        assert_eq!(closed(reason), count, "{reason}: {metrics}");
+    }
+
     // --failures: exactly the connections that did not end with a FIN, nothing else.
     let failed = {
         thread::sleep(Duration::from_millis(300));
@@ -368,15 +399,8 @@ fn ss_state(local: u16, remote: u16) -> String {
         .to_owned()
 }
 
-fn lines_of(tracer: &Tracer, sport: u16, dport: u16) -> Vec<Value> {
-    json(tracer)
-        .into_iter()
-        .filter(|l| l["sport"] == sport && l["dport"] == dport)
-        .collect()
-}
-
-#[test]
-fn time_wait_is_shown_as_ss_shows_it_and_ends_with_its_socket() {
+/// A listener on loopback and a BTF-mode tracer of its port, writing JSON.
+fn traced_listener() -> (TcpListener, u16, Tracer) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let lport = listener.local_addr().unwrap().port();
     let tracer = Tracer::start(&[
@@ -387,6 +411,34 @@ fn time_wait_is_shown_as_ss_shows_it_and_ends_with_its_socket() {
         "--port",
         &lport.to_string(),
     ]);
+    (listener, lport, tracer)
+}
+
+/// Waits for a line of the socket from `sport` to `dport` that `wanted` accepts.
+fn wait_line(
+    tracer: &Tracer,
+    timeout: Duration,
+    what: &str,
+    (sport, dport): (u16, u16),
+    wanted: impl Fn(&Value) -> bool,
+) {
+    tracer.wait_for(timeout, what, |lines| {
+        parse_and_validate(lines)
+            .iter()
+            .any(|l| l["sport"] == sport && l["dport"] == dport && wanted(l))
+    });
+}
+
+fn lines_of(tracer: &Tracer, sport: u16, dport: u16) -> Vec<Value> {
+    json(tracer)
+        .into_iter()
+        .filter(|l| l["sport"] == sport && l["dport"] == dport)
+        .collect()
+}
+
+#[test]
+fn time_wait_is_shown_as_ss_shows_it_and_ends_with_its_socket() {
+    let (listener, lport, tracer) = traced_listener();
 
     // The server closes first; the peer closes a second later.
     let client = TcpStream::connect(("127.0.0.1", lport)).unwrap();
@@ -394,11 +446,13 @@ fn time_wait_is_shown_as_ss_shows_it_and_ends_with_its_socket() {
     let cport = port(&client);
     let closed = Instant::now();
     drop(server);
-    tracer.wait_for(WAIT, "FIN_WAIT1 -> FIN_WAIT2", |lines| {
-        parse_and_validate(lines)
-            .iter()
-            .any(|l| l["sport"] == lport && l["dport"] == cport && l["newstate"] == "FIN_WAIT2")
-    });
+    wait_line(
+        &tracer,
+        WAIT,
+        "FIN_WAIT1 -> FIN_WAIT2",
+        (lport, cport),
+        |l| l["newstate"] == "FIN_WAIT2",
+    );
     assert_eq!(ss_state(lport, cport), "FIN-WAIT-2");
     thread::sleep(Duration::from_secs(1).saturating_sub(closed.elapsed()));
     // No CLOSE at the hand-over.
@@ -410,11 +464,13 @@ fn time_wait_is_shown_as_ss_shows_it_and_ends_with_its_socket() {
         lines_of(&tracer, lport, cport)
     );
     drop(client);
-    tracer.wait_for(SCAN_WAIT, "FIN_WAIT2 -> TIME_WAIT", |lines| {
-        parse_and_validate(lines)
-            .iter()
-            .any(|l| l["sport"] == lport && l["dport"] == cport && l["newstate"] == "TIME_WAIT")
-    });
+    wait_line(
+        &tracer,
+        SCAN_WAIT,
+        "FIN_WAIT2 -> TIME_WAIT",
+        (lport, cport),
+        |l| l["newstate"] == "TIME_WAIT",
+    );
     assert_eq!(ss_state(lport, cport), "TIME-WAIT");
     let lines = lines_of(&tracer, lport, cport);
     let tw = lines.iter().find(|l| l["newstate"] == "TIME_WAIT").unwrap();
@@ -434,11 +490,13 @@ fn time_wait_is_shown_as_ss_shows_it_and_ends_with_its_socket() {
     )
     .expect("reconnect from the same port");
     let (reaccepted, _) = listener.accept().unwrap();
-    tracer.wait_for(SCAN_WAIT, "TIME_WAIT -> CLOSE", |lines| {
-        parse_and_validate(lines)
-            .iter()
-            .any(|l| l["sport"] == lport && l["dport"] == cport && l["oldstate"] == "TIME_WAIT")
-    });
+    wait_line(
+        &tracer,
+        SCAN_WAIT,
+        "TIME_WAIT -> CLOSE",
+        (lport, cport),
+        |l| l["oldstate"] == "TIME_WAIT",
+    );
     let lines = lines_of(&tracer, lport, cport);
     let end = lines.iter().find(|l| l["oldstate"] == "TIME_WAIT").unwrap();
     assert_eq!(
@@ -458,16 +516,7 @@ fn time_wait_is_shown_as_ss_shows_it_and_ends_with_its_socket() {
 
 #[test]
 fn a_peer_that_never_closes_ends_in_fin_wait2_after_the_fin_timeout() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let lport = listener.local_addr().unwrap().port();
-    let tracer = Tracer::start(&[
-        "--mode",
-        "btf",
-        "--format",
-        "json",
-        "--port",
-        &lport.to_string(),
-    ]);
+    let (listener, lport, tracer) = traced_listener();
     let client = TcpStream::connect(("127.0.0.1", lport)).unwrap();
     let (server, _) = listener.accept().unwrap();
     let cport = port(&client);
@@ -479,11 +528,13 @@ fn a_peer_that_never_closes_ends_in_fin_wait2_after_the_fin_timeout() {
         &[2],
     );
     drop(server);
-    tracer.wait_for(SCAN_WAIT, "FIN_WAIT2 -> CLOSE", |lines| {
-        parse_and_validate(lines)
-            .iter()
-            .any(|l| l["sport"] == lport && l["dport"] == cport && l["newstate"] == "CLOSE")
-    });
+    wait_line(
+        &tracer,
+        SCAN_WAIT,
+        "FIN_WAIT2 -> CLOSE",
+        (lport, cport),
+        |l| l["newstate"] == "CLOSE",
+    );
     let lines = lines_of(&tracer, lport, cport);
     let end = lines.iter().find(|l| l["newstate"] == "CLOSE").unwrap();
     assert_eq!(
@@ -572,4 +623,112 @@ fn the_connections_view_has_one_line_per_connection_and_cannot_be_mixed() {
         stderr.contains("--events connections cannot be combined"),
         "{stderr}"
     );
+}
+
+#[test]
+fn data_the_peer_never_acknowledges_times_out_after_tcp_retries2() {
+    let netns = Netns::new(43);
+    // Two retries of unacknowledged data, for sockets of the namespace only.
+    support::sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &netns.name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.tcp_retries2=2",
+        ],
+    );
+    let listener = TcpListener::bind((netns.host_ip.as_str(), 0)).unwrap();
+    let lport = listener.local_addr().unwrap().port();
+    let tracer = Tracer::start(&[
+        "--mode",
+        "btf",
+        "--format",
+        "json",
+        "--port",
+        &lport.to_string(),
+    ]);
+    let mut client = support::Endpoint::client_in(&netns.name, "tt-end-r2");
+    client.step(&format!("connect {}:{lport}", netns.host_ip));
+    let (server, _) = listener.accept().unwrap();
+    // Nothing the server sends reaches the client: its data is never acknowledged.
+    netns.iptables(&[
+        "-A",
+        "INPUT",
+        "-p",
+        "tcp",
+        "--sport",
+        &lport.to_string(),
+        "-j",
+        "DROP",
+    ]);
+    client.step("write");
+    tracer.wait_for(Duration::from_secs(30), "the client's CLOSE", |lines| {
+        parse_and_validate(lines)
+            .iter()
+            .any(|l| l["dport"] == lport && l["newstate"] == "CLOSE" && l["pid"] == client.pid())
+    });
+    let lines = json(&tracer);
+    let end = lines
+        .iter()
+        .find(|l| l["dport"] == lport && l["newstate"] == "CLOSE")
+        .unwrap();
+    assert_eq!(
+        (&end["oldstate"], &end["reason"], &end["error"]),
+        (
+            &"ESTABLISHED".into(),
+            &"timeout".into(),
+            &"ETIMEDOUT".into()
+        ),
+        "{end}"
+    );
+    assert!(end["retransmits"].as_u64().unwrap() >= 2, "{end}");
+    assert_eq!(end["bytes_sent"], 0, "{end}");
+    drop(server);
+    client.exit();
+    drop(tracer.stop());
+}
+
+#[test]
+fn time_wait_ends_when_its_60_seconds_run_out() {
+    let (listener, lport, tracer) = traced_listener();
+    let client = TcpStream::connect(("127.0.0.1", lport)).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    let cport = port(&client);
+    drop(server);
+    let mut rest = Vec::new();
+    (&client).read_to_end(&mut rest).unwrap();
+    drop(client);
+    wait_line(
+        &tracer,
+        SCAN_WAIT,
+        "FIN_WAIT2 -> TIME_WAIT",
+        (lport, cport),
+        |l| l["newstate"] == "TIME_WAIT",
+    );
+    assert_eq!(ss_state(lport, cport), "TIME-WAIT");
+    // The kernel's 60 s, then its timer's slack and a scan interval.
+    wait_line(
+        &tracer,
+        Duration::from_secs(120),
+        "TIME_WAIT -> CLOSE",
+        (lport, cport),
+        |l| l["oldstate"] == "TIME_WAIT",
+    );
+    assert_eq!(ss_state(lport, cport), "");
+    let lines = lines_of(&tracer, lport, cport);
+    let end = lines.iter().find(|l| l["oldstate"] == "TIME_WAIT").unwrap();
+    assert_eq!(
+        (&end["newstate"], &end["reason"]),
+        (&"CLOSE".into(), &"fin".into()),
+        "{end}"
+    );
+    let in_time_wait = end["duration_ns"].as_u64().unwrap();
+    assert!(
+        (60_000_000_000..95_000_000_000).contains(&in_time_wait),
+        "{end}"
+    );
+    drop(tracer.stop());
 }
