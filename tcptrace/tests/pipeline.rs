@@ -261,12 +261,13 @@ fn a_stalled_reader_loses_events_and_says_how_many() {
         lost > 0,
         "nothing lost with a 4 KiB ring buffer and a stopped reader"
     );
-    // Every transition the workload caused: 10 per connection, and the listener's close (it
-    // listened before tracing began).
-    assert_eq!(
-        written + lost,
-        203 * 10 + 1 + time_wait_ends(&lines),
-        "written {written}, lost {lost}"
+    // Every transition the workload caused (10 per connection, and the listener's close: it
+    // listened before tracing began) is written or counted lost; the lost count is the host's
+    // (see a_small_buffer_loses_events_and_counts_every_one).
+    let expected = 203 * 10 + 1 + time_wait_ends(&lines);
+    assert!(
+        written <= expected && written + lost >= expected,
+        "written {written}, lost {lost}, expected {expected}"
     );
     assert!(
         output
@@ -477,15 +478,20 @@ fn assert_each_line_once(lines: &[Value]) {
 
 /// The three connections made after the stall are complete: their thirty transitions and the
 /// listener's close are the last lines.
-/// In BTF mode the server sides' moves to TIME_WAIT (and early ends of it) are written when the
-/// timewait scan finds them, after later lines: they are left out here (callers count them).
+/// In BTF mode the lines that end the server sides (their moves to TIME_WAIT, the ends of it, and
+/// a FIN_WAIT2 -> CLOSE where no timewait socket was found) are written by the timewait scan,
+/// after later lines: they are left out here (callers count them).
 fn assert_tail_complete(lines: &[Value]) {
     let (take, closes) = if tracefs_mode() { (31, 7) } else { (28, 4) };
     let tail: Vec<&Value> = lines
         .iter()
         .rev()
         .filter(|l| {
-            l["type"] == "state" && l["newstate"] != "TIME_WAIT" && l["oldstate"] != "TIME_WAIT"
+            l["type"] == "state"
+                && (tracefs_mode()
+                    || (l["newstate"] != "TIME_WAIT"
+                        && l["oldstate"] != "TIME_WAIT"
+                        && l["oldstate"] != "FIN_WAIT2"))
         })
         .take(take)
         .collect();
@@ -567,7 +573,13 @@ fn a_small_buffer_loses_events_and_counts_every_one() {
         (stall.written, stall.lost),
         "lines against the summary"
     );
-    assert_eq!(written + lost, expected, "written {written}, lost {lost}");
+    // Every event is written or counted lost. The lost count is the kernel's for the whole host
+    // (a program run it skipped may have been another socket's), so it may exceed what this
+    // test's traffic lost.
+    assert!(
+        written <= expected && written + lost >= expected,
+        "written {written}, lost {lost}, expected {expected}"
+    );
     assert_each_line_once(&stall.lines);
     assert_tail_complete(&stall.lines);
     assert!(
