@@ -454,8 +454,14 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
             cgroup_id: id.cgroup_id,
             netns: id.netns,
             _pad2: 0,
+            // An accepted socket's first transition runs while the kernel clones it from its
+            // listener: older kernels (6.1) have copied the listener's cookie by then.
             // SAFETY: `sk` as above.
-            cookie: unsafe { bpf_get_socket_cookie(sk) },
+            cookie: if origin == Origin::Accepted {
+                0
+            } else {
+                unsafe { bpf_get_socket_cookie(sk) }
+            },
             end,
         },
     );

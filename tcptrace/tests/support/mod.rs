@@ -525,16 +525,11 @@ pub fn by_socket<'a>(
 ) -> BTreeMap<String, Vec<&'a Value>> {
     let mut sockets: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
     for line in lines {
-        // The cookie where there is one (BTF mode): a freed socket's address may be reused before
-        // the line of its connection's move to TIME_WAIT is written.
-        let key = match line["cookie"].as_u64() {
-            Some(cookie) => format!("cookie {cookie}"),
-            None => line["skaddr"]
-                .as_str()
-                .unwrap_or_else(|| panic!("no skaddr: {line}"))
-                .to_owned(),
-        };
-        sockets.entry(key).or_default().push(line);
+        let skaddr = line["skaddr"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no skaddr: {line}"))
+            .to_owned();
+        sockets.entry(skaddr).or_default().push(line);
     }
     sockets
 }
