@@ -66,7 +66,7 @@ pub struct Options {
     pub ends_only: bool,
     /// `--failures`: of those, only connections that did not end with a FIN.
     pub failures_only: bool,
-    /// `--time-wait`: follow connections into TIME_WAIT (BTF mode).
+    /// Not `--no-time-wait`: follow connections into TIME_WAIT (BTF mode).
     pub time_wait: bool,
 }
 
