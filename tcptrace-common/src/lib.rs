@@ -20,6 +20,11 @@ pub const FORKED_MAP: &str = "FORKED";
 pub const SUCCESSORS_MAP: &str = "SUCCESSORS";
 /// BTF mode: the command name a process took at its last exec, for successors that exec'd.
 pub const EXECS_MAP: &str = "EXECS";
+/// BTF mode, at start only: the process holding each TCP socket that predates tracing, keyed by
+/// socket address; filled by the task-file iterator, consumed by the TCP iterator.
+pub const HOLDERS_MAP: &str = "HOLDERS";
+/// Capacity of `HOLDERS`: sockets held at start beyond it keep pid 0 until their holder uses them.
+pub const MAX_HOLDERS: u32 = 1 << 20;
 /// Capacity of `FORKED`, `SUCCESSORS` and `EXECS` (LRU).
 pub const MAX_PROCESSES: u32 = 16_384;
 /// Set of owner pids (tgid) to keep; consulted when `FILTER_PID` is set.
@@ -294,10 +299,13 @@ pub struct KernelOffsets {
     /// passes when closing drops unread data, and when it resets for the socket's state.
     pub rst_abort_on_close: u32,
     pub rst_state: u32,
+    /// `struct sock`: the socket's type and protocol (`SOCK_STREAM`, `IPPROTO_TCP` for TCP).
+    pub sk_type: u32,
+    pub sk_protocol: u32,
     /// `KERNEL_*` bits.
     pub features: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 152);
+const _: () = assert!(size_of::<KernelOffsets>() == 160);
 
 /// `--container` in the kernel (BTF mode): a container id prefix, lowercase hex, compared in
 /// 8-byte words with the name of each new cgroup at each of [`CONTAINER_ID_OFFSETS`].
@@ -503,6 +511,20 @@ pub struct Forked {
 }
 const _: () = assert!(size_of::<Forked>() == 16);
 
+/// A process holding a socket when tracing began (BTF mode's `HOLDERS` values).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Holder {
+    /// When the iterator saw it hold the socket (`CLOCK_MONOTONIC` ns).
+    pub at_ns: u64,
+    /// Its name (the thread group leader's comm).
+    pub comm: Bytes16,
+    /// Its tgid.
+    pub pid: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<Holder>() == 32);
+
 /// Owner of the listening sockets on one port (tracefs mode).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -535,6 +557,7 @@ mod user {
     unsafe impl aya::Pod for super::ListenerOwner {}
     unsafe impl aya::Pod for super::ContainerFilter {}
     unsafe impl aya::Pod for super::TimewaitRecord {}
+    unsafe impl aya::Pod for super::Holder {}
 }
 
 /// Where a state transition's owner, time in the old state and retransmit count come from. tracefs

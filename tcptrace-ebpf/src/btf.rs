@@ -3,7 +3,7 @@
 //! to every socket it accepts (`BPF_F_CLONE`), so an accepted socket names the owner of the very
 //! listener that accepted it, in whatever network namespace. Storage dies with the socket: no
 //! address reuse, no eviction. Struct fields are read at the offsets of the running kernel's BTF
-//! (the `OFFSETS` global). A task-file iterator gives sockets that predate tracing their owner.
+//! (the `OFFSETS` global). Sockets that predate tracing get their holder from `holders`.
 
 use core::{ffi::c_void, ptr};
 
@@ -14,7 +14,6 @@ use aya_ebpf::{
         generated::{
             bpf_get_current_task_btf, bpf_get_socket_cookie, bpf_jiffies64, bpf_probe_read_kernel,
             bpf_seq_write, bpf_sk_storage_get, bpf_skc_to_tcp_sock, bpf_skc_to_tcp_timewait_sock,
-            bpf_sock_from_file,
         },
     },
     programs::BtfTracePointContext,
@@ -23,9 +22,9 @@ use aya_log_ebpf::warn;
 use tcptrace_common::{
     AF_INET, Bytes16, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, EVENT_HAS_SUMMARY, End,
     Event, FILTER_ENDS, FILTER_FAILURES, Forked, KERNEL_HAS_IPV6, KERNEL_RETRANSMIT_ERR,
-    KERNEL_RST_REASON, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_SNAPSHOT, KIND_STATE,
-    KIND_TIMEWAIT, KernelOffsets, Origin, SOCKET_ACTIVE_OPEN, SocketState, TRACE_RETRANSMITS,
-    TRACE_SNAPSHOT, TRACE_STATES, TimewaitRecord, errno, reason, tcp_state,
+    KERNEL_RST_REASON, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_STATE, KIND_TIMEWAIT,
+    KernelOffsets, Origin, SOCKET_ACTIVE_OPEN, SocketState, TRACE_RETRANSMITS, TRACE_STATES,
+    TimewaitRecord, errno, reason, tcp_state,
 };
 
 use crate::{
@@ -37,7 +36,7 @@ use crate::{
 /// A scalar field of a kernel struct at a load-time offset. The verifier knows the struct from
 /// BTF and checks the access against it; the offset is a constant of the frozen `.rodata`.
 #[inline(always)]
-unsafe fn field<T: Copy>(base: *const u8, offset: u32) -> T {
+pub unsafe fn field<T: Copy>(base: *const u8, offset: u32) -> T {
     // SAFETY: the caller passes a BTF-typed kernel pointer; the verifier checks the access.
     unsafe { base.add(offset as usize).cast::<T>().read_volatile() }
 }
@@ -45,7 +44,7 @@ unsafe fn field<T: Copy>(base: *const u8, offset: u32) -> T {
 /// Sixteen bytes of a kernel struct (an IPv6 address, a command name). Byte arrays are read with
 /// the helper: the verifier only allows direct loads as wide as one array element.
 #[inline(always)]
-unsafe fn bytes16(base: *const u8, offset: u32) -> Bytes16 {
+pub unsafe fn bytes16(base: *const u8, offset: u32) -> Bytes16 {
     let mut out = Bytes16::ZERO;
     // SAFETY: 16 bytes into a 16-byte buffer; on failure the helper zeroes it.
     unsafe {
@@ -60,7 +59,7 @@ unsafe fn bytes16(base: *const u8, offset: u32) -> Bytes16 {
 
 /// The socket's storage; created when `create` and missing.
 #[inline(always)]
-unsafe fn storage(sk: *mut c_void, create: bool) -> *mut SocketState {
+pub unsafe fn storage(sk: *mut c_void, create: bool) -> *mut SocketState {
     let flags = if create {
         u64::from(BPF_SK_STORAGE_GET_F_CREATE)
     } else {
@@ -81,7 +80,7 @@ unsafe fn storage(sk: *mut c_void, create: bool) -> *mut SocketState {
 /// The process running now: its tgid and its name (the thread group leader's comm, as `ps` and
 /// `ss -p` show it, not the name of the thread that made the call).
 #[inline(always)]
-fn current_owner(offsets: &KernelOffsets) -> Owner {
+pub fn current_owner(offsets: &KernelOffsets) -> Owner {
     // SAFETY: the helper returns the current task, typed from BTF; group_leader is never NULL.
     let comm = unsafe {
         let task = bpf_get_current_task_btf() as *const u8;
@@ -98,17 +97,17 @@ fn current_owner(offsets: &KernelOffsets) -> Owner {
 
 /// A socket's addresses, ports and family as `sock_common` holds them (the local port from
 /// `inet_sock`, which is still set on the way to CLOSE, unlike `skc_num`).
-struct Endpoints {
-    family: u16,
-    sport: u16,
-    dport: u16,
-    saddr: Bytes16,
-    daddr: Bytes16,
+pub struct Endpoints {
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr: Bytes16,
+    pub daddr: Bytes16,
 }
 
 /// Reads the endpoints of a TCP socket (`tp` is the same socket as `struct tcp_sock`).
 #[inline(always)]
-unsafe fn endpoints(offsets: &KernelOffsets, sk: *const u8, tp: *const u8) -> Endpoints {
+pub unsafe fn endpoints(offsets: &KernelOffsets, sk: *const u8, tp: *const u8) -> Endpoints {
     // SAFETY: BTF-typed socket pointers; the offsets come from this kernel's BTF.
     unsafe {
         let family: u16 = field(sk, offsets.skc_family);
@@ -147,7 +146,7 @@ unsafe fn addresses(offsets: &KernelOffsets, sk: *const u8, family: u16) -> (Byt
 
 /// The current succession epoch.
 #[inline(always)]
-fn epoch() -> u64 {
+pub fn epoch() -> u64 {
     SUCCESSION_EPOCH.get(0).copied().unwrap_or(0)
 }
 
@@ -599,9 +598,9 @@ pub fn reset_sent(ctx: &BtfTracePointContext) {
 /// The context of an `iter/tcp` program (`struct bpf_iter__tcp`).
 #[repr(C)]
 pub struct TcpIterContext {
-    meta: *const u8,
-    sk_common: *const c_void,
-    uid: u32,
+    pub meta: *const u8,
+    pub sk_common: *const c_void,
+    pub uid: u32,
 }
 
 /// One TCP socket of the host, timewait sockets included: for each timewait socket whose cookie
@@ -795,106 +794,5 @@ pub fn retransmit_synack(ctx: &BtfTracePointContext) -> Result<(), ()> {
             end: End::ZERO,
         },
     );
-    Ok(())
-}
-
-/// The context of an `iter/task_file` program (`struct bpf_iter__task_file`).
-#[repr(C)]
-pub struct TaskFileContext {
-    meta: *const u8,
-    task: *const u8,
-    fd: u32,
-    file: *mut c_void,
-}
-
-/// One open file of one process: when it is a TCP socket without an owner yet, the process
-/// becomes its owner. With `--snapshot`, every TCP socket seen is also written to the iterator's
-/// output as a `KIND_SNAPSHOT` record (a socket held by several processes or descriptors appears
-/// once per holder; userspace keeps the first).
-pub fn snapshot(ctx: *const TaskFileContext) -> Result<(), ()> {
-    // SAFETY: the iterator's context, read as the kernel lays it out.
-    let (meta, task, file) = unsafe { ((*ctx).meta, (*ctx).task, (*ctx).file) };
-    if task.is_null() || file.is_null() {
-        return Ok(());
-    }
-    // SAFETY: `file` is a BTF-typed file pointer; NULL unless it is a socket.
-    let socket = unsafe { bpf_sock_from_file(file.cast()) } as *const u8;
-    if socket.is_null() {
-        return Ok(());
-    }
-    let offsets = OFFSETS.load();
-    // SAFETY: BTF-typed pointers; offsets from this kernel's BTF.
-    let sk: *mut c_void = unsafe { field::<*mut c_void>(socket, offsets.socket_sk) };
-    if sk.is_null() {
-        return Ok(());
-    }
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as *const u8;
-    if tp.is_null() {
-        return Ok(());
-    }
-    let Some(stored) = (unsafe { storage(sk, true).as_mut() }) else {
-        return Ok(());
-    };
-    if stored.pid == 0 {
-        stored.epoch = epoch();
-        // It holds the socket now; whatever it forked before may not.
-        stored.owned_ns = unsafe { bpf_ktime_get_ns() };
-        // SAFETY: as above; group_leader is never NULL.
-        unsafe {
-            stored.pid = field::<i32>(task, offsets.task_tgid) as u32;
-            let leader: *const u8 = field(task, offsets.task_group_leader);
-            stored.comm = bytes16(leader, offsets.task_comm);
-        }
-    }
-
-    let config = CONFIG.load();
-    let filters = config.filters;
-    if filters & TRACE_SNAPSHOT == 0 || !owner_wanted(filters, stored.pid) {
-        return Ok(());
-    }
-    // SAFETY: as above.
-    let ends = unsafe { endpoints(&offsets, sk as *const u8, tp) };
-    if !family_wanted(filters, ends.family) || !ports_wanted(filters, ends.sport, ends.dport) {
-        return Ok(());
-    }
-    let id = unsafe { identity(&offsets, sk as *const u8) };
-    if !identity_wanted(filters, &offsets, &id) {
-        return Ok(());
-    }
-    let state = u32::from(unsafe { field::<u8>(sk as *const u8, offsets.skc_state) });
-    let event = Event {
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        skaddr: sk as u64,
-        duration_ns: 0,
-        saddr: ends.saddr,
-        daddr: ends.daddr,
-        comm: stored.comm,
-        pid: stored.pid,
-        retransmits: stored.retransmits,
-        err: 0,
-        kind: KIND_SNAPSHOT,
-        flags: 0,
-        family: ends.family,
-        sport: ends.sport,
-        dport: ends.dport,
-        oldstate: state,
-        newstate: state,
-        _pad: 0,
-        cgroup_id: id.cgroup_id,
-        netns: id.netns,
-        _pad2: 0,
-        // SAFETY: `sk` as above.
-        cookie: unsafe { bpf_get_socket_cookie(sk) },
-        end: End::ZERO,
-    };
-    // SAFETY: `meta` is the iterator's `struct bpf_iter_meta`, whose first field is the seq_file.
-    unsafe {
-        let seq: *mut c_void = field(meta, 0);
-        bpf_seq_write(
-            seq.cast(),
-            ptr::addr_of!(event).cast(),
-            size_of::<Event>() as u32,
-        );
-    }
     Ok(())
 }

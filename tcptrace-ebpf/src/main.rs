@@ -10,21 +10,23 @@
 
 mod btf;
 mod emit;
+mod holders;
 mod identity;
 mod record;
 mod tracefs;
 
 use aya_ebpf::{
     Global,
+    bindings::BPF_F_NO_PREALLOC,
     macros::{btf_map, btf_tracepoint, map, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
 };
 use tcptrace_common::{
     Bytes16, COUNTER_SLOTS, Config, ContainerFilter, DEFAULT_MAX_SOCKETS,
-    DEFAULT_RING_BUFFER_BYTES, Forked, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KernelOffsets,
-    ListenerOwner, MAX_FILTER_ENTRIES, MAX_LISTENERS, MAX_PROCESSES, RetransmitLayout, SocketState,
-    StateLayout,
+    DEFAULT_RING_BUFFER_BYTES, Forked, Holder, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK,
+    KernelOffsets, ListenerOwner, MAX_FILTER_ENTRIES, MAX_HOLDERS, MAX_LISTENERS, MAX_PROCESSES,
+    RetransmitLayout, SocketState, StateLayout,
 };
 
 #[unsafe(no_mangle)]
@@ -68,6 +70,10 @@ static SUCCESSORS: LruHashMap<u32, Forked> = LruHashMap::with_max_entries(MAX_PR
 
 #[map]
 static EXECS: LruHashMap<u32, Bytes16> = LruHashMap::with_max_entries(MAX_PROCESSES, 0);
+
+/// At start: the process holding each TCP socket that predates tracing, by socket address.
+#[map]
+static HOLDERS: HashMap<u64, Holder> = HashMap::with_max_entries(MAX_HOLDERS, BPF_F_NO_PREALLOC);
 
 /// Bumped whenever an owner may have handed its sockets to a successor: a socket whose storage
 /// holds an older value checks its owner again.
@@ -191,11 +197,34 @@ pub fn btf_cgroup_mkdir(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// `iter/task_file`: every open file of every process (aya-ebpf has no macro for iterators).
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn btf_sock_send_length(ctx: BtfTracePointContext) -> i32 {
+    holders::used(&ctx);
+    0
+}
+
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn btf_sock_recv_length(ctx: BtfTracePointContext) -> i32 {
+    holders::used(&ctx);
+    0
+}
+
+/// `iter/task_file`: every open file of every process, run once at start (aya-ebpf has no macro
+/// for iterators).
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/task_file")]
+pub fn snapshot_holders(ctx: *mut core::ffi::c_void) -> i32 {
+    match holders::record_holder(ctx.cast()) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+/// `iter/tcp`: every TCP socket of one network namespace, run at start once per namespace after
+/// `snapshot_holders`.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
 pub fn snapshot_sockets(ctx: *mut core::ffi::c_void) -> i32 {
-    match btf::snapshot(ctx.cast()) {
+    match holders::take_holder(ctx.cast()) {
         Ok(()) | Err(()) => 0,
     }
 }

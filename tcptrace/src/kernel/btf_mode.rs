@@ -1,13 +1,13 @@
 //! BTF mode: the BTF-enabled tracepoints, with kernel struct offsets read from the running
-//! kernel's BTF, and a task-file iterator run once at start so that sockets opened before tracing
-//! began get their owner.
+//! kernel's BTF; at start, iterators give the sockets opened before tracing began their holder
+//! (`holders`).
 
-use std::{io::Read as _, path::Path};
+use std::path::Path;
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Btf, Ebpf,
-    programs::{BtfTracePoint, Iter, ProgramFd},
+    programs::{BtfTracePoint, ProgramFd},
 };
 use tcptrace_common::{
     CONTAINER_FILTER_GLOBAL, ContainerFilter, KERNEL_CGROUP_TAGGED, KERNEL_HAS_CGROUP,
@@ -17,8 +17,8 @@ use tcptrace_common::{
 };
 
 use super::{
-    EBPF_OBJECT, Loaded, Mode, Settings, VMLINUX_BTF, config, fill_filters, finish, kernel_before,
-    kernel_release, loader, timewait_scan::TimewaitScan, tracefs_mode, vmlinux,
+    EBPF_OBJECT, Loaded, Mode, Settings, VMLINUX_BTF, brief, config, fill_filters, finish, holders,
+    kernel_before, kernel_release, loader, timewait_scan::TimewaitScan, tracefs_mode, vmlinux,
 };
 use crate::tracefs;
 
@@ -37,7 +37,7 @@ pub fn supported() -> anyhow::Result<()> {
 }
 
 pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
-    let (mut offsets, retransmit_args, synack_args, reset_args) = {
+    let (mut offsets, retransmit_args, synack_args, reset_args, socket_use) = {
         let vmlinux = vmlinux::Btf::from_file(Path::new(VMLINUX_BTF))?;
         let mut offsets = offsets(&vmlinux)?;
         // The kernel's reasons for the resets it sends (6.10+), named on the CLOSE lines.
@@ -58,6 +58,8 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
             vmlinux.tracepoint_args("tcp_retransmit_skb"),
             vmlinux.tracepoint_args("tcp_retransmit_synack"),
             vmlinux.tracepoint_args("tcp_send_reset"),
+            vmlinux.tracepoint_args("sock_send_length").is_some()
+                && vmlinux.tracepoint_args("sock_recv_length").is_some(),
         )
     };
     if reset_args.is_some_and(|args| args >= 3) {
@@ -175,12 +177,40 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
         super::fill_container_cgroups(&mut ebpf, &crate::cgroup::matching(mount, prefix))?;
     }
 
-    // Attached first, so that no socket opened meanwhile is missed; the iterator then gives an
-    // owner to every socket that has none yet.
-    let snapshot = match iterate(&mut ebpf, &btf) {
-        Ok(records) => records,
+    // A process that sends or receives on a socket holds it: it becomes the socket's holder
+    // (an accepting worker, a forked backend, a descriptor passed over). Linux 6.3+.
+    if socket_use {
+        for (program, tracepoint) in [
+            ("btf_sock_send_length", "sock_send_length"),
+            ("btf_sock_recv_length", "sock_recv_length"),
+        ] {
+            programs.push(attach(&mut ebpf, &btf, program, tracepoint)?);
+        }
+    }
+
+    // Attached first, so that no socket opened meanwhile is missed; the iterators then give a
+    // holder to every socket that has none yet.
+    let snapshot = match holders::take(&mut ebpf, &btf) {
+        Ok(found) => {
+            if found.unreached > 0 {
+                eprintln!(
+                    "tcptrace: warning: {} network namespaces could not be entered: their sockets that predate tracing show pid 0 until used",
+                    found.unreached
+                );
+            }
+            found.records
+        }
+        Err(e) if settings.snapshot => {
+            bail!(
+                "--snapshot: the sockets that predate tracing cannot be listed: {}",
+                brief(&format!("{e:#}"), settings.debug)
+            );
+        }
         Err(e) => {
-            eprintln!("tcptrace: warning: sockets opened before tracing began show pid 0: {e:#}");
+            eprintln!(
+                "tcptrace: warning: sockets opened before tracing began show pid 0 until used: {}",
+                brief(&format!("{e:#}"), settings.debug)
+            );
             Vec::new()
         }
     };
@@ -233,6 +263,8 @@ fn offsets(btf: &vmlinux::Btf) -> anyhow::Result<KernelOffsets> {
         task_group_leader: need("task_struct", "group_leader")?,
         task_comm: need("task_struct", "comm")?,
         socket_sk: need("socket", "sk")?,
+        sk_type: need("sock", "sk_type")?,
+        sk_protocol: need("sock", "sk_protocol")?,
         sk_err: need("sock", "sk_err")?,
         sk_flags: need("sock_common", "skc_flags")?,
         skc_cookie: need("sock_common", "skc_cookie")?,
@@ -310,26 +342,4 @@ fn attach(
     prog.attach()
         .with_context(|| format!("failed to attach to {tracepoint}"))?;
     Ok(prog.fd()?.try_clone()?)
-}
-
-/// Runs the task-file iterator once: every socket any process holds gets an owner, and (with
-/// `--snapshot`) its records come back.
-fn iterate(ebpf: &mut Ebpf, btf: &Btf) -> anyhow::Result<Vec<u8>> {
-    let iter: &mut Iter = ebpf
-        .program_mut("snapshot_sockets")
-        .ok_or_else(|| anyhow!("the eBPF object has no program snapshot_sockets"))?
-        .try_into()?;
-    iter.load("task_file", btf)
-        .context("the kernel refused the socket iterator")?;
-    let link = iter
-        .attach()
-        .context("failed to attach the socket iterator")?;
-    let link = iter.take_link(link)?;
-    let mut file = link
-        .into_file()
-        .context("failed to open the socket iterator")?;
-    let mut records = Vec::new();
-    file.read_to_end(&mut records)
-        .context("failed to run the socket iterator")?;
-    Ok(records)
 }

@@ -10,6 +10,8 @@
 
 mod btf_mode;
 mod diagnostics;
+mod holders;
+mod iterator;
 mod timewait_scan;
 mod tracefs_mode;
 pub mod vmlinux;
