@@ -10,7 +10,11 @@ mod support;
 use std::{net::TcpStream, time::Duration};
 
 use serde_json::Value;
-use support::{Endpoint, Netns, Tracer, serial, socket_addr};
+use support::{
+    Endpoint, Netns, Tracer, serial,
+    servers::{Nginx, listener_holders},
+    socket_addr,
+};
 
 const MODES: [&str; 2] = ["btf", "tracefs"];
 
@@ -286,97 +290,6 @@ fn so_reuseport_listeners_of_two_processes() {
     }
 }
 
-/// Debian's nginx (master and two workers, daemonized after listen()) in a directory of its own,
-/// on a port of the test's choosing; stopped by the master's pid when dropped.
-struct Nginx {
-    dir: std::path::PathBuf,
-    port: u16,
-}
-
-impl Nginx {
-    fn start(port: u16) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("tcptrace-nginx-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(dir.join("logs")).expect("nginx dir");
-        let conf = format!(
-            "daemon on;\nmaster_process on;\nworker_processes 2;\npid {dir}/nginx.pid;\n\
-             error_log {dir}/logs/error.log;\nevents {{ worker_connections 256; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n\
-             fastcgi_temp_path {dir};\n  uwsgi_temp_path {dir};\n  scgi_temp_path {dir};\n\
-             server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
-            dir = dir.display()
-        );
-        std::fs::write(dir.join("nginx.conf"), conf).expect("nginx.conf");
-        let nginx = Self { dir, port };
-        support::sh(
-            "nginx",
-            &[
-                "-p",
-                nginx.dir.to_str().unwrap(),
-                "-c",
-                nginx.dir.join("nginx.conf").to_str().unwrap(),
-            ],
-        );
-        nginx
-    }
-
-    fn master(&self) -> Option<i32> {
-        std::fs::read_to_string(self.dir.join("nginx.pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    }
-
-    fn listener_holders(&self) -> Vec<u64> {
-        listener_holders(self.port)
-    }
-
-    /// `ab` against it; returns ab's pid.
-    fn load(&self, requests: u32) -> u32 {
-        let mut ab = std::process::Command::new("ab")
-            .args(["-q", "-n", &requests.to_string(), "-c", "4"])
-            .arg(format!("http://127.0.0.1:{}/", self.port))
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("ab");
-        let pid = ab.id();
-        let status = ab.wait().expect("ab");
-        assert!(status.success(), "ab failed: {status}");
-        pid
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        if let Some(master) = self.master() {
-            // SAFETY: signalling the nginx master this test started.
-            unsafe { libc::kill(master, libc::SIGTERM) };
-            for _ in 0..50 {
-                // SAFETY: signal 0 only checks that the process exists.
-                if unsafe { libc::kill(master, 0) } != 0 {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// The pids `ss` lists as holding the listener on `port`.
-fn listener_holders(port: u16) -> Vec<u64> {
-    let out = std::process::Command::new("ss")
-        .args(["-Htlnp", &format!("sport = :{port}")])
-        .output()
-        .expect("ss");
-    String::from_utf8_lossy(&out.stdout)
-        .split("pid=")
-        .skip(1)
-        .filter_map(|rest| rest.split(',').next()?.parse().ok())
-        .collect()
-}
-
 /// Every server-side line names a process that holds the listener, and every client-side line
 /// names ab.
 fn check_nginx_lines(lines: &[Value], nginx: &Nginx, holders: &[u64], ab: u32) {
@@ -409,7 +322,7 @@ fn check_nginx_lines(lines: &[Value], nginx: &Nginx, holders: &[u64], ab: u32) {
 fn nginx_started_before_tracing() {
     let _serial = serial();
     let port = support::free_port();
-    let nginx = Nginx::start(port);
+    let nginx = Nginx::start(port, false);
     let tracer = Tracer::start(&[
         "--format",
         "json",
@@ -445,7 +358,7 @@ fn nginx_started_after_tracing() {
         "--port",
         &port.to_string(),
     ]);
-    let nginx = Nginx::start(port);
+    let nginx = Nginx::start(port, false);
     let ab = nginx.load(200);
     tracer.wait_for(ENDS_WAIT, "200 server-side CLOSE lines", |lines| {
         lines

@@ -188,6 +188,21 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
         }
     }
 
+    // The process that accepts a connection holds it from then on (classic syscall tracepoints:
+    // no BTF-enabled one fires in the accepting process with the new socket).
+    let accepts = tracefs::ensure_mounted().and_then(|_| {
+        ["sys_exit_accept4", "sys_exit_accept"]
+            .into_iter()
+            .map(|name| tracefs_mode::attach(&mut ebpf, "syscalls", name))
+            .collect::<anyhow::Result<Vec<_>>>()
+    });
+    match accepts {
+        Ok(fds) => programs.extend(fds),
+        Err(e) => eprintln!(
+            "tcptrace: warning: accepted connections name their listener's holder until used: {e:#}"
+        ),
+    }
+
     // Attached first, so that no socket opened meanwhile is missed; the iterators then give a
     // holder to every socket that has none yet.
     let snapshot = match holders::take(&mut ebpf, &btf) {
@@ -265,6 +280,11 @@ fn offsets(btf: &vmlinux::Btf) -> anyhow::Result<KernelOffsets> {
         socket_sk: need("socket", "sk")?,
         sk_type: need("sock", "sk_type")?,
         sk_protocol: need("sock", "sk_protocol")?,
+        task_files: need("task_struct", "files")?,
+        files_fdt: need("files_struct", "fdt")?,
+        fdtable_fd: need("fdtable", "fd")?,
+        fdtable_max_fds: need("fdtable", "max_fds")?,
+        file_private_data: need("file", "private_data")?,
         sk_err: need("sock", "sk_err")?,
         sk_flags: need("sock_common", "skc_flags")?,
         skc_cookie: need("sock_common", "skc_cookie")?,

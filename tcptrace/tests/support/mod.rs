@@ -23,6 +23,7 @@ use std::{
 use serde_json::Value;
 
 pub mod prometheus;
+pub mod servers;
 
 pub const TCPTRACE: &str = env!("CARGO_BIN_EXE_tcptrace");
 
