@@ -25,11 +25,6 @@ pub const EXECS_MAP: &str = "EXECS";
 pub const HOLDERS_MAP: &str = "HOLDERS";
 /// Capacity of `HOLDERS`: sockets held at start beyond it keep pid 0 until their holder uses them.
 pub const MAX_HOLDERS: u32 = 1 << 20;
-/// BTF mode: the process that accepted each socket, keyed by socket address, until the socket's
-/// next transition reads it (LRU).
-pub const ACCEPTS_MAP: &str = "ACCEPTS";
-/// Capacity of `ACCEPTS`.
-pub const MAX_ACCEPTS: u32 = 65_536;
 /// Capacity of `FORKED`, `SUCCESSORS` and `EXECS` (LRU).
 pub const MAX_PROCESSES: u32 = 16_384;
 /// Set of owner pids (tgid) to keep; consulted when `FILTER_PID` is set.
@@ -307,17 +302,10 @@ pub struct KernelOffsets {
     /// `struct sock`: the socket's type and protocol (`SOCK_STREAM`, `IPPROTO_TCP` for TCP).
     pub sk_type: u32,
     pub sk_protocol: u32,
-    /// From a task to the file behind one of its descriptors: `task_struct.files`,
-    /// `files_struct.fdt`, `fdtable.fd` and `.max_fds`, `file.private_data` (a socket's `socket`).
-    pub task_files: u32,
-    pub files_fdt: u32,
-    pub fdtable_fd: u32,
-    pub fdtable_max_fds: u32,
-    pub file_private_data: u32,
     /// `KERNEL_*` bits.
     pub features: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 180);
+const _: () = assert!(size_of::<KernelOffsets>() == 160);
 
 /// `--container` in the kernel (BTF mode): a container id prefix, lowercase hex, compared in
 /// 8-byte words with the name of each new cgroup at each of [`CONTAINER_ID_OFFSETS`].

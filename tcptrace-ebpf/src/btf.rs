@@ -314,7 +314,6 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let owner = if opened {
         current_owner(&offsets)
     } else if let Some(state) = unsafe { stored.as_mut() } {
-        crate::holders::take_accept(sk, state);
         let owner = live_owner(state);
         if origin == Origin::Kept {
             kept = Kept {

@@ -6,10 +6,10 @@
 //! which process holds each TCP socket in `HOLDERS`, by socket address (its socket pointer is
 //! untrusted there: only direct loads, no helper may take it); `iter/tcp`, run once per network
 //! namespace, hands the same sockets as trusted pointers and moves each holder into the socket's
-//! storage. While tracing, the process that accepts a socket (`accept`, `accept4`) is recorded in
-//! `ACCEPTS` for the socket's next transition to take, and every send and receive of a TCP socket (`sock_send_length`,
-//! `sock_recv_length`, Linux 6.3+) makes the process doing it the socket's holder when it is not
-//! already: only a process holding the socket can use it.
+//! storage. While tracing, every receive on a TCP socket (`sock_recv_length`, Linux 6.3+) makes
+//! the process doing it the socket's holder when it is not already: only a process holding the
+//! socket can read from it. Receives only: each program run costs every send or receive of the
+//! host about 100 ns, and a server reads each connection before it answers on it.
 
 use core::{ffi::c_void, ptr};
 
@@ -18,18 +18,17 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::{
-            bpf_get_current_task_btf, bpf_get_socket_cookie, bpf_probe_read_kernel, bpf_seq_write,
-            bpf_skc_to_tcp_sock, bpf_sock_from_file,
+            bpf_get_socket_cookie, bpf_seq_write, bpf_skc_to_tcp_sock, bpf_sock_from_file,
         },
     },
-    programs::{BtfTracePointContext, TracePointContext},
+    programs::BtfTracePointContext,
 };
 use tcptrace_common::{
-    AF_INET, AF_INET6, End, Event, Holder, KIND_SNAPSHOT, SocketState, TRACE_SNAPSHOT, tcp_state,
+    AF_INET, AF_INET6, End, Event, Holder, KIND_SNAPSHOT, TRACE_SNAPSHOT, tcp_state,
 };
 
 use crate::{
-    ACCEPTS, CONFIG, HOLDERS, OFFSETS,
+    CONFIG, HOLDERS, OFFSETS,
     btf::{TcpIterContext, bytes16, current_owner, endpoints, epoch, field, storage},
     emit::{family_wanted, owner_wanted, ports_wanted},
     identity::{identity, identity_wanted},
@@ -185,8 +184,8 @@ pub fn take_holder(ctx: *const TcpIterContext) -> Result<(), ()> {
     Ok(())
 }
 
-/// `sock_send_length(sk, ret, flags)`, `sock_recv_length(sk, ret, flags)`: a process sends on or
-/// receives from a socket, so it holds it. When the socket's storage names another process, this
+/// `sock_recv_length(sk, ret, flags)`: a process receives from a socket (or tries to: `ret` may be
+/// an error such as EAGAIN), so it holds it. When the socket's storage names another process, this
 /// one becomes its holder. Sockets without storage (never seen by tracing: in a namespace the
 /// iterator did not reach) get it here.
 pub fn used(ctx: &BtfTracePointContext) {
@@ -216,80 +215,4 @@ pub fn used(ctx: &BtfTracePointContext) {
     stored.epoch = epoch();
     // SAFETY: no arguments.
     stored.owned_ns = unsafe { bpf_ktime_get_ns() };
-}
-
-/// Where `syscalls:sys_exit_accept*` records keep the return value (`struct syscall_trace_exit`:
-/// the common header, the syscall number, then `long ret`), the same for every syscall.
-const SYSCALL_EXIT_RET: usize = 16;
-
-/// A value of type `T` at a kernel address; zero if it cannot be read.
-#[inline(always)]
-unsafe fn read<T: Copy + Default>(addr: *const u8) -> T {
-    let mut out = T::default();
-    // SAFETY: the helper writes at most size_of::<T>() bytes into `out`, or zeroes it.
-    unsafe {
-        bpf_probe_read_kernel(
-            ptr::addr_of_mut!(out).cast(),
-            size_of::<T>() as u32,
-            addr.cast(),
-        )
-    };
-    out
-}
-
-/// `accept()` or `accept4()` returns: the new descriptor's socket is held by the process that
-/// accepted it. Its pointer is found by reading the descriptor table (no helper gives a trusted
-/// one here), so it is only recorded, for the socket's next transition to take.
-pub fn accepted(ctx: &TracePointContext) {
-    // SAFETY: the record's layout, as above.
-    let fd = unsafe { ctx.read_at::<i64>(SYSCALL_EXIT_RET) }.unwrap_or(-1);
-    if fd < 0 {
-        return;
-    }
-    let offsets = OFFSETS.load();
-    // SAFETY: reads of kernel memory by the helper, which fails safely; offsets from this
-    // kernel's BTF.
-    let sk = unsafe {
-        let task = bpf_get_current_task_btf() as *const u8;
-        let files: *const u8 = read(task.add(offsets.task_files as usize));
-        let fdt: *const u8 = read(files.add(offsets.files_fdt as usize));
-        let max_fds: u32 = read(fdt.add(offsets.fdtable_max_fds as usize));
-        if fd as u64 >= u64::from(max_fds) {
-            return;
-        }
-        let fds: *const u8 = read(fdt.add(offsets.fdtable_fd as usize));
-        let file: *const u8 = read(fds.add(fd as usize * size_of::<u64>()));
-        let socket: *const u8 = read(file.add(offsets.file_private_data as usize));
-        read::<u64>(socket.add(offsets.socket_sk as usize))
-    };
-    if sk == 0 {
-        return;
-    }
-    let owner = current_owner(&offsets);
-    let holder = Holder {
-        // SAFETY: no arguments.
-        at_ns: unsafe { bpf_ktime_get_ns() },
-        comm: owner.comm,
-        pid: owner.pid,
-        _pad: 0,
-    };
-    let _ = ACCEPTS.insert(&sk, &holder, 0);
-}
-
-/// At a transition of a socket with storage: the process that accepted it since its storage last
-/// named a holder becomes its holder.
-#[inline(always)]
-pub fn take_accept(sk: *const c_void, stored: &mut SocketState) {
-    let key = sk as u64;
-    // SAFETY: a plain value, copied out before the entry goes.
-    let Some(accept) = (unsafe { ACCEPTS.get(&key) }).copied() else {
-        return;
-    };
-    let _ = ACCEPTS.remove(&key);
-    if accept.at_ns > stored.owned_ns {
-        stored.pid = accept.pid;
-        stored.comm = accept.comm;
-        stored.owned_ns = accept.at_ns;
-        stored.epoch = epoch();
-    }
 }

@@ -25,8 +25,8 @@ use aya_ebpf::{
 use tcptrace_common::{
     Bytes16, COUNTER_SLOTS, Config, ContainerFilter, DEFAULT_MAX_SOCKETS,
     DEFAULT_RING_BUFFER_BYTES, Forked, Holder, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK,
-    KernelOffsets, ListenerOwner, MAX_ACCEPTS, MAX_FILTER_ENTRIES, MAX_HOLDERS, MAX_LISTENERS,
-    MAX_PROCESSES, RetransmitLayout, SocketState, StateLayout,
+    KernelOffsets, ListenerOwner, MAX_FILTER_ENTRIES, MAX_HOLDERS, MAX_LISTENERS, MAX_PROCESSES,
+    RetransmitLayout, SocketState, StateLayout,
 };
 
 #[unsafe(no_mangle)]
@@ -74,10 +74,6 @@ static EXECS: LruHashMap<u32, Bytes16> = LruHashMap::with_max_entries(MAX_PROCES
 /// At start: the process holding each TCP socket that predates tracing, by socket address.
 #[map]
 static HOLDERS: HashMap<u64, Holder> = HashMap::with_max_entries(MAX_HOLDERS, BPF_F_NO_PREALLOC);
-
-/// The process that accepted each socket, by socket address, until its next transition.
-#[map]
-static ACCEPTS: LruHashMap<u64, Holder> = LruHashMap::with_max_entries(MAX_ACCEPTS, 0);
 
 /// Bumped whenever an owner may have handed its sockets to a successor: a socket whose storage
 /// holds an older value checks its owner again.
@@ -201,27 +197,9 @@ pub fn btf_cgroup_mkdir(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-#[btf_tracepoint(function = "sock_send_length")]
-pub fn btf_sock_send_length(ctx: BtfTracePointContext) -> i32 {
-    holders::used(&ctx);
-    0
-}
-
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn btf_sock_recv_length(ctx: BtfTracePointContext) -> i32 {
     holders::used(&ctx);
-    0
-}
-
-#[tracepoint]
-pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
-    holders::accepted(&ctx);
-    0
-}
-
-#[tracepoint]
-pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
-    holders::accepted(&ctx);
     0
 }
 

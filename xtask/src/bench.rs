@@ -2,7 +2,8 @@
 //! request, 1-byte reply, close) from one client thread to one server thread, run untraced and
 //! traced (tcptrace writing every event as JSON lines to a file) in alternation, and the median
 //! of the per-pair ratios reported. Also: events written against expected, events lost,
-//! tcptrace's CPU time per event and peak RSS, and the consumer's decode+format throughput.
+//! tcptrace's CPU time per event and peak RSS, the consumer's decode+format throughput, and a
+//! keep-alive load's traced/untraced ratio (`keep_alive`).
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -103,6 +104,7 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
         }
         eprintln!("{line}");
     }
+    let mut keep_alive = crate::keep_alive::compare(&tcptrace, &MODES, options.pairs, window)?;
     let consumer = consumer_throughput(root, if options.quick { 200_000 } else { 5_000_000 })?;
 
     println!(
@@ -119,12 +121,7 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
     for (i, mode) in MODES.iter().enumerate() {
         let runs = &traced_runs[i];
         let ratios = &mut ratios[i];
-        ratios.sort_by(f64::total_cmp);
-        let median = if ratios.len() % 2 == 1 {
-            ratios[ratios.len() / 2]
-        } else {
-            (ratios[ratios.len() / 2 - 1] + ratios[ratios.len() / 2]) / 2.0
-        };
+        let median = median(ratios);
         let connections: u64 = runs.iter().map(|r| r.connections).sum();
         let written: u64 = runs.iter().map(|r| r.written).sum();
         let lost: u64 = runs.iter().map(|r| r.lost).sum();
@@ -179,6 +176,27 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
             ));
         }
     }
+    println!("keep-alive (one connection, 64-byte request and reply, no state changes):");
+    for (mode, ratios) in MODES.iter().zip(&mut keep_alive.ratios) {
+        let rounds = ratios
+            .iter()
+            .map(|r| format!("{r:.3}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        println!(
+            "  {:<44} {:.3} (median; rounds: {rounds})",
+            format!("{mode} traced/untraced round trips per second"),
+            median(ratios)
+        );
+    }
+    if keep_alive.refresh_runs > 0 {
+        println!(
+            "  {:<44} {:.0} ({} runs)",
+            "kernel ns per receive program run",
+            keep_alive.refresh_ns as f64 / keep_alive.refresh_runs as f64,
+            keep_alive.refresh_runs
+        );
+    }
     println!(
         "{:<46} {:.0} events/s",
         "consumer (decode + JSON, one core)", consumer
@@ -203,6 +221,16 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
     );
     ensure!(failures.is_empty(), "{}", failures.join("; "));
     Ok(())
+}
+
+/// The median of some ratios (sorted in place).
+fn median(ratios: &mut [f64]) -> f64 {
+    ratios.sort_by(f64::total_cmp);
+    match ratios.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => ratios[n / 2],
+        n => (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0,
+    }
 }
 
 /// `kernel.bpf_stats_enabled` on while this lives (the kernel then times every program run),
@@ -256,6 +284,11 @@ fn program_size() -> u64 {
 /// Total run time (ns) and run count of the state-transition programs loaded now (the bench's
 /// tcptrace, the only one running), from bpftool.
 fn program_stats() -> (u64, u64) {
+    programs_stats(&["btf_inet_sock_set_state", "inet_sock_set_state"])
+}
+
+/// Total run time (ns) and run count of the programs of these names loaded now, from bpftool.
+pub fn programs_stats(names: &[&str]) -> (u64, u64) {
     let Ok(out) = Command::new("bpftool")
         .args(["prog", "show", "--json"])
         .output()
@@ -268,8 +301,9 @@ fn program_stats() -> (u64, u64) {
     // One object per program; a small scan keeps xtask free of a JSON dependency.
     let mut total = (0, 0);
     for program in text.split("},{") {
-        if program.contains("\"name\":\"btf_inet_sock_set_state\"")
-            || program.contains("\"name\":\"inet_sock_set_state\"")
+        if names
+            .iter()
+            .any(|name| program.contains(&format!("\"name\":\"{name}\"")))
         {
             let number = |key: &str| {
                 program
@@ -339,7 +373,7 @@ pub fn churn_until(
 
 /// Keeps the client and the server on their own CPU, so runs differ by tracing, not by where the
 /// scheduler happened to put the two threads.
-fn pin_to_cpu(cpu: usize) {
+pub fn pin_to_cpu(cpu: usize) {
     if !PIN.load(Ordering::Relaxed) {
         return;
     }

@@ -2,6 +2,7 @@
 //! machine, `test` runs every test, `run` builds and runs the tracer.
 
 mod bench;
+mod keep_alive;
 mod package;
 mod setup;
 mod soak;

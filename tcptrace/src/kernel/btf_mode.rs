@@ -58,8 +58,7 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
             vmlinux.tracepoint_args("tcp_retransmit_skb"),
             vmlinux.tracepoint_args("tcp_retransmit_synack"),
             vmlinux.tracepoint_args("tcp_send_reset"),
-            vmlinux.tracepoint_args("sock_send_length").is_some()
-                && vmlinux.tracepoint_args("sock_recv_length").is_some(),
+            vmlinux.tracepoint_args("sock_recv_length").is_some(),
         )
     };
     if reset_args.is_some_and(|args| args >= 3) {
@@ -177,30 +176,15 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
         super::fill_container_cgroups(&mut ebpf, &crate::cgroup::matching(mount, prefix))?;
     }
 
-    // A process that sends or receives on a socket holds it: it becomes the socket's holder
-    // (an accepting worker, a forked backend, a descriptor passed over). Linux 6.3+.
+    // A process that receives on a socket holds it: it becomes the socket's holder (an
+    // accepting worker, a forked backend, a descriptor passed over). Linux 6.3+.
     if socket_use {
-        for (program, tracepoint) in [
-            ("btf_sock_send_length", "sock_send_length"),
-            ("btf_sock_recv_length", "sock_recv_length"),
-        ] {
-            programs.push(attach(&mut ebpf, &btf, program, tracepoint)?);
-        }
-    }
-
-    // The process that accepts a connection holds it from then on (classic syscall tracepoints:
-    // no BTF-enabled one fires in the accepting process with the new socket).
-    let accepts = tracefs::ensure_mounted().and_then(|_| {
-        ["sys_exit_accept4", "sys_exit_accept"]
-            .into_iter()
-            .map(|name| tracefs_mode::attach(&mut ebpf, "syscalls", name))
-            .collect::<anyhow::Result<Vec<_>>>()
-    });
-    match accepts {
-        Ok(fds) => programs.extend(fds),
-        Err(e) => eprintln!(
-            "tcptrace: warning: accepted connections name their listener's holder until used: {e:#}"
-        ),
+        programs.push(attach(
+            &mut ebpf,
+            &btf,
+            "btf_sock_recv_length",
+            "sock_recv_length",
+        )?);
     }
 
     // Attached first, so that no socket opened meanwhile is missed; the iterators then give a
@@ -216,10 +200,7 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
             found.records
         }
         Err(e) if settings.snapshot => {
-            bail!(
-                "--snapshot: the sockets that predate tracing cannot be listed: {}",
-                brief(&format!("{e:#}"), settings.debug)
-            );
+            return Err(SnapshotRefused(brief(&format!("{e:#}"), settings.debug)).into());
         }
         Err(e) => {
             eprintln!(
@@ -234,6 +215,23 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
     loaded.timewait = Some(timewait);
     Ok(loaded)
 }
+
+/// `--snapshot` cannot be written: the kernel refused the iterators. Fatal in every mode choice
+/// (`auto` does not fall back to tracefs mode, which has no snapshot).
+#[derive(Debug)]
+pub struct SnapshotRefused(String);
+
+impl std::fmt::Display for SnapshotRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "--snapshot: the sockets that predate tracing cannot be listed: {}",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for SnapshotRefused {}
 
 /// `--container` as the kernel side compares it: the prefix in little-endian 8-byte words.
 fn container_filter(prefix: Option<&str>) -> ContainerFilter {
@@ -280,11 +278,6 @@ fn offsets(btf: &vmlinux::Btf) -> anyhow::Result<KernelOffsets> {
         socket_sk: need("socket", "sk")?,
         sk_type: need("sock", "sk_type")?,
         sk_protocol: need("sock", "sk_protocol")?,
-        task_files: need("task_struct", "files")?,
-        files_fdt: need("files_struct", "fdt")?,
-        fdtable_fd: need("fdtable", "fd")?,
-        fdtable_max_fds: need("fdtable", "max_fds")?,
-        file_private_data: need("file", "private_data")?,
         sk_err: need("sock", "sk_err")?,
         sk_flags: need("sock_common", "skc_flags")?,
         skc_cookie: need("sock_common", "skc_cookie")?,

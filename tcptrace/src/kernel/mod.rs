@@ -141,6 +141,7 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
             let why = match btf_mode::supported() {
                 Ok(()) => match btf_mode::load(settings) {
                     Ok(loaded) => return Ok(loaded),
+                    Err(e) if e.is::<btf_mode::SnapshotRefused>() => return Err(e),
                     Err(e) => brief(&format!("{e:#}"), settings.debug),
                 },
                 Err(e) => format!("{e:#}"),

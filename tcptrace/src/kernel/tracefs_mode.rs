@@ -9,8 +9,8 @@ use aya::{
     programs::{ProgramFd, TracePoint},
 };
 use tcptrace_common::{
-    FILTER_FAILURES, FILTER_NETNS, LISTENERS_MAP, RETRANSMIT_LAYOUT_GLOBAL, RetransmitLayout,
-    SOCKETS_MAP, STATE_LAYOUT_GLOBAL, SYNACK_LAYOUT_GLOBAL, TRACE_RETRANSMITS,
+    FILTER_FAILURES, FILTER_NETNS, HOLDERS_MAP, LISTENERS_MAP, RETRANSMIT_LAYOUT_GLOBAL,
+    RetransmitLayout, SOCKETS_MAP, STATE_LAYOUT_GLOBAL, SYNACK_LAYOUT_GLOBAL, TRACE_RETRANSMITS,
 };
 
 use super::{EBPF_OBJECT, Loaded, Mode, Settings, config, fill_filters, finish, loader};
@@ -58,6 +58,8 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
             true,
         )
         .map_max_entries(SOCKETS_MAP, settings.max_sockets)
+        // BTF mode's holders: unused here.
+        .map_max_entries(HOLDERS_MAP, 1)
         .load(EBPF_OBJECT)
         .context("failed to load the eBPF program")?;
     fill_filters(&mut ebpf, settings.filters)?;

@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     thread,
@@ -30,11 +30,14 @@ pub fn listener_holders(port: u16) -> Vec<u64> {
         .collect()
 }
 
-/// Who held each connection of a port, by (local port, remote port), as `ss -tnp` listed it in
-/// back-to-back samples taken while it ran.
+/// The pids that held each connection, by (local port, remote port).
+pub type Held = BTreeMap<(u16, u16), BTreeSet<u64>>;
+
+/// Who held each connection of a port, as `ss -tnp` listed it in back-to-back samples taken
+/// while it ran.
 pub struct HolderSamples {
     stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<BTreeMap<(u16, u16), BTreeSet<u64>>>>,
+    thread: Option<thread::JoinHandle<Held>>,
 }
 
 impl HolderSamples {
@@ -42,7 +45,7 @@ impl HolderSamples {
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = Arc::clone(&stop);
         let thread = thread::spawn(move || {
-            let mut seen: BTreeMap<(u16, u16), BTreeSet<u64>> = BTreeMap::new();
+            let mut seen = Held::new();
             let filter = format!("( sport = :{port} or dport = :{port} )");
             while !stopping.load(Ordering::Relaxed) {
                 let out = Command::new("ss")
@@ -64,7 +67,7 @@ impl HolderSamples {
     }
 
     /// Stops sampling: the holders seen for each connection.
-    pub fn finish(mut self) -> BTreeMap<(u16, u16), BTreeSet<u64>> {
+    pub fn finish(mut self) -> Held {
         self.stop.store(true, Ordering::Relaxed);
         self.thread
             .take()
@@ -275,7 +278,7 @@ impl Postgres {
     pub fn pgbench(&self, clients: u32, transactions: u32, hold_ms: u32) -> u32 {
         let script = self.dir.0.join("hold.sql");
         std::fs::write(&script, format!("SELECT pg_sleep({hold_ms} / 1000.0);\n")).expect("script");
-        let mut pgbench = Command::new("pgbench")
+        let pgbench = Command::new("pgbench")
             .args(["-n", "-C", "-h", "127.0.0.1", "-p", &self.port.to_string()])
             .args(["-U", "postgres", "-c", &clients.to_string()])
             .args(["-t", &transactions.to_string(), "-f"])
