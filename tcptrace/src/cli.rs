@@ -160,8 +160,9 @@ pub struct Cli {
     pub mode: ModeChoice,
 
     /// Before the live transitions, print one line per TCP socket that exists when tracing
-    /// begins, with its state and owner (what `netstat -tanp` shows; BTF mode). Sockets no
-    /// process holds (orphans, TIME_WAIT) are not listed.
+    /// begins, with its state and owner (what `netstat -tanp` shows), in every network namespace
+    /// a process is in. BTF mode: exits 1 when the kernel refuses the iterators that list them.
+    /// Sockets no process holds (orphans, TIME_WAIT) are not listed.
     #[arg(long = "snapshot")]
     pub snapshot: bool,
 
