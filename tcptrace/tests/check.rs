@@ -45,6 +45,11 @@ fn check_json(wrapper: &[&str]) -> (Option<i32>, Value) {
     (output.status.code(), report)
 }
 
+/// The hosts these tests stand for have tracefs mounted, as tcptrace leaves it after a first run;
+/// a fresh machine may not yet. Mounted inside the private namespace only, unless hidden after.
+const TRACEFS_MOUNTED: &str =
+    "mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing; ";
+
 /// A shell in a new mount namespace that covers `dirs` with empty tmpfs mounts, then runs
 /// tcptrace: the host's own mounts are untouched.
 fn hiding(dirs: &[&str]) -> Vec<String> {
@@ -59,7 +64,7 @@ fn hiding(dirs: &[&str]) -> Vec<String> {
         "private".into(),
         "sh".into(),
         "-c".into(),
-        format!("{mounts}exec \"$0\" \"$@\""),
+        format!("{TRACEFS_MOUNTED}{mounts}exec \"$0\" \"$@\""),
     ]
 }
 
