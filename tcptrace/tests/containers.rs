@@ -73,9 +73,37 @@ fn container(index: usize) -> Container {
     }
 }
 
+/// One connection of a test: where its server listens, and the server itself, still listening
+/// until the test ends it, so that no later connection of the test gets the same port (a port
+/// number is free again once its listener closes, and a line is matched to its connection by it).
+struct Connection {
+    addr: Addr,
+    server: Endpoint,
+}
+
+/// Where a connection's server listened.
+#[derive(Clone, Debug, PartialEq)]
+struct Addr {
+    ip: String,
+    port: u16,
+}
+
+impl Connection {
+    /// Closes the listener; returns where it listened.
+    fn end(self) -> Addr {
+        self.server.exit();
+        self.addr
+    }
+}
+
+/// Ends every connection's listener; returns where they listened, in order.
+fn end_all(connections: Vec<Connection>) -> Vec<Addr> {
+    connections.into_iter().map(Connection::end).collect()
+}
+
 /// A server and a client in `cgroup` (inside `netns` when given) that connect, exchange a byte
-/// and close. Returns the server's port.
-fn connect_inside(cgroup: &TestCgroup, netns: Option<&Netns>, comm: &str) -> u16 {
+/// and close.
+fn connect_inside(cgroup: &TestCgroup, netns: Option<&Netns>, comm: &str) -> Connection {
     let (ns, ip) = match netns {
         Some(netns) => (Some(netns.name.as_str()), netns.ns_ip.as_str()),
         None => (None, "127.0.0.1"),
@@ -87,22 +115,27 @@ fn connect_inside(cgroup: &TestCgroup, netns: Option<&Netns>, comm: &str) -> u16
     )
 }
 
-/// `server` (bound to `ip`) listens, `client` connects, both close. Returns the server's port.
-fn connect(mut server: Endpoint, mut client: Endpoint, ip: &str) -> u16 {
+/// `server` (bound to `ip`) listens, `client` connects, both close the connection; the
+/// listener stays.
+fn connect(mut server: Endpoint, mut client: Endpoint, ip: &str) -> Connection {
     let port = server.port;
     server.step("listen");
     client.step(&format!("connect {ip}:{port}"));
     server.step("accept");
     client.step("close");
     server.step("close-all");
-    server.exit();
     client.exit();
-    port
+    Connection {
+        addr: Addr {
+            ip: ip.to_owned(),
+            port,
+        },
+        server,
+    }
 }
 
-/// A connection in each of the four containers (the podman one, the last, in `netns`). Returns
-/// the servers' ports, in order.
-fn connect_in_each(containers: &[Container], netns: &Netns, tag: &str) -> Vec<u16> {
+/// A connection in each of the four containers (the podman one, the last, in `netns`).
+fn connect_in_each(containers: &[Container], netns: &Netns, tag: &str) -> Vec<Connection> {
     containers
         .iter()
         .enumerate()
@@ -113,8 +146,8 @@ fn connect_in_each(containers: &[Container], netns: &Netns, tag: &str) -> Vec<u1
         .collect()
 }
 
-/// A server and a client in the test's own cgroup. Returns the server's port.
-fn connect_outside(comm: &str) -> u16 {
+/// A server and a client in the test's own cgroup.
+fn connect_outside(comm: &str) -> Connection {
     connect(
         Endpoint::server("127.0.0.1", &format!("{comm}-s")),
         Endpoint::client(&format!("{comm}-c")),
@@ -122,12 +155,18 @@ fn connect_outside(comm: &str) -> u16 {
     )
 }
 
-/// Lines of the connection to `port`: both sides, and the listener.
-fn lines_of(lines: &[Value], port: u16) -> Vec<&Value> {
-    lines
-        .iter()
-        .filter(|l| l["type"] == "state" && (l["sport"] == port || l["dport"] == port))
-        .collect()
+/// Whether a state line belongs to the connection to `addr`: either side, or the listener. A
+/// port is unique within one network namespace only; the address tells the test's namespace from
+/// the host's (both ends of a connection to a local address have that address as their own).
+fn belongs(line: &Value, addr: &Addr) -> bool {
+    line["type"] == "state"
+        && line["saddr"] == addr.ip.as_str()
+        && (line["sport"] == addr.port || line["dport"] == addr.port)
+}
+
+/// Lines of the connection to `addr`.
+fn lines_of<'a>(lines: &'a [Value], addr: &Addr) -> Vec<&'a Value> {
+    lines.iter().filter(|l| belongs(l, addr)).collect()
 }
 
 /// The inode of a network namespace file.
@@ -135,22 +174,22 @@ fn netns_inode(path: &str) -> u64 {
     std::fs::metadata(path).expect("netns").ino()
 }
 
-/// Every line of the connection to `port` (which must have the 10 transitions of a connect,
+/// Every line of the connection to `addr` (which must have the 10 transitions of a connect,
 /// accept and close on both sides, and the listener's) says where it lives.
 fn assert_lives_in(
     lines: &[Value],
-    port: u16,
+    addr: &Addr,
     cgroup: &str,
     container: Option<&str>,
     pod: Option<&str>,
     netns: Option<u64>,
 ) {
-    let ours = lines_of(lines, port);
+    let ours = lines_of(lines, addr);
     // CLOSE -> LISTEN; the client's 5 transitions; the accepted socket's 5 (it closes on
     // close-all after the client: LAST_ACK or TIME_WAIT-free ends, at least 4 either way).
     assert!(
         ours.len() >= 10,
-        "port {port}: {} lines: {ours:#?}",
+        "{addr:?}: {} lines: {ours:#?}",
         ours.len()
     );
     for line in ours {
@@ -173,34 +212,35 @@ fn every_line_names_its_container_pod_cgroup_and_network_namespace() {
     let tracefs = Tracer::start(&["--format", "json", "--mode", "tracefs", "-4"]);
     let containers = containers();
     let netns = Netns::new(41);
-    let ports = connect_in_each(&containers, &netns, "tt-ct");
-    let host_port = connect_outside("tt-host");
+    let connections = connect_in_each(&containers, &netns, "tt-ct");
+    let host = connect_outside("tt-host");
+    let (addrs, host) = (end_all(connections), host.end());
     let (btf, tracefs) = (btf.stop().json(), tracefs.stop().json());
 
     let host_netns = netns_inode("/proc/self/ns/net");
     let own_netns = netns_inode(&format!("/run/netns/{}", netns.name));
     assert_ne!(host_netns, own_netns);
-    for (i, (container, port)) in containers.iter().zip(&ports).enumerate() {
+    for (i, (container, addr)) in containers.iter().zip(&addrs).enumerate() {
         let netns = if i == 3 { own_netns } else { host_netns };
         let path = &container.cgroup.path;
-        assert_lives_in(&btf, *port, path, container.id, container.pod, Some(netns));
+        assert_lives_in(&btf, addr, path, container.id, container.pod, Some(netns));
         // tracefs mode: the owner's cgroup, and no namespace (its tracepoints carry none).
-        assert_lives_in(&tracefs, *port, path, container.id, container.pod, None);
+        assert_lives_in(&tracefs, addr, path, container.id, container.pod, None);
         // The id is the cgroup directory's inode.
-        let line = lines_of(&btf, *port)[0];
+        let line = lines_of(&btf, addr)[0];
         assert_eq!(line["cgroup_id"], container.cgroup.id(), "{line}");
     }
     // Outside any container: the cgroup, and no container fields.
-    assert_lives_in(&btf, host_port, &own_cgroup(), None, None, Some(host_netns));
-    assert_lives_in(&tracefs, host_port, &own_cgroup(), None, None, None);
+    assert_lives_in(&btf, &host, &own_cgroup(), None, None, Some(host_netns));
+    assert_lives_in(&tracefs, &host, &own_cgroup(), None, None, None);
 }
 
-/// The ports whose connections appear in `lines`.
-fn ports_seen(lines: &[Value], ports: &[u16]) -> Vec<u16> {
-    ports
+/// The connections of `addrs` that appear in `lines`.
+fn seen(lines: &[Value], addrs: &[Addr]) -> Vec<Addr> {
+    addrs
         .iter()
-        .copied()
-        .filter(|&port| !lines_of(lines, port).is_empty())
+        .filter(|addr| !lines_of(lines, addr).is_empty())
+        .cloned()
         .collect()
 }
 
@@ -245,31 +285,28 @@ fn container_cgroup_and_namespace_filters_keep_exactly_the_matching_sockets() {
     let mut containers = vec![docker];
     containers.extend((1..4).map(container));
 
-    let ports = connect_in_each(&containers, &netns, "tt-f");
-    let host_port = connect_outside("tt-fhost");
-    let mut all_ports = ports.clone();
-    all_ports.push(host_port);
+    let mut connections = connect_in_each(&containers, &netns, "tt-f");
+    connections.push(connect_outside("tt-fhost"));
+    let all = end_all(connections);
 
     let mut outputs: Vec<Vec<Value>> = tracers.into_iter().map(|t| t.stop().json()).collect();
     let netns_only = outputs.pop().expect("netns tracer");
     for ((mode, args, kept), lines) in filters.iter().zip(&outputs) {
-        let expected: Vec<u16> = kept.iter().map(|&i| ports[i]).collect();
+        let expected: Vec<Addr> = kept.iter().map(|&i| all[i].clone()).collect();
         assert_eq!(
-            ports_seen(lines, &all_ports),
+            seen(lines, &all),
             expected,
             "{mode} {args:?}: kept the wrong connections"
         );
         // Nothing else at all, and every line of what is kept: the listener and both sides.
         for line in lines.iter().filter(|l| l["type"] == "state") {
             assert!(
-                expected.contains(&line["sport"].as_u64().unwrap_or(0).try_into().unwrap_or(0))
-                    || expected
-                        .contains(&line["dport"].as_u64().unwrap_or(0).try_into().unwrap_or(0)),
+                expected.iter().any(|addr| belongs(line, addr)),
                 "{mode} {args:?}: {line}"
             );
         }
-        for &port in &expected {
-            let ours = lines_of(lines, port);
+        for addr in &expected {
+            let ours = lines_of(lines, addr);
             assert!(
                 ours.iter().any(|l| l["newstate"] == "LISTEN"),
                 "{mode} {args:?}"
@@ -285,7 +322,7 @@ fn container_cgroup_and_namespace_filters_keep_exactly_the_matching_sockets() {
         }
     }
     // The namespace: only the podman container's connection, which lives there.
-    assert_eq!(ports_seen(&netns_only, &all_ports), [ports[3]]);
+    assert_eq!(seen(&netns_only, &all), [all[3].clone()]);
     let inode = netns_inode(&netns_path);
     assert!(
         netns_only
@@ -342,10 +379,14 @@ fn a_cgroup_removed_while_its_sockets_live_keeps_its_id_and_output_goes_on() {
     server.step("accept");
     client.step("close");
     server.step("close-all");
-    let after = connect_outside("tt-after");
+    let after = connect_outside("tt-after").end();
     let lines = tracer.stop().json();
 
-    let listener: Vec<&Value> = lines_of(&lines, port)
+    let gone_addr = Addr {
+        ip: "127.0.0.1".to_owned(),
+        port,
+    };
+    let listener: Vec<&Value> = lines_of(&lines, &gone_addr)
         .into_iter()
         .filter(|l| l["sport"] == port)
         .collect();
@@ -358,7 +399,7 @@ fn a_cgroup_removed_while_its_sockets_live_keeps_its_id_and_output_goes_on() {
     }
     assert_lives_in(
         &lines,
-        after,
+        &after,
         &own_cgroup(),
         None,
         None,
