@@ -69,8 +69,11 @@ pub const MAX_FILTER_ENTRIES: u32 = 1_024;
 
 /// `COUNTERS` slot: events lost because the ring buffer was full.
 pub const COUNTER_RINGBUF_FULL: u32 = 0;
+/// `COUNTERS` slot: transitions into the state the socket was already in (`FIN_WAIT1 ->
+/// FIN_WAIT1`: close() after shutdown() while the FIN waits to go out), folded in the kernel.
+pub const COUNTER_STATE_REPEATS: u32 = 1;
 /// Number of `COUNTERS` slots.
-pub const COUNTER_SLOTS: u32 = 1;
+pub const COUNTER_SLOTS: u32 = 2;
 
 /// `Event::kind`: a state transition (`sock:inet_sock_set_state`).
 pub const KIND_STATE: u16 = 1;
@@ -280,9 +283,11 @@ pub struct KernelOffsets {
     pub skc_net: u32,
     /// `struct net`: the namespace's inode number (`ns.inum`).
     pub net_inum: u32,
-    /// `struct sock`: the error a connection ended with, the flag word (`SOCK_DONE`: the peer's
-    /// FIN arrived), and `struct sock_common`'s cookie.
+    /// `struct sock`: the error a connection ended with, the soft error an ICMP message left
+    /// while the owner held the socket, the flag word (`SOCK_DONE`: the peer's FIN arrived), and
+    /// `struct sock_common`'s cookie.
     pub sk_err: u32,
+    pub sk_err_soft: u32,
     pub sk_flags: u32,
     pub skc_cookie: u32,
     /// `struct tcp_sock`: bytes the peer acknowledged, bytes received, smoothed RTT (µs << 3),
@@ -305,7 +310,7 @@ pub struct KernelOffsets {
     /// `KERNEL_*` bits.
     pub features: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 160);
+const _: () = assert!(size_of::<KernelOffsets>() == 164);
 
 /// `--container` in the kernel (BTF mode): a container id prefix, lowercase hex, compared in
 /// 8-byte words with the name of each new cgroup at each of [`CONTAINER_ID_OFFSETS`].
@@ -480,8 +485,12 @@ pub struct SocketState {
     pub rst_reason: u32,
     /// BTF mode: when the socket's first transition was seen (`CLOCK_MONOTONIC` ns).
     pub born_ns: u64,
+    /// BTF mode: the soft error (`sk_err_soft`, a positive errno) an ICMP message left while the
+    /// socket connected, seen when the kernel reported it; 0 when none.
+    pub soft_err: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<SocketState>() == 80);
+const _: () = assert!(size_of::<SocketState>() == 88);
 
 /// One record of the timewait scan (`iter/tcp`, BTF mode): a timewait socket, or (cookie 0) the
 /// clock at the scan's end, `expires` then holding jiffies and `now_ns` nanoseconds.

@@ -20,16 +20,16 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use tcptrace_common::{
-    AF_INET, Bytes16, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, EVENT_HAS_SUMMARY, End,
-    Event, FILTER_ENDS, FILTER_FAILURES, Forked, KERNEL_HAS_IPV6, KERNEL_RETRANSMIT_ERR,
-    KERNEL_RST_REASON, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_STATE, KIND_TIMEWAIT,
-    KernelOffsets, Origin, SOCKET_ACTIVE_OPEN, SocketState, TRACE_RETRANSMITS, TRACE_STATES,
-    TimewaitRecord, errno, reason, tcp_state,
+    AF_INET, Bytes16, COUNTER_STATE_REPEATS, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE,
+    EVENT_HAS_SUMMARY, End, Event, FILTER_ENDS, FILTER_FAILURES, Forked, KERNEL_HAS_IPV6,
+    KERNEL_RETRANSMIT_ERR, KERNEL_RST_REASON, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_STATE,
+    KIND_TIMEWAIT, KernelOffsets, Origin, SOCKET_ACTIVE_OPEN, SocketState, TRACE_RETRANSMITS,
+    TRACE_STATES, TimewaitRecord, errno, reason, tcp_state,
 };
 
 use crate::{
     CONFIG, EXECS, FORKED, OFFSETS, SOCKET_STORAGE, SUCCESSION_EPOCH, SUCCESSORS,
-    emit::{Owner, UNKNOWN_OWNER, emit, family_wanted, owner_wanted, ports_wanted},
+    emit::{Owner, UNKNOWN_OWNER, count, emit, family_wanted, owner_wanted, ports_wanted},
     identity::{identity, identity_wanted},
 };
 
@@ -287,6 +287,12 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
     }
     let oldstate = ctx.arg::<i32>(1) as u32;
     let newstate = ctx.arg::<i32>(2) as u32;
+    if oldstate == newstate {
+        // Set again, not entered (close() after shutdown() while the FIN waits behind unsent
+        // data): no line, and the time in the state runs on.
+        count(COUNTER_STATE_REPEATS);
+        return Ok(());
+    }
     let now = unsafe { bpf_ktime_get_ns() };
 
     // connect() and listen() run in the owner's context: the owner is whoever runs now. Every
@@ -323,6 +329,7 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
                 rst_reason: state.rst_reason,
                 born_ns: state.born_ns,
                 active_open: state.owner_flags & SOCKET_ACTIVE_OPEN != 0,
+                soft_err: state.soft_err,
             };
         }
         owner
@@ -336,6 +343,7 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
         rst_reason,
         born_ns,
         active_open,
+        soft_err,
     } = kept;
     // The first transition seen starts the connection's lifetime.
     let born_ns = if born_ns == 0 { now } else { born_ns };
@@ -356,6 +364,13 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
             owner_flags: if active_open { SOCKET_ACTIVE_OPEN } else { 0 },
             rst_reason,
             born_ns,
+            // Only SYN_SENT keeps it: the connect's soft error is what its CLOSE names.
+            soft_err: if newstate == tcp_state::SYN_SENT {
+                soft_err
+            } else {
+                0
+            },
+            _pad: 0,
         };
     }
 
@@ -378,6 +393,7 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
                 oldstate,
                 rst_reason,
                 active_open,
+                soft_err,
             )
         };
         end.lifetime_ns = now.saturating_sub(born_ns);
@@ -476,6 +492,7 @@ struct Kept {
     rst_reason: u32,
     born_ns: u64,
     active_open: bool,
+    soft_err: u32,
 }
 
 /// `sock_flags` bit `SOCK_DONE`: the peer's FIN arrived (`tcp_fin`).
@@ -488,7 +505,13 @@ const SOCK_DONE: u64 = 1 << 1;
 /// data, or disconnects it (SO_LINGER 0), *before* it sends the reset: a socket leaving a state
 /// where a reset is due (`tcp_need_reset`) with no error is one of those, its reason read from
 /// what was left unread, as `__tcp_close` decides it.
+/// An ICMP error that reaches a connecting socket while its owner holds it (a reject processed on
+/// the same CPU before connect() returns) is kept as a soft error (`sk_err_soft`) and ends
+/// nothing: the owner's close then finds `sk_err` 0, and the SYN retries' timeout ETIMEDOUT when
+/// getsockopt(SO_ERROR) took the soft error first. A SYN_SENT socket closing with either takes
+/// the soft error, read now or kept by `error_reported`.
 /// https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/tcp.c (__tcp_close, tcp_disconnect)
+/// https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/tcp_ipv4.c (tcp_v4_err)
 #[inline(always)]
 unsafe fn ending(
     offsets: &KernelOffsets,
@@ -497,9 +520,10 @@ unsafe fn ending(
     oldstate: u32,
     rst_reason: u32,
     active_open: bool,
+    soft_err: u32,
 ) -> End {
     // SAFETY: BTF-typed socket pointers; offsets from this kernel's BTF.
-    let (error, bytes_acked, bytes_received, srtt, flags) = unsafe {
+    let (mut error, bytes_acked, bytes_received, srtt, flags) = unsafe {
         (
             field::<i32>(sk, offsets.sk_err).max(0) as u32,
             field::<u64>(tp, offsets.tcp_bytes_acked),
@@ -508,6 +532,16 @@ unsafe fn ending(
             field::<u64>(sk, offsets.sk_flags),
         )
     };
+    if oldstate == tcp_state::SYN_SENT && (error == 0 || error == errno::ETIMEDOUT) {
+        // SAFETY: as above.
+        let soft = unsafe { field::<i32>(sk, offsets.sk_err_soft) }.max(0) as u32;
+        // The one kept when the kernel reported it, in case getsockopt(SO_ERROR) took it since
+        // (the SYN retries' timeout then says ETIMEDOUT, the owner's close nothing).
+        let soft = if soft != 0 { soft } else { soft_err };
+        if soft != 0 {
+            error = soft;
+        }
+    }
     // The peer's FIN takes a sequence number but is no data.
     let fin_in = u32::from(flags & SOCK_DONE != 0);
     let mut end = End {
@@ -573,6 +607,34 @@ unsafe fn ending(
     end.bytes_acked = bytes_acked.saturating_sub(syn_out + fin_out);
     end.bytes_received = bytes_received.saturating_sub(u64::from(fin_in));
     end
+}
+
+/// `inet_sk_error_report(sk)`: the kernel reports an error to the socket's owner, a soft one too
+/// (`sk_err` 0). A connecting socket keeps its soft error for its CLOSE line: the owner may take
+/// it with getsockopt(SO_ERROR) before it closes.
+pub fn error_reported(ctx: &BtfTracePointContext) {
+    let sk: *mut c_void = ctx.arg(0);
+    // SAFETY: `sk` comes typed from the tracepoint; NULL unless a full TCP socket.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) } as *const u8;
+    if tp.is_null() {
+        return;
+    }
+    let offsets = OFFSETS.load();
+    // SAFETY: BTF-typed socket pointer; offsets from this kernel's BTF.
+    let (state, error, soft) = unsafe {
+        (
+            field::<u8>(sk as *const u8, offsets.skc_state),
+            field::<i32>(sk as *const u8, offsets.sk_err),
+            field::<i32>(sk as *const u8, offsets.sk_err_soft),
+        )
+    };
+    if u32::from(state) != tcp_state::SYN_SENT || error != 0 || soft <= 0 {
+        return;
+    }
+    // SAFETY: as in `reset_sent`.
+    if let Some(state) = unsafe { storage(sk, false).as_mut() } {
+        state.soft_err = soft as u32;
+    }
 }
 
 /// `tcp_send_reset(sk, skb[, reason])`: a socket that sends a reset keeps the kernel's reason

@@ -167,6 +167,12 @@ pub fn btf_tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
     }
 }
 
+#[btf_tracepoint(function = "inet_sk_error_report")]
+pub fn btf_inet_sk_error_report(ctx: BtfTracePointContext) -> i32 {
+    btf::error_reported(&ctx);
+    0
+}
+
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn btf_tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
     btf::reset_sent(&ctx);

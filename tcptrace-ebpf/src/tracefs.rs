@@ -6,14 +6,17 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TracePointContext};
 use aya_log_ebpf::warn;
 use tcptrace_common::{
-    AF_INET, AF_INET6, Bytes16, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE, End, Event,
-    FIELD_ABSENT, FILTER_ENDS, IPPROTO_TCP, KIND_RETRANSMIT_SYNACK, KIND_STATE, ListenerOwner,
-    Origin, RetransmitLayout, SocketState, TRACE_RETRANSMITS, TRACE_STATES, tcp_state,
+    AF_INET, AF_INET6, Bytes16, COUNTER_STATE_REPEATS, EVENT_HAS_DURATION, EVENT_HAS_ERR,
+    EVENT_HAS_STATE, End, Event, FIELD_ABSENT, FILTER_ENDS, IPPROTO_TCP, KIND_RETRANSMIT_SYNACK,
+    KIND_STATE, ListenerOwner, Origin, RetransmitLayout, SocketState, TRACE_RETRANSMITS,
+    TRACE_STATES, tcp_state,
 };
 
 use crate::{
     CONFIG, LISTENERS, SOCKETS, STATE_LAYOUT,
-    emit::{Owner, UNKNOWN_OWNER, current_owner, emit, family_wanted, owner_wanted, ports_wanted},
+    emit::{
+        Owner, UNKNOWN_OWNER, count, current_owner, emit, family_wanted, owner_wanted, ports_wanted,
+    },
     record::Record,
 };
 
@@ -59,6 +62,11 @@ pub fn state(ctx: &TracePointContext) -> Result<(), ()> {
     let skaddr: u64 = record.get(layout.skaddr);
     let oldstate = record.get::<i32>(layout.oldstate) as u32;
     let newstate = record.get::<i32>(layout.newstate) as u32;
+    if oldstate == newstate {
+        // Set again, not entered: no line, and the time in the state runs on (as in BTF mode).
+        count(COUNTER_STATE_REPEATS);
+        return Ok(());
+    }
     let sport: u16 = record.get(layout.sport);
     let dport: u16 = record.get(layout.dport);
     let now = unsafe { bpf_ktime_get_ns() };
@@ -119,6 +127,8 @@ pub fn state(ctx: &TracePointContext) -> Result<(), ()> {
             owner_flags: u32::from(owner.flags),
             rst_reason: 0,
             born_ns: 0,
+            soft_err: 0,
+            _pad: 0,
         };
         match existing {
             // SAFETY: as above; the kernel holds the socket lock across a transition.

@@ -84,6 +84,7 @@ pub struct Metrics {
     time_wait_durations: Histogram,
     timewait_untracked: Counter,
     lost: Counter,
+    state_repeats: Counter,
     container_label: bool,
 }
 
@@ -149,6 +150,12 @@ impl Metrics {
             "Events lost: the ring buffer was full, or the kernel skipped the program",
             lost.clone(),
         );
+        let state_repeats = Counter::default();
+        registry.register(
+            "state_repeats",
+            "Transitions into the state a socket was already in (close() after shutdown() while the FIN waits: FIN_WAIT1, LAST_ACK): counted, not printed",
+            state_repeats.clone(),
+        );
         Self {
             registry,
             transitions,
@@ -160,6 +167,7 @@ impl Metrics {
             time_wait_durations,
             timewait_untracked,
             lost,
+            state_repeats,
             container_label,
         }
     }
@@ -244,8 +252,13 @@ impl Metrics {
 
     /// Takes the kernel side's counters.
     pub fn update(&self, counters: &Counters) {
-        let Counters { lost } = *counters;
+        let Counters {
+            lost,
+            state_repeats,
+        } = *counters;
         self.lost.inc_by(lost.saturating_sub(self.lost.get()));
+        self.state_repeats
+            .inc_by(state_repeats.saturating_sub(self.state_repeats.get()));
     }
 
     /// The exposition text.
@@ -295,8 +308,14 @@ mod tests {
         raw.err = -1;
         metrics.record(&decode(&bytes(&raw)).unwrap(), None);
         metrics.record(&decode(&bytes(&raw)).unwrap(), None);
-        metrics.update(&Counters { lost: 7 });
-        metrics.update(&Counters { lost: 9 });
+        metrics.update(&Counters {
+            lost: 7,
+            state_repeats: 1,
+        });
+        metrics.update(&Counters {
+            lost: 9,
+            state_repeats: 3,
+        });
         let text = metrics.encode();
         assert!(
             text.contains(
@@ -321,6 +340,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("tcptrace_events_lost_total 9\n"), "{text}");
+        assert!(text.contains("tcptrace_state_repeats_total 3\n"), "{text}");
         assert!(!text.contains("sockets_tracked"), "{text}");
         assert!(!text.contains("127.0.0.1") && !text.contains("4242") && !text.contains("40000"));
         assert!(!text.contains("container"), "{text}");

@@ -741,3 +741,357 @@ fn time_wait_ends_when_its_60_seconds_run_out() {
     );
     drop(tracer.stop());
 }
+
+/// Runs `f` on a thread of its own that has joined network namespace `netns` (the sockets it
+/// makes live there).
+fn in_netns<T: Send>(netns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/run/netns/{}", netns.name);
+    thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+                // SAFETY: a namespace file this thread holds open; only this thread moves.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// getsockopt(SOL_SOCKET, SO_ERROR): the pending error, the soft one when there is no other
+/// (taking it: the kernel clears what it returns).
+fn so_error(stream: &TcpStream) -> i32 {
+    let mut value = 0i32;
+    let mut len = size_of::<i32>() as u32;
+    // SAFETY: a valid socket, and a value of the size given.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&raw mut value).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "SO_ERROR: {}", std::io::Error::last_os_error());
+    value
+}
+
+/// The socket's TCP state (`tcpi_state`, the first byte of `struct tcp_info`).
+fn tcp_state(stream: &TcpStream) -> u8 {
+    let mut info = [0u8; 256];
+    let mut len = info.len() as u32;
+    // SAFETY: a valid socket, and a buffer of the size given.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info[0]
+}
+
+const TCP_SYN_SENT: u8 = 2;
+
+/// Waits up to `timeout` for the socket to be writable or in error; whether it was.
+fn poll_out(stream: &TcpStream, timeout: Duration) -> bool {
+    let mut fd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as i32) };
+    assert!(n >= 0, "poll: {}", std::io::Error::last_os_error());
+    n > 0
+}
+
+/// What happened to one connect whose first SYN the namespace rejected: its local port, and
+/// whether the reject left the socket connecting (the ICMP error processed while connect() held
+/// the socket, kept as a soft error), as the case under test needs.
+struct Rejected {
+    sport: u16,
+    soft: bool,
+}
+
+/// A connect from inside `netns` to `port` on the host end, whose SYN the namespace's own output
+/// rule rejects with ICMP host unreachable: the error reaches the socket while connect() holds
+/// it. The application gives up as its own timeout would (`read_error`: after reading SO_ERROR,
+/// which takes the soft error) and closes.
+fn rejected_then_closed(netns: &Netns, port: u16, read_error: bool) -> Rejected {
+    let to = SocketAddr::new(netns.host_ip.parse().unwrap(), port);
+    in_netns(netns, || {
+        let stream = connect_nonblocking(to, &[]);
+        // The application's connect timeout (shorter than the SYN's first retransmit at 1 s).
+        poll_out(&stream, Duration::from_millis(300));
+        let soft = tcp_state(&stream) == TCP_SYN_SENT;
+        if read_error {
+            assert_eq!(so_error(&stream), libc::EHOSTUNREACH);
+        }
+        Rejected {
+            sport: port_of(&stream),
+            soft,
+        }
+    })
+}
+
+/// As [`rejected_then_closed`], but only the first SYN is rejected and its retry dropped, with one
+/// retry (TCP_SYNCNT): the application reads SO_ERROR (the soft error, taken) and waits; the
+/// kernel ends the connect when the retries run out, and the application is told ETIMEDOUT.
+fn rejected_then_timed_out(netns: &Netns, port: u16) -> Rejected {
+    let to = SocketAddr::new(netns.host_ip.parse().unwrap(), port);
+    in_netns(netns, || {
+        let stream = connect_nonblocking(to, &[(libc::IPPROTO_TCP, libc::TCP_SYNCNT, 1)]);
+        thread::sleep(Duration::from_millis(100));
+        let soft = tcp_state(&stream) == TCP_SYN_SENT;
+        assert_eq!(so_error(&stream), libc::EHOSTUNREACH);
+        if soft {
+            // SYN at 0 s, its retry at 1 s, the end at 3 s. (poll() says POLLERR all along
+            // here, so the application watches the state.)
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while tcp_state(&stream) == TCP_SYN_SENT {
+                assert!(Instant::now() < deadline, "the connect never ended");
+                thread::sleep(Duration::from_millis(50));
+            }
+            assert_eq!(so_error(&stream), libc::ETIMEDOUT);
+        }
+        Rejected {
+            sport: port_of(&stream),
+            soft,
+        }
+    })
+}
+
+fn port_of(stream: &TcpStream) -> u16 {
+    // A connecting socket's local address (getsockname works before the handshake completes).
+    stream.local_addr().expect("local address").port()
+}
+
+/// A non-blocking connect (EINPROGRESS) from a socket with `opts` set first.
+fn connect_nonblocking(to: SocketAddr, opts: &[(i32, i32, i32)]) -> TcpStream {
+    let SocketAddr::V4(v4) = to else {
+        panic!("IPv4 only")
+    };
+    // SAFETY: a new socket, owned by the stream made from it.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    assert!(fd >= 0);
+    // SAFETY: `fd` is ours.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    for &(level, name, value) in opts {
+        setsockopt(fd, level, name, &[value]);
+    }
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*v4.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: a valid sockaddr_in of the size given.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    assert!(
+        rc == 0 || err.raw_os_error() == Some(libc::EINPROGRESS),
+        "connect {to}: {err}"
+    );
+    stream
+}
+
+/// One way a rejected connect ends, run against a port of its own.
+type Case = fn(&Netns, u16) -> Rejected;
+
+#[test]
+fn an_icmp_error_a_connect_kept_as_soft_names_why_it_ended() {
+    let netns = Netns::new(44);
+    let netns_path = format!("/run/netns/{}", netns.name);
+    let tracer = Tracer::start(&["--mode", "btf", "--format", "json", "--netns", &netns_path]);
+    let reject = |port: u16, first_only: bool| {
+        let port = port.to_string();
+        let mut rule = vec!["-A", "OUTPUT", "-p", "tcp", "--dport", &port];
+        if first_only {
+            rule.extend(["-m", "limit", "--limit", "1/hour", "--limit-burst", "1"]);
+        }
+        rule.extend(["-j", "REJECT", "--reject-with", "icmp-host-unreachable"]);
+        netns.iptables(&rule);
+        if first_only {
+            netns.iptables(&["-A", "OUTPUT", "-p", "tcp", "--dport", &port, "-j", "DROP"]);
+        }
+    };
+    // Each case until the reject was kept as a soft error (it is, unless the kernel deferred the
+    // ICMP message to ksoftirqd: then it ended the connect at once, as the existing test of
+    // `unreachable` has it); every attempt's CLOSE must say unreachable either way.
+    let cases: [(&str, Case); 3] = [
+        ("the application's timeout, SO_ERROR read", |netns, port| {
+            rejected_then_closed(netns, port, true)
+        }),
+        (
+            "the application's timeout, SO_ERROR unread",
+            |netns, port| rejected_then_closed(netns, port, false),
+        ),
+        (
+            "the kernel's SYN retries, SO_ERROR read",
+            rejected_then_timed_out,
+        ),
+    ];
+    for (i, (case, run)) in cases.iter().enumerate() {
+        let mut soft_seen = false;
+        for attempt in 0..3u16 {
+            let port = 47_100 + 10 * i as u16 + attempt;
+            reject(port, i == 2);
+            let rejected = run(&netns, port);
+            let close = wait_close(&tracer, rejected.sport, port);
+            assert_eq!(
+                (&close["oldstate"], &close["reason"], &close["error"]),
+                (
+                    &"SYN_SENT".into(),
+                    &"unreachable".into(),
+                    &"EHOSTUNREACH".into()
+                ),
+                "{case}: {close}"
+            );
+            if rejected.soft {
+                soft_seen = true;
+                break;
+            }
+        }
+        assert!(
+            soft_seen,
+            "{case}: the reject never left the socket connecting"
+        );
+    }
+    drop(tracer.stop());
+}
+
+/// The `tcptrace_state_repeats_total` sample, once it is above `above` (None: as soon as it
+/// can be scraped).
+fn state_repeats(metrics_port: u16, above: Option<u64>) -> u64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let sample = support::prometheus::http_get(metrics_port, "/metrics").and_then(|metrics| {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("tcptrace_state_repeats_total "))
+                .map(|n| n.parse::<u64>().expect("a count"))
+        });
+        match (sample, above) {
+            (Some(n), None) => return n,
+            (Some(n), Some(floor)) if n > floor => return n,
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tcptrace_state_repeats_total: {sample:?}, wanted above {above:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_state_set_again_is_folded_counted_and_its_time_runs_on() {
+    // The peer never reads: the sender's data stays unsent, and so does its FIN.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    setsockopt(
+        listener.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUF,
+        &[4096],
+    );
+    let lport = listener.local_addr().unwrap().port();
+    let metrics_port = free_port();
+    let tracer = Tracer::start(&[
+        "--mode",
+        "btf",
+        "--format",
+        "json",
+        "--port",
+        &lport.to_string(),
+        "--metrics-addr",
+        &format!("127.0.0.1:{metrics_port}"),
+    ]);
+    let tracefs = Tracer::start(&[
+        "--mode",
+        "tracefs",
+        "--format",
+        "json",
+        "--port",
+        &lport.to_string(),
+    ]);
+    let mut client = TcpStream::connect(("127.0.0.1", lport)).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    let cport = port(&client);
+    client.set_nonblocking(true).unwrap();
+    loop {
+        match client.write(&[5; 65536]) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    let before = state_repeats(metrics_port, None);
+    // shutdown() enters FIN_WAIT1 (the FIN queued behind the data); close() sets it again.
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    let shut = Instant::now();
+    thread::sleep(Duration::from_millis(300));
+    drop(client);
+    thread::sleep(Duration::from_millis(300));
+    // The reader closes with data unread: its reset ends the sender.
+    let reset = Instant::now();
+    drop(server);
+    for (mode, tracer) in [("btf", &tracer), ("tracefs", &tracefs)] {
+        let close = wait_close(tracer, cport, lport);
+        let ended = Instant::now();
+        let lines = lines_of(tracer, cport, lport);
+        let transitions: Vec<String> = lines
+            .iter()
+            .map(|l| {
+                format!(
+                    "{}->{}",
+                    l["oldstate"].as_str().unwrap(),
+                    l["newstate"].as_str().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(
+            transitions,
+            [
+                "SYN_SENT->ESTABLISHED",
+                "ESTABLISHED->FIN_WAIT1",
+                "FIN_WAIT1->CLOSE"
+            ],
+            "{mode}: {lines:#?}"
+        );
+        // FIN_WAIT1 from shutdown() to the reset, not from close().
+        let duration = Duration::from_nanos(close["duration_ns"].as_u64().expect("a duration"));
+        assert!(
+            duration >= reset - shut && duration <= ended - shut + Duration::from_millis(1),
+            "{mode}: FIN_WAIT1 lasted {duration:?}, from shutdown to reset {:?}: {close}",
+            reset - shut
+        );
+        if mode == "btf" {
+            assert_eq!(close["reason"], "reset_received", "{close}");
+        }
+    }
+    // Counted (the kernel side counts every socket's, so at least this one).
+    state_repeats(metrics_port, Some(before));
+    drop(tracer.stop());
+    drop(tracefs.stop());
+}

@@ -37,7 +37,7 @@ pub fn supported() -> anyhow::Result<()> {
 }
 
 pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
-    let (mut offsets, retransmit_args, synack_args, reset_args, socket_use) = {
+    let (mut offsets, retransmit_args, synack_args, reset_args, socket_use, error_report) = {
         let vmlinux = vmlinux::Btf::from_file(Path::new(VMLINUX_BTF))?;
         let mut offsets = offsets(&vmlinux)?;
         // The kernel's reasons for the resets it sends (6.10+), named on the CLOSE lines.
@@ -59,6 +59,7 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
             vmlinux.tracepoint_args("tcp_retransmit_synack"),
             vmlinux.tracepoint_args("tcp_send_reset"),
             vmlinux.tracepoint_args("sock_recv_length").is_some(),
+            vmlinux.tracepoint_args("inet_sk_error_report").is_some(),
         )
     };
     if reset_args.is_some_and(|args| args >= 3) {
@@ -151,6 +152,17 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
             &btf,
             "btf_tcp_send_reset",
             "tcp_send_reset",
+        )?);
+    }
+
+    // A connect's soft error (an ICMP message while its owner held the socket) is kept for its
+    // CLOSE line (Linux 5.15+ has the tracepoint).
+    if error_report {
+        programs.push(attach(
+            &mut ebpf,
+            &btf,
+            "btf_inet_sk_error_report",
+            "inet_sk_error_report",
         )?);
     }
 
@@ -279,6 +291,7 @@ fn offsets(btf: &vmlinux::Btf) -> anyhow::Result<KernelOffsets> {
         sk_type: need("sock", "sk_type")?,
         sk_protocol: need("sock", "sk_protocol")?,
         sk_err: need("sock", "sk_err")?,
+        sk_err_soft: need("sock", "sk_err_soft")?,
         sk_flags: need("sock_common", "skc_flags")?,
         skc_cookie: need("sock_common", "skc_cookie")?,
         tcp_bytes_acked: need("tcp_sock", "bytes_acked")?,

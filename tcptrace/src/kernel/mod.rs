@@ -29,8 +29,9 @@ use aya::{
 };
 use aya_obj::generated::bpf_prog_info;
 use tcptrace_common::{
-    CGROUP_FILTER_MAP, CONFIG_GLOBAL, CONTAINER_CGROUPS_MAP, COUNTER_RINGBUF_FULL, COUNTERS_MAP,
-    Config, EVENTS_MAP, NETNS_FILTER_MAP, PID_FILTER_MAP, PORT_FILTER_MAP,
+    CGROUP_FILTER_MAP, CONFIG_GLOBAL, CONTAINER_CGROUPS_MAP, COUNTER_RINGBUF_FULL,
+    COUNTER_STATE_REPEATS, COUNTERS_MAP, Config, EVENTS_MAP, NETNS_FILTER_MAP, PID_FILTER_MAP,
+    PORT_FILTER_MAP,
 };
 pub use timewait_scan::TimewaitScan;
 
@@ -88,6 +89,8 @@ pub struct Counters {
     /// skipped the program (a tracepoint hit while a BPF program already ran on that CPU, as in a
     /// softirq interrupting one: the kernel counts these as the program's recursion misses).
     pub lost: u64,
+    /// Transitions into the state a socket was already in, folded in the kernel (no line).
+    pub state_repeats: u64,
 }
 
 impl Attached {
@@ -113,6 +116,7 @@ impl Attached {
         }
         Ok(Counters {
             lost: slot(COUNTER_RINGBUF_FULL)? + skipped,
+            state_repeats: slot(COUNTER_STATE_REPEATS)?,
         })
     }
 }
