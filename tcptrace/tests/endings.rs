@@ -115,6 +115,34 @@ fn wait_close(tracer: &Tracer, sport: u16, dport: u16) -> Value {
     close_of(&json(tracer), sport, dport).expect("the CLOSE line")
 }
 
+/// A socket bound to a port of 127.0.0.1 (chosen by the kernel), not listening: the port is
+/// the test's until it is dropped, and a connect to it is refused.
+fn reserve_port() -> (std::os::fd::OwnedFd, u16) {
+    // SAFETY: a new socket, owned by the descriptor made from it.
+    let fd = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        std::os::fd::OwnedFd::from_raw_fd(fd)
+    };
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let mut len = size_of::<libc::sockaddr_in>() as u32;
+    // SAFETY: a valid sockaddr_in of `len` bytes.
+    let rc = unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) };
+    assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+    let mut bound = addr;
+    // SAFETY: as above, written by the kernel.
+    let rc = unsafe { libc::getsockname(fd.as_raw_fd(), (&raw mut bound).cast(), &mut len) };
+    assert_eq!(rc, 0, "getsockname: {}", std::io::Error::last_os_error());
+    (fd, u16::from_be(bound.sin_port))
+}
+
 fn port(stream: &TcpStream) -> u16 {
     stream.local_addr().unwrap().port()
 }
@@ -124,8 +152,10 @@ fn each_reason_is_provoked_for_real_and_failures_keeps_the_failed_ones() {
     let netns = Netns::new(41);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let lport = listener.local_addr().unwrap().port();
-    let closed_port = free_port();
-    let (drop_port, reject_port) = (free_port(), free_port());
+    // Bound and never listening, to the end: a connect to the first is refused, and no two
+    // ports of the test (a client's included) are ever the same number.
+    let reserved = [reserve_port(), reserve_port(), reserve_port()];
+    let [closed_port, drop_port, reject_port] = reserved.each_ref().map(|r| r.1);
     let ports = format!("{lport},{closed_port},{drop_port},{reject_port}");
     let metrics_port = free_port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
@@ -288,7 +318,9 @@ fn each_reason_is_provoked_for_real_and_failures_keeps_the_failed_ones() {
     let end_at = |p: u16| {
         lines
             .iter()
-            .find(|l| l["dport"] == p && l["newstate"] == "CLOSE")
+            .find(|l| {
+                l["daddr"] == netns.ns_ip.as_str() && l["dport"] == p && l["newstate"] == "CLOSE"
+            })
             .unwrap()
             .clone()
     };
@@ -682,7 +714,7 @@ fn data_the_peer_never_acknowledges_times_out_after_tcp_retries2() {
     let lines = json(&tracer);
     let end = lines
         .iter()
-        .find(|l| l["dport"] == lport && l["newstate"] == "CLOSE")
+        .find(|l| l["dport"] == lport && l["newstate"] == "CLOSE" && l["pid"] == client.pid())
         .unwrap();
     assert_eq!(
         (&end["oldstate"], &end["reason"], &end["error"]),

@@ -138,7 +138,11 @@ fn sockets_that_predate_tracing_get_their_owners() {
     tracer.wait_for(ENDS_WAIT, "the old connection's CLOSE lines", |lines| {
         lines
             .iter()
-            .filter(|l| ends_connection(l) && l.contains(&format!("{old_client_port}")))
+            .filter(|l| {
+                ends_connection(l)
+                    && (l.contains(&format!("\"sport\":{old_client_port},"))
+                        || l.contains(&format!("\"dport\":{old_client_port},")))
+            })
             .count()
             >= 2
     });

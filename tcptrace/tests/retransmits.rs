@@ -17,10 +17,16 @@ fn json(lines: &[String]) -> Vec<Value> {
         .collect()
 }
 
-fn retransmits_to(lines: &[String], port: u16) -> usize {
+/// Retransmits to or from `ip`:`port` (a server in the test's namespace: a port number alone
+/// may also be a host client's).
+fn retransmits_to(lines: &[String], ip: &str, port: u16) -> usize {
     json(lines)
         .iter()
-        .filter(|l| l["type"] == "retransmit" && (l["dport"] == port || l["sport"] == port))
+        .filter(|l| {
+            l["type"] == "retransmit"
+                && ((l["daddr"] == ip && l["dport"] == port)
+                    || (l["saddr"] == ip && l["sport"] == port))
+        })
         .count()
 }
 
@@ -43,18 +49,19 @@ fn connect_through_dropped_syns(
     ));
     server.send("accept");
     watcher.wait_for(WAIT, "a SYN retransmit", |l| {
-        retransmits_to(l, server.port) >= 1
+        retransmits_to(l, &netns.ns_ip, server.port) >= 1
     });
     netns.iptables(&[&["-D"], &rule[..]].concat());
     client.ack();
     server.ack();
 }
 
-/// The retransmit lines whose `side` ("sport" or "dport") is `port`; at least one.
-fn retransmit_lines<'a>(lines: &'a [Value], side: &str, port: u16) -> Vec<&'a Value> {
+/// The retransmit lines whose `side` ("sport" or "dport") is `ip`:`port`; at least one.
+fn retransmit_lines<'a>(lines: &'a [Value], side: &str, ip: &str, port: u16) -> Vec<&'a Value> {
+    let addr = if side == "sport" { "saddr" } else { "daddr" };
     let found: Vec<&Value> = lines
         .iter()
-        .filter(|l| l["type"] == "retransmit" && l[side] == port)
+        .filter(|l| l["type"] == "retransmit" && l[side] == port && l[addr] == ip)
         .collect();
     assert!(
         !found.is_empty(),
@@ -186,7 +193,9 @@ fn data_syn_and_synack_retransmits_with_their_owners_and_filters() {
     ]);
     data_server.send("echo");
     data_client.send("send");
-    all.wait_for(WAIT, "data retransmits", |l| retransmits_to(l, dport) >= 2);
+    all.wait_for(WAIT, "data retransmits", |l| {
+        retransmits_to(l, &netns.ns_ip, dport) >= 2
+    });
     netns.iptables(&[
         "-D",
         "INPUT",
@@ -228,7 +237,7 @@ fn data_syn_and_synack_retransmits_with_their_owners_and_filters() {
     synack_server.send("accept");
     synack_client.step(&format!("connect {}", socket_addr(&netns.ns_ip, aport)));
     all.wait_for(WAIT, "a SYN-ACK retransmit", |l| {
-        retransmits_to(l, aport) >= 1
+        retransmits_to(l, &netns.ns_ip, aport) >= 1
     });
     netns.iptables(&[&["-D"], &drop_ack[..]].concat());
     // Data carries the ACK the server waits for.
@@ -245,7 +254,7 @@ fn data_syn_and_synack_retransmits_with_their_owners_and_filters() {
     let port_lines = by_port.stop().json();
 
     // Data retransmits: the client owns them, state ESTABLISHED, and its CLOSE line counts them.
-    let data = retransmit_lines(&everything, "dport", dport);
+    let data = retransmit_lines(&everything, "dport", &netns.ns_ip, dport);
     assert!(data.len() >= 2, "{everything:?}");
     let client_port = data[0]["sport"].as_u64().unwrap() as u16;
     for line in &data {
@@ -271,7 +280,7 @@ fn data_syn_and_synack_retransmits_with_their_owners_and_filters() {
     assert_eq!(close["pid"], data_client.pid());
 
     // SYN retransmits: state SYN_SENT, owner the process that called connect().
-    let syn = retransmit_lines(&everything, "dport", sport);
+    let syn = retransmit_lines(&everything, "dport", &netns.ns_ip, sport);
     for line in &syn {
         check_line(
             line,
@@ -296,7 +305,7 @@ fn data_syn_and_synack_retransmits_with_their_owners_and_filters() {
     }
 
     // SYN-ACK retransmits: attributed to the server that listens, local side the server's.
-    let synack = retransmit_lines(&everything, "sport", aport);
+    let synack = retransmit_lines(&everything, "sport", &netns.ns_ip, aport);
     for line in &synack {
         check_line(
             line,
@@ -314,6 +323,7 @@ fn data_syn_and_synack_retransmits_with_their_owners_and_filters() {
         .iter()
         .find(|l| {
             l["type"] == "state"
+                && l["saddr"] == netns.ns_ip.as_str()
                 && l["sport"] == aport
                 && l["newstate"] == "CLOSE"
                 && l["oldstate"] != "LISTEN"
@@ -537,7 +547,7 @@ fn failed_retransmit_attempts_are_reported_and_not_counted() {
         let page = scrape(metrics_port);
         let lines = tracer.stop().json();
 
-        let retransmits = retransmit_lines(&lines, "dport", server.port);
+        let retransmits = retransmit_lines(&lines, "dport", &netns.ns_ip, server.port);
         let went_out = retransmits
             .iter()
             .filter(|l| l.get("err").is_none_or(|err| err == 0))
