@@ -45,8 +45,8 @@ fn wait_for_ends(tracer: &Tracer, port: u16, count: usize) {
     });
 }
 
-/// Every line that leaves ESTABLISHED or CLOSE_WAIT, on a connection `ss` saw held, names a
-/// process `ss` listed as holding it. `hands_over` is the server's process that accepts each
+/// Every line that leaves ESTABLISHED or CLOSE_WAIT, on a socket `ss` saw held (the same
+/// cookie), names a process `ss` listed as holding it. `hands_over` is the server's process that accepts each
 /// connection and closes its copy once it has forked the connection's holder (PostgreSQL's
 /// postmaster, sshd's listener): a sample taken in that moment lists it, alone or beside the
 /// child, but by the time the connection ends it holds nothing, so it is not counted as a holder
@@ -65,7 +65,7 @@ fn check_holders(
     }) {
         let local = line["sport"].as_u64().unwrap() as u16;
         let remote = line["dport"].as_u64().unwrap() as u16;
-        let Some(sampled) = held.get(&(local, remote)) else {
+        let Some(sampled) = line["cookie"].as_u64().and_then(|cookie| held.get(&cookie)) else {
             continue;
         };
         let holders: std::collections::BTreeSet<u64> = sampled
@@ -93,7 +93,7 @@ fn check_holders(
 /// The server side's connections (local port `port`) that ended having received nothing: the
 /// server never read from them before the peer's FIN, so their `ESTABLISHED -> CLOSE_WAIT` line
 /// names the listener's holder (documented), whoever accepted them.
-fn never_read(lines: &[Value], port: u16) -> Vec<(u16, u16)> {
+fn never_read(lines: &[Value], port: u16) -> Vec<u64> {
     lines
         .iter()
         .filter(|l| {
@@ -102,7 +102,7 @@ fn never_read(lines: &[Value], port: u16) -> Vec<(u16, u16)> {
                 && l["sport"] == port
                 && l["bytes_received"] == 0
         })
-        .map(|l| (port, l["dport"].as_u64().unwrap() as u16))
+        .map(|l| l["cookie"].as_u64().expect("a CLOSE line's cookie"))
         .collect()
 }
 

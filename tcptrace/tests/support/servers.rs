@@ -30,8 +30,9 @@ pub fn listener_holders(port: u16) -> Vec<u64> {
         .collect()
 }
 
-/// The pids that held each connection, by (local port, remote port).
-pub type Held = BTreeMap<(u16, u16), BTreeSet<u64>>;
+/// The pids that held each socket, by its cookie (`ss -e`'s `sk:`, the lines' `cookie`): a
+/// port pair may be used again by a later connection of another process.
+pub type Held = BTreeMap<u64, BTreeSet<u64>>;
 
 /// Who held each connection of a port, as `ss -tnp` listed it in back-to-back samples taken
 /// while it ran.
@@ -49,12 +50,12 @@ impl HolderSamples {
             let filter = format!("( sport = :{port} or dport = :{port} )");
             while !stopping.load(Ordering::Relaxed) {
                 let out = Command::new("ss")
-                    .args(["-Htnp", &filter])
+                    .args(["-Htnpe", &filter])
                     .output()
                     .expect("ss");
                 for line in String::from_utf8_lossy(&out.stdout).lines() {
-                    if let Some((ports, pids)) = parse_ss_line(line) {
-                        seen.entry(ports).or_default().extend(pids);
+                    if let Some((cookie, pids)) = parse_ss_line(line) {
+                        seen.entry(cookie).or_default().extend(pids);
                     }
                 }
             }
@@ -86,19 +87,21 @@ impl Drop for HolderSamples {
     }
 }
 
-/// `ESTAB 0 0 127.0.0.1:5432 127.0.0.1:40000 users:(("postgres",pid=12,fd=9))`: the ports of the
-/// socket (local, remote) and the pids that hold it.
-fn parse_ss_line(line: &str) -> Option<((u16, u16), Vec<u64>)> {
+/// `ESTAB 0 0 127.0.0.1:5432 127.0.0.1:40000 users:(("postgres",pid=12,fd=9)) ino:7 sk:1a2b
+/// cgroup:/ <->`: the socket's cookie and the pids that hold it.
+fn parse_ss_line(line: &str) -> Option<(u64, Vec<u64>)> {
     let fields: Vec<&str> = line.split_whitespace().collect();
-    let port = |field: &str| field.rsplit_once(':')?.1.parse::<u16>().ok();
-    let ports = (port(fields.get(3)?)?, port(fields.get(4)?)?);
+    let cookie = fields
+        .iter()
+        .find_map(|f| f.strip_prefix("sk:"))
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())?;
     let pids: Vec<u64> = fields
         .get(5)?
         .split("pid=")
         .skip(1)
         .filter_map(|rest| rest.split(',').next()?.parse().ok())
         .collect();
-    (!pids.is_empty()).then_some((ports, pids))
+    (!pids.is_empty()).then_some((cookie, pids))
 }
 
 /// Waits until something listens on `port` (127.0.0.1).
