@@ -61,8 +61,33 @@ pub fn take(ebpf: &mut Ebpf, btf: &Btf) -> anyhow::Result<Holders> {
     Ok(Holders { records, unreached })
 }
 
-/// One `ns/net` path per network namespace that some process is in, other than this process's.
+/// Where iproute2 keeps the namespaces it names (`ip netns add`): such a namespace lives on
+/// with no process in it, and so do its sockets, which a process outside it may hold (one that
+/// made them from a thread that had joined the namespace).
+const NAMED_NAMESPACES: &str = "/run/netns";
+
+/// One path per network namespace that some process is in (`/proc/PID/ns/net`) or that is
+/// named (`/run/netns/NAME`), other than this process's.
 fn other_namespaces(proc: &Path) -> Vec<PathBuf> {
+    let mut namespaces = process_namespaces(proc);
+    let inode = |path: &Path| std::fs::metadata(path).map(|m| (m.dev(), m.ino())).ok();
+    let mut seen: HashSet<_> = namespaces.iter().filter_map(|p| inode(p)).collect();
+    seen.extend(inode(&proc.join("self/ns/net")));
+    if let Ok(entries) = std::fs::read_dir(NAMED_NAMESPACES) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if let Some(id) = inode(&path)
+                && seen.insert(id)
+            {
+                namespaces.push(path);
+            }
+        }
+    }
+    namespaces
+}
+
+/// One `ns/net` path per network namespace that some process is in, other than this process's.
+fn process_namespaces(proc: &Path) -> Vec<PathBuf> {
     let inode = |path: &Path| std::fs::metadata(path).map(|m| (m.dev(), m.ino())).ok();
     let mut seen = HashSet::new();
     if let Some(own) = inode(&proc.join("self/ns/net")) {
