@@ -14,7 +14,7 @@ use std::{
 };
 
 use serde_json::Value;
-use support::{Netns, Tracer, free_port, parse_and_validate};
+use support::{Netns, Tracer, free_port, in_netns, parse_and_validate};
 
 const WAIT: Duration = Duration::from_secs(10);
 /// For what the timewait scan finds: it runs once a second, less often on a host with many
@@ -772,24 +772,6 @@ fn time_wait_ends_when_its_60_seconds_run_out() {
         "{end}"
     );
     drop(tracer.stop());
-}
-
-/// Runs `f` on a thread of its own that has joined network namespace `netns` (the sockets it
-/// makes live there).
-fn in_netns<T: Send>(netns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    let path = format!("/run/netns/{}", netns.name);
-    thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-                // SAFETY: a namespace file this thread holds open; only this thread moves.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
 }
 
 /// getsockopt(SOL_SOCKET, SO_ERROR): the pending error, the soft one when there is no other

@@ -214,11 +214,15 @@ impl Tracer {
     pub fn wait_for(&self, timeout: Duration, what: &str, predicate: impl Fn(&[String]) -> bool) {
         let deadline = Instant::now() + timeout;
         while !predicate(&self.lines.lock().unwrap()) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; stderr:\n{}",
-                self.stderr.lock().unwrap()
-            );
+            if Instant::now() >= deadline {
+                let lines = self.lines.lock().unwrap();
+                panic!(
+                    "timed out waiting for {what}; stderr:\n{}\nthe last of {} lines:\n{}",
+                    self.stderr.lock().unwrap(),
+                    lines.len(),
+                    lines[lines.len().saturating_sub(40)..].join("\n")
+                );
+            }
             thread::sleep(Duration::from_millis(20));
         }
     }
@@ -898,6 +902,24 @@ impl Drop for Netns {
             .args(["link", "del", &format!("tth{id}")])
             .output();
     }
+}
+
+/// Runs `f` on a thread of its own that has joined network namespace `netns` (the sockets it
+/// makes live there).
+pub fn in_netns<T: Send>(netns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/run/netns/{}", netns.name);
+    thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+                // SAFETY: a namespace file this thread holds open; only this thread moves.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 /// A directory of the test's own, removed afterwards.
