@@ -20,11 +20,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use tcptrace_common::{
-    AF_INET, Bytes16, COUNTER_STATE_REPEATS, EVENT_HAS_DURATION, EVENT_HAS_ERR, EVENT_HAS_STATE,
-    EVENT_HAS_SUMMARY, End, Event, FILTER_ENDS, FILTER_FAILURES, Forked, KERNEL_HAS_IPV6,
-    KERNEL_RETRANSMIT_ERR, KERNEL_RST_REASON, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_STATE,
-    KIND_TIMEWAIT, KernelOffsets, Origin, SOCKET_ACTIVE_OPEN, SocketState, TRACE_RETRANSMITS,
-    TRACE_STATES, TimewaitRecord, errno, reason, tcp_state,
+    AF_INET, Bytes16, COUNTER_STATE_REPEATS, EVENT_HAS_DURATION, EVENT_HAS_ERR,
+    EVENT_HAS_RETRANSMIT_DETAIL, EVENT_HAS_STATE, EVENT_HAS_SUMMARY, End, Event, FILTER_ENDS,
+    FILTER_FAILURES, Forked, KERNEL_HAS_IPV6, KERNEL_RETRANSMIT_DETAIL, KERNEL_RETRANSMIT_ERR,
+    KERNEL_RST_REASON, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_STATE, KIND_TIMEWAIT,
+    KernelOffsets, Origin, RetransmitDetail, SOCKET_ACTIVE_OPEN, SocketState, TRACE_RETRANSMITS,
+    TRACE_STATES, TimewaitRecord, ca_state, errno, icsk_timer, reason, retransmit_kind, tcp_state,
 };
 
 use crate::{
@@ -736,6 +737,13 @@ pub fn retransmit(ctx: &BtfTracePointContext) -> Result<(), ()> {
         return Ok(());
     }
     let state: u8 = unsafe { field(sk as *const u8, offsets.skc_state) };
+    let has_detail = offsets.features & KERNEL_RETRANSMIT_DETAIL != 0;
+    let retransmit = if has_detail {
+        // SAFETY: `tp` is the BTF-typed tcp_sock of this socket.
+        unsafe { retransmit_detail(&offsets, tp, state) }
+    } else {
+        RetransmitDetail::ZERO
+    };
     // SAFETY: as in `state`.
     let stored = unsafe { storage(sk, false) };
     let (owner, retransmits) = match unsafe { stored.as_mut() } {
@@ -779,7 +787,13 @@ pub fn retransmit(ctx: &BtfTracePointContext) -> Result<(), ()> {
             retransmits,
             err,
             kind: KIND_RETRANSMIT,
-            flags: EVENT_HAS_STATE | if has_err { EVENT_HAS_ERR } else { 0 },
+            flags: EVENT_HAS_STATE
+                | if has_err { EVENT_HAS_ERR } else { 0 }
+                | if has_detail {
+                    EVENT_HAS_RETRANSMIT_DETAIL
+                } else {
+                    0
+                },
             family: ends.family,
             sport: ends.sport,
             dport: ends.dport,
@@ -791,10 +805,48 @@ pub fn retransmit(ctx: &BtfTracePointContext) -> Result<(), ()> {
             _pad2: 0,
             // SAFETY: `sk` as above.
             cookie: unsafe { bpf_get_socket_cookie(sk) },
-            end: End::ZERO,
+            end: retransmit.into_end(),
         },
     );
     Ok(())
+}
+
+/// Why a segment goes out again, the timeout in force and the attempt, as the socket shows
+/// them at the tracepoint (the rules checked on 6.18 are in `retransmit_kind`'s docs).
+#[inline(always)]
+unsafe fn retransmit_detail(offsets: &KernelOffsets, tp: *const u8, state: u8) -> RetransmitDetail {
+    // SAFETY: the caller passes the BTF-typed tcp_sock; offsets from this kernel's BTF.
+    let (rto, ca, attempt, pending, backoff, srtt) = unsafe {
+        (
+            field::<u32>(tp, offsets.icsk_rto),
+            field::<u8>(tp, offsets.icsk_ca_state) & 0x1f,
+            field::<u8>(tp, offsets.icsk_retransmits),
+            field::<u8>(tp, offsets.icsk_pending),
+            field::<u8>(tp, offsets.icsk_backoff),
+            field::<u32>(tp, offsets.tcp_srtt_us),
+        )
+    };
+    let kind = match u32::from(state) {
+        tcp_state::SYN_SENT => retransmit_kind::SYN,
+        // A fast-open server's SYN-ACK, from the full socket.
+        tcp_state::SYN_RECV => retransmit_kind::SYNACK,
+        _ => match (ca, pending) {
+            (ca_state::OPEN | ca_state::CWR, icsk_timer::LOSS_PROBE) => retransmit_kind::TLP,
+            (ca_state::LOSS, 0) => retransmit_kind::RTO,
+            (ca_state::LOSS, _) => retransmit_kind::LOSS,
+            (ca_state::RECOVERY, _) => retransmit_kind::FAST,
+            _ => retransmit_kind::OTHER,
+        },
+    };
+    RetransmitDetail {
+        rto_jiffies: rto,
+        srtt_us: srtt >> 3,
+        kind,
+        attempt,
+        backoff,
+        ca_state: ca,
+        _pad: 0,
+    }
 }
 
 /// `tcp_retransmit_synack(sk, req)`: the listener `sk` sent a SYN-ACK again for the request
@@ -829,6 +881,27 @@ pub fn retransmit_synack(ctx: &BtfTracePointContext) -> Result<(), ()> {
         return Ok(());
     }
     let (saddr, daddr) = unsafe { addresses(&offsets, req, family) };
+    let has_detail = offsets.features & KERNEL_RETRANSMIT_DETAIL != 0;
+    let synack = if has_detail {
+        // The request socket's timer doubles its initial timeout on each retransmit
+        // (`reqsk_timer_handler`); `num_retrans` grows after the tracepoint.
+        // SAFETY: as above.
+        let (timeout, sent) = unsafe {
+            (
+                field::<u32>(req, offsets.req_timeout),
+                field::<u8>(req, offsets.req_num_retrans),
+            )
+        };
+        RetransmitDetail {
+            rto_jiffies: timeout.checked_shl(u32::from(sent)).unwrap_or(u32::MAX),
+            kind: retransmit_kind::SYNACK,
+            attempt: sent.saturating_add(1),
+            backoff: sent,
+            ..RetransmitDetail::ZERO
+        }
+    } else {
+        RetransmitDetail::ZERO
+    };
     emit(
         &config,
         Event {
@@ -842,7 +915,12 @@ pub fn retransmit_synack(ctx: &BtfTracePointContext) -> Result<(), ()> {
             retransmits: 0,
             err: 0,
             kind: KIND_RETRANSMIT_SYNACK,
-            flags: EVENT_HAS_STATE,
+            flags: EVENT_HAS_STATE
+                | if has_detail {
+                    EVENT_HAS_RETRANSMIT_DETAIL
+                } else {
+                    0
+                },
             family,
             sport,
             dport,
@@ -853,7 +931,7 @@ pub fn retransmit_synack(ctx: &BtfTracePointContext) -> Result<(), ()> {
             netns: id.netns,
             _pad2: 0,
             cookie: 0,
-            end: End::ZERO,
+            end: synack.into_end(),
         },
     );
     Ok(())

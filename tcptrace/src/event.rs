@@ -7,11 +7,11 @@ use std::{
 
 use tcptrace_common::{
     AF_INET, AF_INET6, Bytes16, EVENT_COMM_OF_THREAD, EVENT_HAS_DURATION, EVENT_HAS_ERR,
-    EVENT_HAS_STATE, EVENT_HAS_SUMMARY, Event, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK,
-    KIND_SNAPSHOT, KIND_STATE, KIND_TIMEWAIT, tcp_state,
+    EVENT_HAS_RETRANSMIT_DETAIL, EVENT_HAS_STATE, EVENT_HAS_SUMMARY, Event, KIND_RETRANSMIT,
+    KIND_RETRANSMIT_SYNACK, KIND_SNAPSHOT, KIND_STATE, KIND_TIMEWAIT, RetransmitDetail, tcp_state,
 };
 
-use crate::ending::Ending;
+use crate::{ending::Ending, retransmit::Retransmit};
 
 /// A kernel TCP state; numbers this build does not know are kept as `Unknown`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -177,6 +177,8 @@ pub struct TcpEvent {
     pub cookie: u64,
     /// On the line that ends a connection (BTF mode): why, and what it carried.
     pub end: Option<Ending>,
+    /// On a retransmit (BTF mode): why, the timeout in force and the attempt.
+    pub retransmit: Option<Retransmit>,
 }
 
 impl TcpEvent {
@@ -289,6 +291,8 @@ pub fn decode(bytes: &[u8]) -> Result<TcpEvent, DecodeError> {
         } else {
             None
         },
+        retransmit: has(EVENT_HAS_RETRANSMIT_DETAIL)
+            .then(|| Retransmit::decode(&RetransmitDetail::from_end(&end))),
     })
 }
 

@@ -75,6 +75,11 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
         None => None,
     };
     let cgroup_mount = cli.cgroup_mount();
+    // The kernel's tick rate, for the retransmits' timeouts: measured while the programs load
+    // when the host has no build configuration (its clock's file is root's).
+    let tick_rate = cli
+        .traces(EventKind::Retransmits)
+        .then(tcptrace::tick_rate::start);
     let loaded = kernel::load(&kernel::Settings {
         mode: cli.mode,
         filters: &filters,
@@ -84,6 +89,9 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
         debug: cli.debug,
         cgroup_mount: cgroup_mount.as_deref(),
     })?;
+    if let Some(tick_rate) = tick_rate {
+        tick_rate.finish();
+    }
     // Attached: nothing from here on needs a capability (but CAP_BPF to read the kernel side's
     // counters on kernels before 5.19 with unprivileged BPF disabled).
     privileges::drop_all(privileges::bpf_needed_after_attach())?;

@@ -21,7 +21,23 @@ use crate::{
     ending::Reason,
     event::{Kind, TcpEvent, TcpState},
     kernel::Counters,
+    retransmit::RetransmitKind,
 };
+
+/// Why a segment went out again, as a label value.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct KindName(pub RetransmitKind);
+
+impl EncodeLabelValue for KindName {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.0.name())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: KindName,
+}
 
 /// Why a connection ended, as a label value.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -78,6 +94,7 @@ pub struct Metrics {
     transitions: Family<(TransitionLabels, ContainerLabel), Counter>,
     retransmits: Family<(StateLabels, ContainerLabel), Counter>,
     retransmit_failures: Family<(StateLabels, ContainerLabel), Counter>,
+    retransmit_kinds: Family<(KindLabels, ContainerLabel), Counter>,
     durations: Family<(StateLabels, ContainerLabel), Histogram>,
     closed: Family<(ReasonLabels, ContainerLabel), Counter>,
     time_wait: Gauge,
@@ -109,6 +126,12 @@ impl Metrics {
             "retransmit_failures",
             "Retransmit attempts the kernel reports as failed (err not 0: nothing went out), by the socket's state",
             retransmit_failures.clone(),
+        );
+        let retransmit_kinds = Family::default();
+        registry.register(
+            "retransmit_kinds",
+            "Retransmits that went out, by why (BTF mode): rto, tlp, fast, loss, syn, synack, other",
+            retransmit_kinds.clone(),
         );
         // 10 us to about 42 s: connect latency on a LAN through slow closers.
         let durations = Family::<_, Histogram>::new_with_constructor(|| {
@@ -161,6 +184,7 @@ impl Metrics {
             transitions,
             retransmits,
             retransmit_failures,
+            retransmit_kinds,
             durations,
             closed,
             time_wait,
@@ -226,6 +250,9 @@ impl Metrics {
                 family
                     .get_or_create(&(StateLabels { state }, container.clone()))
                     .inc();
+                if err.is_none_or(|err| err == 0) {
+                    self.retransmit_kind(event, container);
+                }
             }
             Kind::Snapshot { .. } => {}
             Kind::RetransmitSynack => {
@@ -237,7 +264,22 @@ impl Metrics {
                         container.clone(),
                     ))
                     .inc();
+                self.retransmit_kind(event, container);
             }
+        }
+    }
+
+    /// Counts a retransmit that went out by its kind, when the kernel side told it.
+    fn retransmit_kind(&self, event: &TcpEvent, container: ContainerLabel) {
+        if let Some(detail) = &event.retransmit {
+            self.retransmit_kinds
+                .get_or_create(&(
+                    KindLabels {
+                        kind: KindName(detail.kind),
+                    },
+                    container,
+                ))
+                .inc();
         }
     }
 
@@ -303,6 +345,15 @@ mod tests {
         raw.kind = KIND_RETRANSMIT;
         raw.flags = tcptrace_common::EVENT_HAS_STATE;
         metrics.record(&decode(&bytes(&raw)).unwrap(), None);
+        // Two tail loss probes, with their kind.
+        raw.flags |= tcptrace_common::EVENT_HAS_RETRANSMIT_DETAIL;
+        raw.end = tcptrace_common::RetransmitDetail {
+            kind: tcptrace_common::retransmit_kind::TLP,
+            ..tcptrace_common::RetransmitDetail::ZERO
+        }
+        .into_end();
+        metrics.record(&decode(&bytes(&raw)).unwrap(), None);
+        metrics.record(&decode(&bytes(&raw)).unwrap(), None);
         // Two attempts that failed (`err` -1, EPERM): not retransmits, failures.
         raw.flags |= tcptrace_common::EVENT_HAS_ERR;
         raw.err = -1;
@@ -332,7 +383,16 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("tcptrace_retransmits_total{state=\"ESTABLISHED\"} 1\n"),
+            text.contains("tcptrace_retransmits_total{state=\"ESTABLISHED\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tcptrace_retransmit_kinds_total{kind=\"tlp\"} 2\n"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("tcptrace_retransmit_kinds_total{").count(),
+            1,
             "{text}"
         );
         assert!(

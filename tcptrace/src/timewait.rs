@@ -25,8 +25,6 @@ use crate::{
 /// `TCP_TIMEWAIT_LEN`: the kernel arms a timewait socket's timer for 60 s when it enters
 /// TIME_WAIT (`inet_twsk_reschedule(tw, TCP_TIMEWAIT_LEN)` in `tcp_timewait_state_process`).
 const TIME_WAIT_SECS: u64 = 60;
-/// The kernel tick rates Linux is built with (`CONFIG_HZ`).
-const TICK_RATES: [u64; 4] = [100, 250, 300, 1000];
 
 /// One connection a timewait socket holds.
 struct Followed {
@@ -223,9 +221,7 @@ impl Timewait {
             return;
         }
         let rate = jiffies.saturating_sub(first_jiffies) as f64 * 1e9 / elapsed as f64;
-        self.hz = TICK_RATES
-            .into_iter()
-            .find(|&hz| (rate - hz as f64).abs() < hz as f64 * 0.05);
+        self.hz = crate::tick_rate::nearest(rate).map(u64::from);
     }
 }
 

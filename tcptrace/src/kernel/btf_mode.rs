@@ -11,9 +11,9 @@ use aya::{
 };
 use tcptrace_common::{
     CONTAINER_FILTER_GLOBAL, ContainerFilter, KERNEL_CGROUP_TAGGED, KERNEL_HAS_CGROUP,
-    KERNEL_HAS_IPV6, KERNEL_HAS_NETNS, KERNEL_RETRANSMIT_ERR, KERNEL_RST_REASON, KernelOffsets,
-    OFFSETS_GLOBAL, RETRANSMIT_LAYOUT_GLOBAL, SYNACK_LAYOUT_GLOBAL, TRACE_RETRANSMITS,
-    TRACE_SNAPSHOT,
+    KERNEL_HAS_IPV6, KERNEL_HAS_NETNS, KERNEL_RETRANSMIT_DETAIL, KERNEL_RETRANSMIT_ERR,
+    KERNEL_RST_REASON, KernelOffsets, OFFSETS_GLOBAL, RETRANSMIT_LAYOUT_GLOBAL,
+    SYNACK_LAYOUT_GLOBAL, TRACE_RETRANSMITS, TRACE_SNAPSHOT,
 };
 
 use super::{
@@ -308,6 +308,26 @@ fn offsets(btf: &vmlinux::Btf) -> anyhow::Result<KernelOffsets> {
         },
         ..KernelOffsets::default()
     };
+    // A retransmit's kind, timeout and attempt. `icsk_ca_state` is a 5-bit bitfield; it starts
+    // a byte of its own on the kernels checked (6.1, 6.12, 6.18), else it is not found here.
+    let icsk = |member: &str| btf.member_offset("inet_connection_sock", member);
+    let request = |member: &str| btf.member_offset("request_sock", member);
+    if let Some(((((rto, ca_state), retransmits), pending), backoff)) = icsk("icsk_rto")
+        .zip(icsk("icsk_ca_state"))
+        .zip(icsk("icsk_retransmits"))
+        .zip(icsk("icsk_pending"))
+        .zip(icsk("icsk_backoff"))
+        && let Some((req_timeout, req_num_retrans)) = request("timeout").zip(request("num_retrans"))
+    {
+        offsets.icsk_rto = rto;
+        offsets.icsk_ca_state = ca_state;
+        offsets.icsk_retransmits = retransmits;
+        offsets.icsk_pending = pending;
+        offsets.icsk_backoff = backoff;
+        offsets.req_timeout = req_timeout;
+        offsets.req_num_retrans = req_num_retrans;
+        offsets.features |= KERNEL_RETRANSMIT_DETAIL;
+    }
     // Where a socket keeps its cgroup and its network namespace; a kernel without either
     // (CONFIG_SOCK_CGROUP_DATA, CONFIG_NET_NS) leaves those fields out of the lines.
     if cgroup_offsets(btf, &mut offsets).is_some() {

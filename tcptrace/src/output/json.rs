@@ -10,6 +10,7 @@ use crate::{
     cgroup::Cgroup,
     ending::{Ending, errno_name, rst_reason_name},
     event::{Kind, TcpEvent, TcpState},
+    retransmit::Retransmit,
 };
 
 pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64, cgroup: Option<&Cgroup>) {
@@ -30,6 +31,7 @@ pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64, cgroup: Option<
         thread,
         cookie,
         end,
+        retransmit,
     } = *event;
     out.extend_from_slice(match kind {
         Kind::State { .. } | Kind::Handoff { .. } => b"{\"type\":\"state\",\"time\":",
@@ -102,9 +104,15 @@ pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64, cgroup: Option<
                 write::uint(out, err);
             }
             out.extend_from_slice(b",\"synack\":false");
+            if let Some(detail) = &retransmit {
+                retransmit_detail(out, detail);
+            }
         }
         Kind::RetransmitSynack => {
             out.extend_from_slice(b",\"state\":\"SYN_RECV\",\"synack\":true");
+            if let Some(detail) = &retransmit {
+                retransmit_detail(out, detail);
+            }
         }
         Kind::Snapshot {
             state: socket_state,
@@ -144,6 +152,26 @@ pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64, cgroup: Option<
         }
     }
     out.extend_from_slice(b"}\n");
+}
+
+/// A retransmit's kind, timeout and attempt; `rto_ms` only when the tick rate is known, and
+/// `srtt_us` once the socket measured one.
+fn retransmit_detail(out: &mut BytesMut, detail: &Retransmit) {
+    out.extend_from_slice(b",\"kind\":\"");
+    out.extend_from_slice(detail.kind.name().as_bytes());
+    out.put_u8(b'"');
+    if let Some(rto_ms) = detail.rto_ms() {
+        out.extend_from_slice(b",\"rto_ms\":");
+        write::uint(out, rto_ms);
+    }
+    out.extend_from_slice(b",\"backoff\":");
+    write::uint(out, detail.backoff);
+    out.extend_from_slice(b",\"attempt\":");
+    write::uint(out, detail.attempt);
+    if let Some(srtt_us) = detail.srtt_us {
+        out.extend_from_slice(b",\"srtt_us\":");
+        write::uint(out, srtt_us);
+    }
 }
 
 /// Why a connection ended and what it carried (BTF mode's CLOSE lines).
@@ -228,7 +256,7 @@ pub fn string(out: &mut BytesMut, s: &str) {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::Value;
+    use serde_json::{Value, json};
     use tcptrace_common::{
         AF_INET6, Bytes16, EVENT_HAS_STATE, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, tcp_state,
     };
@@ -293,6 +321,47 @@ mod tests {
             (v["state"].as_str(), v["synack"].as_bool()),
             (Some("SYN_RECV"), Some(true))
         );
+    }
+
+    #[test]
+    fn a_retransmit_s_kind_timeout_and_attempt() {
+        crate::tick_rate::assume(250);
+        let mut raw = raw_state(tcp_state::ESTABLISHED, 0);
+        raw.kind = KIND_RETRANSMIT;
+        raw.flags = EVENT_HAS_STATE | tcptrace_common::EVENT_HAS_RETRANSMIT_DETAIL;
+        let mut detail = tcptrace_common::RetransmitDetail {
+            rto_jiffies: 102,
+            srtt_us: 85,
+            kind: tcptrace_common::retransmit_kind::RTO,
+            attempt: 2,
+            backoff: 1,
+            ..tcptrace_common::RetransmitDetail::ZERO
+        };
+        raw.end = detail.into_end();
+        let v: Value = serde_json::from_str(&line(&raw)).unwrap();
+        assert_eq!(
+            (
+                &v["kind"],
+                &v["rto_ms"],
+                &v["backoff"],
+                &v["attempt"],
+                &v["srtt_us"]
+            ),
+            (&json!("rto"), &json!(408), &json!(1), &json!(2), &json!(85))
+        );
+        // A SYN: no round trip measured yet.
+        detail.kind = tcptrace_common::retransmit_kind::SYN;
+        detail.srtt_us = 0;
+        raw.end = detail.into_end();
+        let v: Value = serde_json::from_str(&line(&raw)).unwrap();
+        assert_eq!(v["kind"], "syn");
+        assert!(v.get("srtt_us").is_none(), "{v}");
+        // Without the detail (tracefs mode, or a kernel without the fields): none of them.
+        raw.flags = EVENT_HAS_STATE;
+        let v: Value = serde_json::from_str(&line(&raw)).unwrap();
+        for key in ["kind", "rto_ms", "backoff", "attempt", "srtt_us"] {
+            assert!(v.get(key).is_none(), "{key} in {v}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use crate::{
     cgroup::Cgroup,
     ending::{Ending, Reason, errno_name, rst_reason_name},
     event::{Kind, TcpEvent},
+    retransmit::Retransmit,
 };
 
 /// Table settings.
@@ -166,6 +167,9 @@ impl Text {
         if let (Kind::State { .. }, Some(end)) = (event.kind, &event.end) {
             reason(out, end);
         }
+        if let Some(detail) = &event.retransmit {
+            retransmit(out, detail);
+        }
         out.put_u8(b'\n');
     }
 }
@@ -199,6 +203,19 @@ impl Text {
             }
         }
         out.put_u8(b'\n');
+    }
+}
+
+/// ` rto rto=204ms #3`: the kind, the timeout in force (when the tick rate is known) and the
+/// attempt (when it is one of a series).
+fn retransmit(out: &mut BytesMut, detail: &Retransmit) {
+    out.put_u8(b' ');
+    out.extend_from_slice(detail.kind.name().as_bytes());
+    if let Some(ms) = detail.rto_ms() {
+        let _ = write!(out, " rto={ms}ms");
+    }
+    if detail.attempt > 0 {
+        let _ = write!(out, " #{}", detail.attempt);
     }
 }
 
@@ -387,6 +404,36 @@ mod tests {
         let mut raw = raw_state(tcp_state::CLOSE, tcp_state::SYN_SENT);
         raw.flags = 0;
         assert!(line(&text, &raw).ends_with("CLOSE        -> SYN_SENT     -\n"));
+    }
+
+    #[test]
+    fn a_retransmit_ends_with_its_kind_timeout_and_attempt() {
+        crate::tick_rate::assume(250);
+        let text = Text::new(false, false);
+        let mut raw = raw_state(tcp_state::ESTABLISHED, 0);
+        raw.kind = KIND_RETRANSMIT;
+        raw.flags = EVENT_HAS_STATE | tcptrace_common::EVENT_HAS_RETRANSMIT_DETAIL;
+        let mut detail = tcptrace_common::RetransmitDetail {
+            rto_jiffies: 204,
+            kind: tcptrace_common::retransmit_kind::RTO,
+            attempt: 3,
+            backoff: 2,
+            ..tcptrace_common::RetransmitDetail::ZERO
+        };
+        raw.end = detail.into_end();
+        let out = line(&text, &raw);
+        assert!(
+            out.ends_with("!! RETRANS      - rto rto=816ms #3\n"),
+            "{out:?}"
+        );
+        detail.kind = tcptrace_common::retransmit_kind::TLP;
+        detail.attempt = 0;
+        raw.end = detail.into_end();
+        let out = line(&text, &raw);
+        assert!(
+            out.ends_with("!! RETRANS      - tlp rto=816ms\n"),
+            "{out:?}"
+        );
     }
 
     #[test]
