@@ -140,6 +140,8 @@ fn run(args: Args) -> anyhow::Result<()> {
                         "end_to_end",
                         "--test",
                         "retransmits",
+                        "--test",
+                        "retransmit_kinds",
                     ],
                     ("TCPTRACE_TEST_MODE", "tracefs"),
                 )?;

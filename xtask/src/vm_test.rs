@@ -36,8 +36,17 @@ const MODULES: &[&str] = &[
     "nft_compat",
     "xt_tcpudp",
 ];
-/// Modules loaded when the kernel builds them as modules (`ss` asks sock_diag for sockets).
-const OPTIONAL_MODULES: &[&str] = &["inet_diag", "tcp_diag"];
+/// Modules loaded when the kernel builds them as modules (`ss` asks sock_diag for sockets; the
+/// retransmit kind tests drop one chosen segment with `-m string` and `-m limit`, which
+/// iptables-nft makes a native nft limit).
+const OPTIONAL_MODULES: &[&str] = &[
+    "inet_diag",
+    "tcp_diag",
+    "ts_bm",
+    "xt_string",
+    "xt_limit",
+    "nft_limit",
+];
 /// Host programs the tests run inside the guest, with their libraries.
 const HOST_PROGRAMS: &[&str] = &["/usr/sbin/ip", "/usr/sbin/xtables-nft-multi", "/usr/bin/ss"];
 /// The tests run in the guest: (test binary, test name filters; empty for all).
@@ -55,6 +64,7 @@ const TESTS: &[(&str, &[&str])] = &[
         ],
     ),
     ("retransmits", &[]),
+    ("retransmit_kinds", &[]),
     (
         "owners",
         &[
