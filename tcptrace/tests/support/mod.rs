@@ -22,6 +22,7 @@ use std::{
 
 use serde_json::Value;
 
+pub mod lossy;
 pub mod prometheus;
 pub mod servers;
 
@@ -537,6 +538,17 @@ pub fn by_socket<'a>(
         sockets.entry(skaddr).or_default().push(line);
     }
     sockets
+}
+
+/// Events the tracer reported lost in `lines` (its `lost` lines): the kernel skips a program
+/// that a tracepoint hits while it already runs on that CPU (a softirq interrupting it), and
+/// says so. A test that counts lines may find that many fewer, and no more.
+pub fn lost_in(lines: &[Value]) -> usize {
+    lines
+        .iter()
+        .filter(|l| l["type"] == "lost")
+        .filter_map(|l| l["count"].as_u64())
+        .sum::<u64>() as usize
 }
 
 /// Whether the tests run tcptrace in tracefs mode (`cargo xtask test`'s second pass).
