@@ -49,6 +49,9 @@ pub const MAX_CGROUP_DEPTH: u32 = 16;
 pub const CONTAINER_ID_OFFSETS: [u32; 4] = [0, 5, 7, 15];
 /// The [`KernelOffsets`] global (BTF mode).
 pub const OFFSETS_GLOBAL: &str = "OFFSETS";
+/// BTF mode: the offset of `struct tcp_sock`'s `snd_cwnd`, a global of its own so that only the
+/// congestion program loads it (the other programs' stacks stay as they are).
+pub const SND_CWND_OFFSET_GLOBAL: &str = "SND_CWND_OFFSET";
 /// The [`Config`] global.
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 /// The [`StateLayout`] global.
@@ -90,6 +93,10 @@ pub const KIND_SNAPSHOT: u16 = 4;
 /// CLOSING), `newstate` the timewait socket's (FIN_WAIT2 while the peer has not closed, else
 /// TIME_WAIT). No CLOSE happened: the timewait scan reports its later moves and its end.
 pub const KIND_TIMEWAIT: u16 = 5;
+/// `Event::kind` (BTF mode): the socket's congestion state changed (`tcp:tcp_cong_state_set`);
+/// `oldstate` and `newstate` hold the congestion states (`ca_state::*`) left and entered, `end`
+/// a [`CongestionDetail`].
+pub const KIND_CONGESTION: u16 = 6;
 
 /// `Event::flags`: `duration_ns` is meaningful (the previous transition was seen).
 pub const EVENT_HAS_DURATION: u16 = 1 << 0;
@@ -142,6 +149,8 @@ pub const FILTER_ENDS: u32 = 1 << 10;
 /// `Config::filters` bit: of the lines that end connections, keep those that did not end with
 /// an orderly FIN (with `FILTER_ENDS`).
 pub const FILTER_FAILURES: u32 = 1 << 11;
+/// `Config::filters` bit: trace congestion state changes (BTF mode, `tcp_cong_state_set`).
+pub const TRACE_CONGESTION: u32 = 1 << 12;
 
 /// Linux address families as the tracepoints report them.
 pub const AF_INET: u16 = 2;
@@ -502,6 +511,52 @@ impl RetransmitDetail {
     };
 }
 
+/// A congestion state change as the kernel side saw it (BTF mode): what the socket held when
+/// its congestion state was about to change.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CongestionDetail {
+    /// The retransmission timeout in force (`icsk_rto`, jiffies).
+    pub rto_jiffies: u32,
+    /// The smoothed round-trip time, in microseconds; 0 before any was measured.
+    pub srtt_us: u32,
+    /// The congestion window, in segments (`snd_cwnd`), before the change.
+    pub cwnd: u32,
+    /// The socket's TCP state (`tcp_state::*`).
+    pub state: u8,
+    /// Timeouts in a row so far (`icsk_retransmits`), and the backoff's exponent.
+    pub attempt: u8,
+    pub backoff: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<CongestionDetail>() == 16);
+
+impl CongestionDetail {
+    /// Packed into a record's `end` (its first two words; the rest zero).
+    pub const fn into_end(self) -> End {
+        let mut end = End::ZERO;
+        end.bytes_acked = self.rto_jiffies as u64 | (self.srtt_us as u64) << 32;
+        end.bytes_received = self.cwnd as u64
+            | (self.state as u64) << 32
+            | (self.attempt as u64) << 40
+            | (self.backoff as u64) << 48;
+        end
+    }
+
+    /// What [`Self::into_end`] packed.
+    pub const fn from_end(end: &End) -> Self {
+        Self {
+            rto_jiffies: end.bytes_acked as u32,
+            srtt_us: (end.bytes_acked >> 32) as u32,
+            cwnd: end.bytes_received as u32,
+            state: (end.bytes_received >> 32) as u8,
+            attempt: (end.bytes_received >> 40) as u8,
+            backoff: (end.bytes_received >> 48) as u8,
+            _pad: 0,
+        }
+    }
+}
+
 /// How a connection ended and what it carried: on its CLOSE line (and on a hand-over to a
 /// timewait socket, for the CLOSE userspace writes when that ends). BTF mode.
 #[repr(C)]
@@ -744,7 +799,21 @@ mod tests {
     extern crate std;
     use std::format;
 
-    use super::{Origin, RetransmitDetail, tcp_state::*};
+    use super::{CongestionDetail, Origin, RetransmitDetail, tcp_state::*};
+
+    #[test]
+    fn a_congestion_detail_round_trips_through_the_end_bytes() {
+        let detail = CongestionDetail {
+            rto_jiffies: 0xdead_beef,
+            srtt_us: 0x0102_0304,
+            cwnd: 0xfedc_ba98,
+            state: 11,
+            attempt: 255,
+            backoff: 15,
+            _pad: 0,
+        };
+        assert_eq!(CongestionDetail::from_end(&detail.into_end()), detail);
+    }
 
     #[test]
     fn a_retransmit_detail_round_trips_through_the_end_bytes() {

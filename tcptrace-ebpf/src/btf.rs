@@ -155,7 +155,7 @@ pub fn epoch() -> u64 {
 /// daemon's listener is made by a process that forks and exits. Followed for a few generations
 /// (a double fork); checked again only when some owner has exited since the last check.
 #[inline(always)]
-fn live_owner(state: &mut SocketState) -> Owner {
+pub fn live_owner(state: &mut SocketState) -> Owner {
     let now = epoch();
     if state.epoch != now && state.pid != 0 {
         let (mut pid, mut owned_ns) = (state.pid, state.owned_ns);

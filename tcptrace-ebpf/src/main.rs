@@ -9,6 +9,7 @@
 #![no_main]
 
 mod btf;
+mod congestion;
 mod emit;
 mod holders;
 mod identity;
@@ -46,6 +47,10 @@ static SYNACK_LAYOUT: Global<RetransmitLayout> = Global::new(unsafe { core::mem:
 
 #[unsafe(no_mangle)]
 static OFFSETS: Global<KernelOffsets> = Global::new(unsafe { core::mem::zeroed() });
+
+/// `struct tcp_sock`'s `snd_cwnd`, for the congestion program only.
+#[unsafe(no_mangle)]
+static SND_CWND_OFFSET: Global<u32> = Global::new(0);
 
 #[unsafe(no_mangle)]
 static CONTAINER_FILTER: Global<ContainerFilter> = Global::new(unsafe { core::mem::zeroed() });
@@ -163,6 +168,13 @@ pub fn btf_tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_retransmit_synack")]
 pub fn btf_tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
     match btf::retransmit_synack(&ctx) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+#[btf_tracepoint(function = "tcp_cong_state_set")]
+pub fn btf_tcp_cong_state_set(ctx: BtfTracePointContext) -> i32 {
+    match congestion::changed(&ctx) {
         Ok(()) | Err(()) => 0,
     }
 }

@@ -238,6 +238,7 @@ fn try_modes(cli: &Cli, kernel_ok: bool, can_trace: bool) -> Vec<(Mode, Trial)> 
         snapshot: false,
         debug: cli.debug,
         cgroup_mount: cgroup_mount.as_deref(),
+        congestion_lines: cli.traces(crate::cli::EventKind::Congestion),
     };
     let mut trials = Vec::new();
     for &mode in candidates {

@@ -199,6 +199,9 @@ pub enum EventKind {
     States,
     /// Retransmitted segments, SYNs and SYN-ACKs (tcp:tcp_retransmit_skb, tcp:tcp_retransmit_synack).
     Retransmits,
+    /// Congestion state changes: open, disorder, cwr, recovery, loss (tcp:tcp_cong_state_set;
+    /// BTF mode, Linux 6.3+). The metrics count them without it.
+    Congestion,
     /// One line per connection when it ends, with its bytes each way, lifetime and why it ended
     /// (what tcplife shows). Not with the other kinds.
     Connections,
@@ -307,6 +310,14 @@ impl Cli {
                 .error(
                     clap::error::ErrorKind::ArgumentConflict,
                     "--events connections cannot be combined with other kinds",
+                )
+                .exit();
+        }
+        if cli.failures && cli.traces(EventKind::Congestion) {
+            <Self as clap::CommandFactory>::command()
+                .error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    "--failures keeps only the lines that end connections, not --events congestion",
                 )
                 .exit();
         }

@@ -6,12 +6,13 @@ use std::{
 };
 
 use tcptrace_common::{
-    AF_INET, AF_INET6, Bytes16, EVENT_COMM_OF_THREAD, EVENT_HAS_DURATION, EVENT_HAS_ERR,
-    EVENT_HAS_RETRANSMIT_DETAIL, EVENT_HAS_STATE, EVENT_HAS_SUMMARY, Event, KIND_RETRANSMIT,
-    KIND_RETRANSMIT_SYNACK, KIND_SNAPSHOT, KIND_STATE, KIND_TIMEWAIT, RetransmitDetail, tcp_state,
+    AF_INET, AF_INET6, Bytes16, CongestionDetail, EVENT_COMM_OF_THREAD, EVENT_HAS_DURATION,
+    EVENT_HAS_ERR, EVENT_HAS_RETRANSMIT_DETAIL, EVENT_HAS_STATE, EVENT_HAS_SUMMARY, Event,
+    KIND_CONGESTION, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_SNAPSHOT, KIND_STATE,
+    KIND_TIMEWAIT, RetransmitDetail, tcp_state,
 };
 
-use crate::{ending::Ending, retransmit::Retransmit};
+use crate::{congestion::Congestion, ending::Ending, retransmit::Retransmit};
 
 /// A kernel TCP state; numbers this build does not know are kept as `Unknown`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -125,6 +126,8 @@ pub enum Kind {
         new: TcpState,
         duration_ns: Option<u64>,
     },
+    /// BTF mode: the socket's congestion state changed.
+    Congestion(Congestion),
 }
 
 impl Kind {
@@ -135,6 +138,7 @@ impl Kind {
             Self::Retransmit { state, .. } => state.unwrap_or(TcpState::Unknown(0)),
             Self::RetransmitSynack => TcpState::SynRecv,
             Self::Snapshot { state } => state,
+            Self::Congestion(change) => change.state,
         }
     }
 
@@ -263,6 +267,11 @@ pub fn decode(bytes: &[u8]) -> Result<TcpEvent, DecodeError> {
         KIND_SNAPSHOT => Kind::Snapshot {
             state: oldstate.into(),
         },
+        KIND_CONGESTION => Kind::Congestion(Congestion::decode(
+            oldstate,
+            newstate,
+            &CongestionDetail::from_end(&end),
+        )),
         KIND_TIMEWAIT => Kind::Handoff {
             old: oldstate.into(),
             new: newstate.into(),

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use tcptrace_common::{
     FILTER_CGROUP, FILTER_CONTAINER, FILTER_ENDS, FILTER_FAILURES, FILTER_IPV4, FILTER_IPV6,
-    FILTER_NETNS, FILTER_PID, FILTER_PORT, PORT_LOCAL, PORT_REMOTE, TRACE_RETRANSMITS,
-    TRACE_STATES,
+    FILTER_NETNS, FILTER_PID, FILTER_PORT, PORT_LOCAL, PORT_REMOTE, TRACE_CONGESTION,
+    TRACE_RETRANSMITS, TRACE_STATES,
 };
 
 use crate::cli::{Cli, EventKind};
@@ -63,6 +63,11 @@ impl Filters {
             (
                 cli.traces(EventKind::Retransmits) && !cli.ends_only(),
                 TRACE_RETRANSMITS,
+            ),
+            // Counted in the metrics whether or not `--events` asks for their lines.
+            (
+                cli.traces(EventKind::Congestion) || cli.metrics_addr.is_some(),
+                TRACE_CONGESTION,
             ),
             (cli.ends_only(), FILTER_ENDS),
             (cli.failures, FILTER_FAILURES),

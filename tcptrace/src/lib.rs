@@ -5,6 +5,7 @@
 pub mod cgroup;
 pub mod check;
 pub mod cli;
+pub mod congestion;
 pub mod ending;
 pub mod event;
 pub mod filter;

@@ -75,10 +75,9 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
         None => None,
     };
     let cgroup_mount = cli.cgroup_mount();
-    // The kernel's tick rate, for the retransmits' timeouts: measured while the programs load
+    // The kernel's tick rate, for the timeouts on retransmit and congestion lines: measured while the programs load
     // when the host has no build configuration (its clock's file is root's).
-    let tick_rate = cli
-        .traces(EventKind::Retransmits)
+    let tick_rate = (cli.traces(EventKind::Retransmits) || cli.traces(EventKind::Congestion))
         .then(tcptrace::tick_rate::start);
     let loaded = kernel::load(&kernel::Settings {
         mode: cli.mode,
@@ -88,6 +87,7 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
         snapshot: cli.snapshot,
         debug: cli.debug,
         cgroup_mount: cgroup_mount.as_deref(),
+        congestion_lines: cli.traces(EventKind::Congestion),
     })?;
     if let Some(tick_rate) = tick_rate {
         tick_rate.finish();
@@ -118,6 +118,7 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
             ends_only: cli.ends_only(),
             failures_only: cli.failures,
             time_wait: !cli.no_time_wait,
+            congestion_lines: cli.traces(EventKind::Congestion),
         },
     )
     .await?;

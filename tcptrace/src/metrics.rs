@@ -18,6 +18,7 @@ use prometheus_client::{
 
 use crate::{
     cgroup::Cgroup,
+    congestion::CaState,
     ending::Reason,
     event::{Kind, TcpEvent, TcpState},
     kernel::Counters,
@@ -70,6 +71,22 @@ struct TransitionLabels {
     to: StateName,
 }
 
+/// A congestion state as a label value: `open`, `recovery`, ..., or `ca_n`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct CaStateName(pub CaState);
+
+impl EncodeLabelValue for CaStateName {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        write!(encoder, "{}", self.0)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CongestionLabels {
+    from: CaStateName,
+    to: CaStateName,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: StateName,
@@ -95,6 +112,7 @@ pub struct Metrics {
     retransmits: Family<(StateLabels, ContainerLabel), Counter>,
     retransmit_failures: Family<(StateLabels, ContainerLabel), Counter>,
     retransmit_kinds: Family<(KindLabels, ContainerLabel), Counter>,
+    congestion: Family<(CongestionLabels, ContainerLabel), Counter>,
     durations: Family<(StateLabels, ContainerLabel), Histogram>,
     closed: Family<(ReasonLabels, ContainerLabel), Counter>,
     time_wait: Gauge,
@@ -132,6 +150,12 @@ impl Metrics {
             "retransmit_kinds",
             "Retransmits that went out, by why (BTF mode): rto, tlp, fast, loss, syn, synack, other",
             retransmit_kinds.clone(),
+        );
+        let congestion = Family::default();
+        registry.register(
+            "congestion_changes",
+            "Congestion state changes (BTF mode, Linux 6.3+), by the state left and entered: open, disorder, cwr, recovery, loss",
+            congestion.clone(),
         );
         // 10 us to about 42 s: connect latency on a LAN through slow closers.
         let durations = Family::<_, Histogram>::new_with_constructor(|| {
@@ -185,6 +209,7 @@ impl Metrics {
             retransmits,
             retransmit_failures,
             retransmit_kinds,
+            congestion,
             durations,
             closed,
             time_wait,
@@ -255,6 +280,13 @@ impl Metrics {
                 }
             }
             Kind::Snapshot { .. } => {}
+            Kind::Congestion(change) => {
+                let labels = CongestionLabels {
+                    from: CaStateName(change.from),
+                    to: CaStateName(change.to),
+                };
+                self.congestion.get_or_create(&(labels, container)).inc();
+            }
             Kind::RetransmitSynack => {
                 self.retransmits
                     .get_or_create(&(
@@ -359,6 +391,12 @@ mod tests {
         raw.err = -1;
         metrics.record(&decode(&bytes(&raw)).unwrap(), None);
         metrics.record(&decode(&bytes(&raw)).unwrap(), None);
+        // A congestion state change, open to loss.
+        let mut raw = raw_state(tcp_state::ESTABLISHED, 0);
+        raw.kind = tcptrace_common::KIND_CONGESTION;
+        raw.oldstate = u32::from(tcptrace_common::ca_state::OPEN);
+        raw.newstate = u32::from(tcptrace_common::ca_state::LOSS);
+        metrics.record(&decode(&bytes(&raw)).unwrap(), None);
         metrics.update(&Counters {
             lost: 7,
             state_repeats: 1,
@@ -397,6 +435,10 @@ mod tests {
         );
         assert!(
             text.contains("tcptrace_retransmit_failures_total{state=\"ESTABLISHED\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tcptrace_congestion_changes_total{from=\"open\",to=\"loss\"} 1\n"),
             "{text}"
         );
         assert!(text.contains("tcptrace_events_lost_total 9\n"), "{text}");

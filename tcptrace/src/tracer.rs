@@ -68,6 +68,8 @@ pub struct Options {
     pub failures_only: bool,
     /// Not `--no-time-wait`: follow connections into TIME_WAIT (BTF mode).
     pub time_wait: bool,
+    /// `--events congestion`: congestion state changes are written, not only counted.
+    pub congestion_lines: bool,
 }
 
 /// The timewait scan and what it follows.
@@ -83,6 +85,7 @@ struct Tracer {
     timewaits: Option<Timewaits>,
     ends_only: bool,
     failures_only: bool,
+    congestion_lines: bool,
     cgroups: Cgroups,
     /// tracefs mode: process names in place of thread names.
     process_names: Option<ProcessNames>,
@@ -138,6 +141,7 @@ pub async fn run(
             }),
         ends_only: options.ends_only,
         failures_only: options.failures_only,
+        congestion_lines: options.congestion_lines,
         cgroups,
         process_names: (mode == Mode::Tracefs).then(ProcessNames::default),
         metrics,
@@ -301,42 +305,56 @@ impl Tracer {
 
     /// Formats one event (and counts it), unless a filter only userspace can apply drops it:
     /// tracefs mode's --cgroup and --container, and for the lines the timewait tracker makes,
-    /// `--events connections` and `--failures`.
+    /// `--events connections` and `--failures`. Congestion state changes the metrics asked for
+    /// but `--events` did not are counted in the metrics, and not written.
     fn write(&mut self, event: &TcpEvent, clock: &WallClock) {
-        if self.ends_only {
-            let wanted = match (event.kind, &event.end) {
-                (
-                    Kind::State {
-                        new: TcpState::Close,
-                        ..
-                    },
-                    Some(end),
-                ) => !self.failures_only || end.failed(),
-                // tracefs mode: no reasons, every CLOSE.
-                (
-                    Kind::State {
-                        new: TcpState::Close,
-                        ..
-                    },
-                    None,
-                ) => !self.failures_only,
-                _ => false,
-            };
-            if !wanted {
-                self.filtered += 1;
-                return;
+        let (line, counted) = match event.kind {
+            Kind::Congestion(_) => (self.congestion_lines && !self.ends_only, true),
+            _ => {
+                let line = !self.ends_only || self.ends_connection(event);
+                (line, line)
             }
+        };
+        if !counted {
+            self.filtered += 1;
+            return;
         }
         match self.cgroups.of(event) {
             Ok(cgroup) => {
-                self.formatter
-                    .event(&mut self.buf, event, clock.wall_ns(event.ts_ns), cgroup);
                 if let Some(metrics) = &self.metrics {
                     metrics.record(event, cgroup);
                 }
-                self.buf_events += 1;
+                if line {
+                    self.formatter
+                        .event(&mut self.buf, event, clock.wall_ns(event.ts_ns), cgroup);
+                    self.buf_events += 1;
+                } else {
+                    self.filtered += 1;
+                }
             }
             Err(_) => self.filtered += 1,
+        }
+    }
+
+    /// Whether `event` is a line `--events connections` (or `--failures`) keeps.
+    fn ends_connection(&self, event: &TcpEvent) -> bool {
+        match (event.kind, &event.end) {
+            (
+                Kind::State {
+                    new: TcpState::Close,
+                    ..
+                },
+                Some(end),
+            ) => !self.failures_only || end.failed(),
+            // tracefs mode: no reasons, every CLOSE.
+            (
+                Kind::State {
+                    new: TcpState::Close,
+                    ..
+                },
+                None,
+            ) => !self.failures_only,
+            _ => false,
         }
     }
 

@@ -142,6 +142,8 @@ fn run(args: Args) -> anyhow::Result<()> {
                         "retransmits",
                         "--test",
                         "retransmit_kinds",
+                        "--test",
+                        "congestion",
                     ],
                     ("TCPTRACE_TEST_MODE", "tracefs"),
                 )?;

@@ -65,6 +65,7 @@ const TESTS: &[(&str, &[&str])] = &[
     ),
     ("retransmits", &[]),
     ("retransmit_kinds", &[]),
+    ("congestion", &[]),
     (
         "owners",
         &[

@@ -13,7 +13,8 @@ use tcptrace_common::{
     CONTAINER_FILTER_GLOBAL, ContainerFilter, KERNEL_CGROUP_TAGGED, KERNEL_HAS_CGROUP,
     KERNEL_HAS_IPV6, KERNEL_HAS_NETNS, KERNEL_RETRANSMIT_DETAIL, KERNEL_RETRANSMIT_ERR,
     KERNEL_RST_REASON, KernelOffsets, OFFSETS_GLOBAL, RETRANSMIT_LAYOUT_GLOBAL,
-    SYNACK_LAYOUT_GLOBAL, TRACE_RETRANSMITS, TRACE_SNAPSHOT,
+    SND_CWND_OFFSET_GLOBAL, SYNACK_LAYOUT_GLOBAL, TRACE_CONGESTION, TRACE_RETRANSMITS,
+    TRACE_SNAPSHOT,
 };
 
 use super::{
@@ -37,7 +38,15 @@ pub fn supported() -> anyhow::Result<()> {
 }
 
 pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
-    let (mut offsets, retransmit_args, synack_args, reset_args, socket_use, error_report) = {
+    let (
+        mut offsets,
+        retransmit_args,
+        synack_args,
+        reset_args,
+        socket_use,
+        error_report,
+        congestion,
+    ) = {
         let vmlinux = vmlinux::Btf::from_file(Path::new(VMLINUX_BTF))?;
         let mut offsets = offsets(&vmlinux)?;
         // The kernel's reasons for the resets it sends (6.10+), named on the CLOSE lines.
@@ -60,6 +69,7 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
             vmlinux.tracepoint_args("tcp_send_reset"),
             vmlinux.tracepoint_args("sock_recv_length").is_some(),
             vmlinux.tracepoint_args("inet_sk_error_report").is_some(),
+            congestion_tracepoint(&vmlinux, settings)?,
         )
     };
     if reset_args.is_some_and(|args| args >= 3) {
@@ -96,10 +106,12 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
     let config = config(settings, snapshot_bit);
     let log_level = super::diagnostics::level(settings.debug);
     super::raise_memlock_limit();
+    let snd_cwnd = congestion.unwrap_or_default();
     let mut loader = loader(&config, settings.ring_buffer_bytes, &log_level);
     loader.override_global(OFFSETS_GLOBAL, &offsets, true);
     let container = container_filter(settings.filters.container.as_deref());
     loader.override_global(CONTAINER_FILTER_GLOBAL, &container, true);
+    loader.override_global(SND_CWND_OFFSET_GLOBAL, &snd_cwnd, true);
     for (name, layout) in &classic {
         let global = if *name == "tcp_retransmit_skb" {
             RETRANSMIT_LAYOUT_GLOBAL
@@ -142,6 +154,16 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
                 programs.push(tracefs_mode::attach(&mut ebpf, "tcp", tracepoint)?);
             }
         }
+    }
+
+    // Congestion state changes: lines with `--events congestion`, counted in the metrics.
+    if congestion.is_some() {
+        programs.push(attach(
+            &mut ebpf,
+            &btf,
+            "btf_tcp_cong_state_set",
+            "tcp_cong_state_set",
+        )?);
     }
 
     // Resets a socket sends before it closes (out of memory, keepalive, an abort) name the
@@ -226,6 +248,28 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
     let mut loaded = finish(ebpf, programs, Mode::Btf, snapshot, log_level)?;
     loaded.timewait = Some(timewait);
     Ok(loaded)
+}
+
+/// Whether congestion state changes are traced, and where `tcp_sock` keeps its congestion
+/// window: None when they are not asked for (`--events congestion`, or the metrics), or when
+/// only the metrics ask and this kernel lacks the tracepoint (before 6.3: the metric stays
+/// absent). Lines asked for on such a kernel are an error.
+fn congestion_tracepoint(
+    btf: &vmlinux::Btf,
+    settings: &Settings<'_>,
+) -> anyhow::Result<Option<u32>> {
+    if settings.filters.bits & TRACE_CONGESTION == 0 {
+        return Ok(None);
+    }
+    let found = btf
+        .tracepoint_args("tcp_cong_state_set")
+        .and(btf.member_offset("tcp_sock", "snd_cwnd"));
+    match found {
+        None if settings.congestion_lines => bail!(
+            "--events congestion: this kernel has no tracepoint tcp_cong_state_set (Linux 6.3 and later have it)"
+        ),
+        found => Ok(found),
+    }
 }
 
 /// `--snapshot` cannot be written: the kernel refused the iterators. Fatal in every mode choice

@@ -133,6 +133,9 @@ pub struct Settings<'a> {
     pub debug: bool,
     /// The cgroup v2 hierarchy, where `--container`'s cgroups are looked for at start.
     pub cgroup_mount: Option<&'a std::path::Path>,
+    /// `--events congestion`: lines of congestion state changes, which need BTF mode and the
+    /// tracepoint (the metrics count them where they can).
+    pub congestion_lines: bool,
 }
 
 /// Loads and attaches the mode `settings.mode` asks for; `auto` takes BTF mode where the kernel

@@ -24,6 +24,11 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
     if settings.filters.bits & FILTER_FAILURES != 0 {
         bail!("--failures needs BTF mode: tracefs mode cannot read why a connection ended");
     }
+    if settings.congestion_lines {
+        bail!(
+            "--events congestion needs BTF mode: tracefs mode cannot read a socket's congestion state"
+        );
+    }
     if settings.snapshot {
         eprintln!("tcptrace: warning: --snapshot needs BTF mode; no snapshot is written");
     }

@@ -8,6 +8,7 @@ use bytes::{BufMut as _, BytesMut};
 use super::write;
 use crate::{
     cgroup::Cgroup,
+    congestion::Congestion,
     ending::{Ending, errno_name, rst_reason_name},
     event::{Kind, TcpEvent, TcpState},
     retransmit::Retransmit,
@@ -37,6 +38,7 @@ pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64, cgroup: Option<
         Kind::State { .. } | Kind::Handoff { .. } => b"{\"type\":\"state\",\"time\":",
         Kind::Retransmit { .. } | Kind::RetransmitSynack => b"{\"type\":\"retransmit\",\"time\":",
         Kind::Snapshot { .. } => b"{\"type\":\"socket\",\"time\":",
+        Kind::Congestion(_) => b"{\"type\":\"congestion\",\"time\":",
     });
     time(out, wall_ns);
     out.extend_from_slice(b",\"pid\":");
@@ -120,6 +122,7 @@ pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64, cgroup: Option<
             out.extend_from_slice(b",\"state\":");
             state(out, socket_state);
         }
+        Kind::Congestion(change) => congestion(out, &change),
     }
     out.extend_from_slice(b",\"skaddr\":\"");
     write::hex(out, skaddr);
@@ -160,18 +163,51 @@ fn retransmit_detail(out: &mut BytesMut, detail: &Retransmit) {
     out.extend_from_slice(b",\"kind\":\"");
     out.extend_from_slice(detail.kind.name().as_bytes());
     out.put_u8(b'"');
-    if let Some(rto_ms) = detail.rto_ms() {
+    timer(
+        out,
+        detail.rto_ms(),
+        detail.backoff,
+        detail.attempt,
+        detail.srtt_us,
+    );
+}
+
+/// The timeout in force (when the tick rate is known), its backoff, the timeouts in a row and
+/// the smoothed round-trip time (once measured): on retransmit and congestion lines.
+fn timer(out: &mut BytesMut, rto_ms: Option<u64>, backoff: u8, attempt: u8, srtt_us: Option<u32>) {
+    if let Some(rto_ms) = rto_ms {
         out.extend_from_slice(b",\"rto_ms\":");
         write::uint(out, rto_ms);
     }
     out.extend_from_slice(b",\"backoff\":");
-    write::uint(out, detail.backoff);
+    write::uint(out, backoff);
     out.extend_from_slice(b",\"attempt\":");
-    write::uint(out, detail.attempt);
-    if let Some(srtt_us) = detail.srtt_us {
+    write::uint(out, attempt);
+    if let Some(srtt_us) = srtt_us {
         out.extend_from_slice(b",\"srtt_us\":");
         write::uint(out, srtt_us);
     }
+}
+
+/// A congestion state change: the socket's state, the congestion states left and entered, and
+/// what the socket held before the change (`rto_ms` only when the tick rate is known, `srtt_us`
+/// once the socket measured one).
+fn congestion(out: &mut BytesMut, change: &Congestion) {
+    out.extend_from_slice(b",\"state\":");
+    state(out, change.state);
+    out.extend_from_slice(b",\"from\":\"");
+    let _ = write!(out, "{}", change.from);
+    out.extend_from_slice(b"\",\"to\":\"");
+    let _ = write!(out, "{}", change.to);
+    out.extend_from_slice(b"\",\"cwnd\":");
+    write::uint(out, change.cwnd);
+    timer(
+        out,
+        change.rto_ms(),
+        change.backoff,
+        change.attempt,
+        change.srtt_us,
+    );
 }
 
 /// Why a connection ended and what it carried (BTF mode's CLOSE lines).
@@ -362,6 +398,34 @@ mod tests {
         for key in ["kind", "rto_ms", "backoff", "attempt", "srtt_us"] {
             assert!(v.get(key).is_none(), "{key} in {v}");
         }
+    }
+
+    #[test]
+    fn a_congestion_change_golden() {
+        crate::tick_rate::assume(250);
+        let mut raw = raw_state(tcp_state::ESTABLISHED, 0);
+        raw.kind = tcptrace_common::KIND_CONGESTION;
+        raw.flags = EVENT_HAS_STATE;
+        raw.oldstate = u32::from(tcptrace_common::ca_state::OPEN);
+        raw.newstate = u32::from(tcptrace_common::ca_state::RECOVERY);
+        raw.cookie = 77;
+        raw.end = tcptrace_common::CongestionDetail {
+            rto_jiffies: 51,
+            srtt_us: 85,
+            cwnd: 10,
+            state: tcp_state::ESTABLISHED as u8,
+            attempt: 0,
+            backoff: 0,
+            _pad: 0,
+        }
+        .into_end();
+        assert_eq!(
+            line(&raw),
+            "{\"type\":\"congestion\",\"time\":\"2026-11-25T13:45:07.000000042Z\",\"pid\":4242,\"comm\":\"curl\",\
+             \"family\":\"ipv4\",\"saddr\":\"127.0.0.1\",\"sport\":40000,\"daddr\":\"127.0.0.2\",\"dport\":80,\
+             \"state\":\"ESTABLISHED\",\"from\":\"open\",\"to\":\"recovery\",\"cwnd\":10,\"rto_ms\":204,\
+             \"backoff\":0,\"attempt\":0,\"srtt_us\":85,\"skaddr\":\"0xffff888012345678\",\"cookie\":77}\n"
+        );
     }
 
     #[test]

@@ -154,6 +154,9 @@ impl Text {
             }
             Kind::RetransmitSynack => write!(out, "{:<12} !! {:<12} -", "SYN_RECV", "RETRANS"),
             Kind::Snapshot { state } => write!(out, "{state:<12} :: {:<12} -", "EXISTING"),
+            Kind::Congestion(change) => {
+                write!(out, "{:<12} ~~ {:<12} -", change.state, "CONGESTION")
+            }
         };
         if self.wide {
             // The states and the duration, padded so that the column after them lines up.
@@ -169,6 +172,13 @@ impl Text {
         }
         if let Some(detail) = &event.retransmit {
             retransmit(out, detail);
+        }
+        if let Kind::Congestion(change) = &event.kind {
+            let _ = write!(
+                out,
+                " {} -> {} cwnd={}",
+                change.from, change.to, change.cwnd
+            );
         }
         out.put_u8(b'\n');
     }
@@ -432,6 +442,27 @@ mod tests {
         let out = line(&text, &raw);
         assert!(
             out.ends_with("!! RETRANS      - tlp rto=816ms\n"),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn a_congestion_change_shows_the_states_and_the_window() {
+        let text = Text::new(false, false);
+        let mut raw = raw_state(tcp_state::ESTABLISHED, 0);
+        raw.kind = tcptrace_common::KIND_CONGESTION;
+        raw.flags = EVENT_HAS_STATE;
+        raw.oldstate = u32::from(tcptrace_common::ca_state::RECOVERY);
+        raw.newstate = u32::from(tcptrace_common::ca_state::OPEN);
+        raw.end = tcptrace_common::CongestionDetail {
+            cwnd: 7,
+            state: tcp_state::CLOSE_WAIT as u8,
+            ..Default::default()
+        }
+        .into_end();
+        let out = line(&text, &raw);
+        assert!(
+            out.ends_with("CLOSE_WAIT   ~~ CONGESTION   - recovery -> open cwnd=7\n"),
             "{out:?}"
         );
     }
