@@ -52,6 +52,15 @@ pub const OFFSETS_GLOBAL: &str = "OFFSETS";
 /// BTF mode: the offset of `struct tcp_sock`'s `snd_cwnd`, a global of its own so that only the
 /// congestion program loads it (the other programs' stacks stay as they are).
 pub const SND_CWND_OFFSET_GLOBAL: &str = "SND_CWND_OFFSET";
+/// BTF mode: the connections each listener's full accept queue dropped, keyed by the listener's
+/// socket cookie (LRU, per CPU); userspace reads it once a second, sums the CPUs and writes a
+/// line per listener whose count grew.
+pub const LISTEN_DROPS_MAP: &str = "LISTEN_DROPS";
+/// Capacity of `LISTEN_DROPS`: listeners that dropped connections, the least recent forgotten
+/// first (their drops stay counted in `COUNTERS`).
+pub const MAX_DROPPING_LISTENERS: u32 = 1_024;
+/// The [`ListenDropLayout`] global (BTF mode).
+pub const LISTEN_DROP_LAYOUT_GLOBAL: &str = "LISTEN_DROP_LAYOUT";
 /// The [`Config`] global.
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 /// The [`StateLayout`] global.
@@ -75,8 +84,14 @@ pub const COUNTER_RINGBUF_FULL: u32 = 0;
 /// `COUNTERS` slot: transitions into the state the socket was already in (`FIN_WAIT1 ->
 /// FIN_WAIT1`: close() after shutdown() while the FIN waits to go out), folded in the kernel.
 pub const COUNTER_STATE_REPEATS: u32 = 1;
+/// `COUNTERS` slot: connections a listener's full accept queue dropped as their handshake's
+/// last ACK came (`SKB_DROP_REASON_TCP_LISTEN_OVERFLOW`).
+pub const COUNTER_LISTEN_OVERFLOW: u32 = 2;
+/// `COUNTERS` slot: SYN-cookie ACKs a listener's full accept queue dropped
+/// (`SKB_DROP_REASON_NO_SOCKET` with the listener as the receiving socket).
+pub const COUNTER_LISTEN_NO_SOCKET: u32 = 3;
 /// Number of `COUNTERS` slots.
-pub const COUNTER_SLOTS: u32 = 2;
+pub const COUNTER_SLOTS: u32 = 4;
 
 /// `Event::kind`: a state transition (`sock:inet_sock_set_state`).
 pub const KIND_STATE: u16 = 1;
@@ -151,6 +166,8 @@ pub const FILTER_ENDS: u32 = 1 << 10;
 pub const FILTER_FAILURES: u32 = 1 << 11;
 /// `Config::filters` bit: trace congestion state changes (BTF mode, `tcp_cong_state_set`).
 pub const TRACE_CONGESTION: u32 = 1 << 12;
+/// `Config::filters` bit: count what listeners' full accept queues drop (BTF mode, `kfree_skb`).
+pub const TRACE_LISTEN_DROPS: u32 = 1 << 13;
 
 /// Linux address families as the tracepoints report them.
 pub const AF_INET: u16 = 2;
@@ -178,6 +195,45 @@ pub const fn record_copy_len(record_size: u16) -> u32 {
 
 /// An offset value meaning "this kernel's tracepoint has no such field".
 pub const FIELD_ABSENT: u16 = u16::MAX;
+
+/// BTF mode: what the drop program reads, from this kernel's BTF: the values of `enum
+/// skb_drop_reason` it counts (Linux 6.15+ has `TCP_LISTEN_OVERFLOW`; 6.11+ passes the receiving
+/// socket), and where `struct sock` keeps its accept queue's fill and limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenDropLayout {
+    pub listen_overflow: u32,
+    pub no_socket: u32,
+    pub sk_ack_backlog: u32,
+    pub sk_max_ack_backlog: u32,
+}
+
+/// `LISTEN_DROPS` value, one CPU's: what a listener dropped on this CPU since it was first seen,
+/// who it is, and its accept queue's fill and limit at its latest drop here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenDrops {
+    /// Dropped with `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW`.
+    pub overflow: u64,
+    /// SYN-cookie ACKs dropped (`SKB_DROP_REASON_NO_SOCKET` at the listener).
+    pub no_socket: u64,
+    pub saddr: Bytes16,
+    pub comm: Bytes16,
+    pub cgroup_id: u64,
+    pub skaddr: u64,
+    /// `CLOCK_MONOTONIC` nanoseconds of the latest drop.
+    pub last_ns: u64,
+    pub pid: u32,
+    pub netns: u32,
+    /// `sk_ack_backlog`: connections waiting in the accept queue at the latest drop.
+    pub ack_backlog: u32,
+    /// `sk_max_ack_backlog`: the queue's limit (the backlog `listen()` was given, capped by
+    /// `net.core.somaxconn`).
+    pub max_ack_backlog: u32,
+    pub family: u16,
+    pub sport: u16,
+    pub _pad: u32,
+}
 
 /// Sixteen bytes (an address, a command name), 8-byte aligned so that both sides copy them as
 /// two words: the eBPF target otherwise copies byte by byte.
@@ -737,6 +793,8 @@ mod user {
     unsafe impl aya::Pod for super::ContainerFilter {}
     unsafe impl aya::Pod for super::TimewaitRecord {}
     unsafe impl aya::Pod for super::Holder {}
+    unsafe impl aya::Pod for super::ListenDropLayout {}
+    unsafe impl aya::Pod for super::ListenDrops {}
 }
 
 /// Where a state transition's owner, time in the old state and retransmit count come from. tracefs

@@ -13,6 +13,7 @@ mod congestion;
 mod emit;
 mod holders;
 mod identity;
+mod listen_drops;
 mod record;
 mod tracefs;
 
@@ -20,14 +21,15 @@ use aya_ebpf::{
     Global,
     bindings::BPF_F_NO_PREALLOC,
     macros::{btf_map, btf_tracepoint, map, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
 };
 use tcptrace_common::{
     Bytes16, COUNTER_SLOTS, Config, ContainerFilter, DEFAULT_MAX_SOCKETS,
     DEFAULT_RING_BUFFER_BYTES, Forked, Holder, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK,
-    KernelOffsets, ListenerOwner, MAX_FILTER_ENTRIES, MAX_HOLDERS, MAX_LISTENERS, MAX_PROCESSES,
-    RetransmitLayout, SocketState, StateLayout,
+    KernelOffsets, ListenDropLayout, ListenDrops, ListenerOwner, MAX_DROPPING_LISTENERS,
+    MAX_FILTER_ENTRIES, MAX_HOLDERS, MAX_LISTENERS, MAX_PROCESSES, RetransmitLayout, SocketState,
+    StateLayout,
 };
 
 #[unsafe(no_mangle)]
@@ -52,6 +54,15 @@ static OFFSETS: Global<KernelOffsets> = Global::new(unsafe { core::mem::zeroed()
 #[unsafe(no_mangle)]
 static SND_CWND_OFFSET: Global<u32> = Global::new(0);
 
+/// The drop reasons and accept-queue fields, for the listen drop program only.
+#[unsafe(no_mangle)]
+static LISTEN_DROP_LAYOUT: Global<ListenDropLayout> = Global::new(ListenDropLayout {
+    listen_overflow: 0,
+    no_socket: 0,
+    sk_ack_backlog: 0,
+    sk_max_ack_backlog: 0,
+});
+
 #[unsafe(no_mangle)]
 static CONTAINER_FILTER: Global<ContainerFilter> = Global::new(unsafe { core::mem::zeroed() });
 
@@ -66,6 +77,13 @@ static SOCKETS: LruHashMap<u64, SocketState> = LruHashMap::with_max_entries(DEFA
 
 #[map]
 static LISTENERS: LruHashMap<u16, ListenerOwner> = LruHashMap::with_max_entries(MAX_LISTENERS, 0);
+
+/// BTF mode: what each listener's full accept queue dropped, by the listener's cookie. Per CPU:
+/// the counts are added to without atomics (the BPF target has no 64-bit fetch-and-add in Rust),
+/// and a flood at one listener from every CPU shares no cache line.
+#[map]
+static LISTEN_DROPS: LruPerCpuHashMap<u64, ListenDrops> =
+    LruPerCpuHashMap::with_max_entries(MAX_DROPPING_LISTENERS, 0);
 
 #[map]
 static FORKED: LruHashMap<u32, Forked> = LruHashMap::with_max_entries(MAX_PROCESSES, 0);
@@ -175,6 +193,13 @@ pub fn btf_tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_cong_state_set")]
 pub fn btf_tcp_cong_state_set(ctx: BtfTracePointContext) -> i32 {
     match congestion::changed(&ctx) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn btf_kfree_skb(ctx: BtfTracePointContext) -> i32 {
+    match listen_drops::dropped(&ctx) {
         Ok(()) | Err(()) => 0,
     }
 }

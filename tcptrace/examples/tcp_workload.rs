@@ -5,7 +5,7 @@
 //! `tcp_workload server ADDR COMM [reuseport]` binds ADDR (port 0 picks one; with `reuseport`,
 //! SO_REUSEPORT first) and prints `bound PORT`;
 //! `tcp_workload client COMM` waits for `connect ADDR`. Then each stdin line is one step, answered
-//! with `ok` once done: `listen`, `listen-from-thread` (from a thread named `tt-listener`),
+//! with `ok` once done: `listen [BACKLOG]` (4096 unless given), `listen-from-thread` (from a thread named `tt-listener`),
 //! `accept`, `connect ADDR`, `connect-from-thread ADDR` (from a thread named `tt-worker`),
 //! `rename COMM` (the main thread's name, which is the process's), `echo` (read a byte, write it back),
 //! `send` (write a byte, read the reply), `write` (a byte), `accept-many N` (accept and hold N
@@ -48,13 +48,16 @@ fn main() {
         let line = line.unwrap_or_else(|e| fail(&format!("stdin: {e}")));
         let mut words = line.split_whitespace();
         match (words.next(), words.next()) {
-            (Some(step @ ("listen" | "listen-from-thread")), _) => {
+            (Some(step @ ("listen" | "listen-from-thread")), backlog) => {
                 let fd = socket
                     .take()
                     .unwrap_or_else(|| fail("listen: nothing bound"));
+                let backlog: libc::c_int = backlog.map_or(4096, |b| {
+                    b.parse().unwrap_or_else(|e| fail(&format!("backlog: {e}")))
+                });
                 let listen = move || {
                     // SAFETY: `fd` is a bound TCP socket we own.
-                    if unsafe { libc::listen(fd.as_raw_fd(), 4096) } != 0 {
+                    if unsafe { libc::listen(fd.as_raw_fd(), backlog) } != 0 {
                         fail(&format!("listen: {}", std::io::Error::last_os_error()));
                     }
                     fd

@@ -66,6 +66,11 @@ pub struct Cli {
     #[arg(skip)]
     pub cgroup_ids: Vec<u64>,
 
+    /// Whether `--events` was given (set by `parse_checked`): a kind it names must be traced, one
+    /// of the defaults only where the kernel can.
+    #[arg(skip)]
+    pub events_given: bool,
+
     /// Trace IPv4 sockets only.
     #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
     pub ipv4: bool,
@@ -74,12 +79,13 @@ pub struct Cli {
     #[arg(short = '6', long = "ipv6")]
     pub ipv6: bool,
 
-    /// Which events to trace.
+    /// Which events to trace. listen-drops is on by default where the kernel reports them (BTF
+    /// mode, Linux 6.15+); named here, a kernel that does not is an error.
     #[arg(
         long = "events",
         value_name = "KIND[,KIND...]",
         value_delimiter = ',',
-        default_value = "states,retransmits"
+        default_value = "states,retransmits,listen-drops"
     )]
     pub events: Vec<EventKind>,
 
@@ -202,6 +208,9 @@ pub enum EventKind {
     /// Congestion state changes: open, disorder, cwr, recovery, loss (tcp:tcp_cong_state_set;
     /// BTF mode, Linux 6.3+). The metrics count them without it.
     Congestion,
+    /// Connections a listener's full accept queue dropped: one line per listener per second
+    /// with the count (skb:kfree_skb; BTF mode, Linux 6.15+). The metrics count them without it.
+    ListenDrops,
     /// One line per connection when it ends, with its bytes each way, lifetime and why it ended
     /// (what tcplife shows). Not with the other kinds.
     Connections,
@@ -289,7 +298,11 @@ fn parse_buffer_size(value: &str) -> Result<usize, String> {
 impl Cli {
     /// Parses the command line; exits 2 with a message on bad input, before the kernel is touched.
     pub fn parse_checked() -> Self {
-        let mut cli = Self::parse();
+        let matches = <Self as clap::CommandFactory>::command().get_matches();
+        let mut cli =
+            <Self as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        cli.events_given =
+            matches.value_source("events") == Some(clap::parser::ValueSource::CommandLine);
         for (flag, len) in [
             ("--pid", cli.pids.len()),
             ("--netns", cli.netns.len()),
@@ -380,6 +393,11 @@ impl Cli {
         self.events.contains(&kind)
     }
 
+    /// `--events listen-drops` named on the command line.
+    pub fn requires_listen_drops(&self) -> bool {
+        self.events_given && self.traces(EventKind::ListenDrops)
+    }
+
     /// Only the lines that end connections: `--events connections` or `--failures`.
     pub fn ends_only(&self) -> bool {
         self.failures || self.traces(EventKind::Connections)
@@ -401,7 +419,14 @@ mod tests {
         let cli = parse(&[]).unwrap();
         assert!(cli.pids.is_empty() && cli.ports.is_empty());
         assert_eq!(cli.format, Format::Text);
-        assert_eq!(cli.events, [EventKind::States, EventKind::Retransmits]);
+        assert_eq!(
+            cli.events,
+            [
+                EventKind::States,
+                EventKind::Retransmits,
+                EventKind::ListenDrops
+            ]
+        );
         assert_eq!(cli.ring_buffer_size, 4 << 20);
         assert_eq!(cli.max_sockets, 65536);
         assert_eq!(cli.mode, ModeChoice::Auto);

@@ -12,7 +12,9 @@ use tcptrace_common::{
     KIND_TIMEWAIT, RetransmitDetail, tcp_state,
 };
 
-use crate::{congestion::Congestion, ending::Ending, retransmit::Retransmit};
+use crate::{
+    congestion::Congestion, ending::Ending, listen_drops::ListenDrop, retransmit::Retransmit,
+};
 
 /// A kernel TCP state; numbers this build does not know are kept as `Unknown`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -128,6 +130,9 @@ pub enum Kind {
     },
     /// BTF mode: the socket's congestion state changed.
     Congestion(Congestion),
+    /// BTF mode: what a listener's full accept queue dropped since its last such line (made by
+    /// userspace from the kernel side's table, never a ring buffer record).
+    ListenDrop(ListenDrop),
 }
 
 impl Kind {
@@ -139,6 +144,7 @@ impl Kind {
             Self::RetransmitSynack => TcpState::SynRecv,
             Self::Snapshot { state } => state,
             Self::Congestion(change) => change.state,
+            Self::ListenDrop(_) => TcpState::Listen,
         }
     }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use tcptrace_common::{
     FILTER_CGROUP, FILTER_CONTAINER, FILTER_ENDS, FILTER_FAILURES, FILTER_IPV4, FILTER_IPV6,
     FILTER_NETNS, FILTER_PID, FILTER_PORT, PORT_LOCAL, PORT_REMOTE, TRACE_CONGESTION,
-    TRACE_RETRANSMITS, TRACE_STATES,
+    TRACE_LISTEN_DROPS, TRACE_RETRANSMITS, TRACE_STATES,
 };
 
 use crate::cli::{Cli, EventKind};
@@ -69,6 +69,11 @@ impl Filters {
                 cli.traces(EventKind::Congestion) || cli.metrics_addr.is_some(),
                 TRACE_CONGESTION,
             ),
+            (
+                (cli.traces(EventKind::ListenDrops) && !cli.ends_only())
+                    || cli.metrics_addr.is_some(),
+                TRACE_LISTEN_DROPS,
+            ),
             (cli.ends_only(), FILTER_ENDS),
             (cli.failures, FILTER_FAILURES),
         ]
@@ -103,7 +108,7 @@ mod tests {
         assert_eq!(
             filters(&[]),
             Filters {
-                bits: TRACE_STATES | TRACE_RETRANSMITS,
+                bits: TRACE_STATES | TRACE_RETRANSMITS | TRACE_LISTEN_DROPS,
                 ..Filters::default()
             }
         );
@@ -145,7 +150,7 @@ mod tests {
         assert_eq!(f.container.as_deref(), Some("abcdef012345"));
         assert_eq!(
             f.bits,
-            FILTER_NETNS | FILTER_CONTAINER | TRACE_STATES | TRACE_RETRANSMITS
+            FILTER_NETNS | FILTER_CONTAINER | TRACE_STATES | TRACE_RETRANSMITS | TRACE_LISTEN_DROPS
         );
     }
 

@@ -10,6 +10,7 @@ pub mod ending;
 pub mod event;
 pub mod filter;
 pub mod kernel;
+pub mod listen_drops;
 pub mod metrics;
 pub mod metrics_endpoint;
 pub mod output;

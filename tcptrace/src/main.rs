@@ -10,6 +10,7 @@ use tcptrace::{
     cli::{Cli, EventKind, Format},
     filter::Filters,
     kernel,
+    listen_drops::HostCounters,
     metrics::Metrics,
     metrics_endpoint,
     output::{Destination, Formatter, text::Text},
@@ -79,6 +80,7 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
     // when the host has no build configuration (its clock's file is root's).
     let tick_rate = (cli.traces(EventKind::Retransmits) || cli.traces(EventKind::Congestion))
         .then(tcptrace::tick_rate::start);
+    let host_listen_counters = HostCounters::read();
     let loaded = kernel::load(&kernel::Settings {
         mode: cli.mode,
         filters: &filters,
@@ -88,6 +90,7 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
         debug: cli.debug,
         cgroup_mount: cgroup_mount.as_deref(),
         congestion_lines: cli.traces(EventKind::Congestion),
+        listen_drops_required: cli.requires_listen_drops(),
     })?;
     if let Some(tick_rate) = tick_rate {
         tick_rate.finish();
@@ -119,6 +122,7 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
             failures_only: cli.failures,
             time_wait: !cli.no_time_wait,
             congestion_lines: cli.traces(EventKind::Congestion),
+            listen_drop_lines: cli.traces(EventKind::ListenDrops),
         },
     )
     .await?;
@@ -131,8 +135,29 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
             0 => String::new(),
             n => format!(", {n} malformed records skipped"),
         };
+        // What listeners dropped, when anything was: per listener where tcptrace traces them,
+        // and the kernel's own count, which includes the SYNs no listener can be named for.
+        let counted = summary.listen_drops.filter(|&(o, n)| o + n > 0);
+        let grew = host_listen_counters
+            .zip(HostCounters::read())
+            .map(|(before, after)| after.since(&before))
+            .filter(|grew| *grew != HostCounters::default());
+        let mut listen = String::new();
+        if counted.is_some() || grew.is_some() {
+            if let Some((overflow, no_socket)) = summary.listen_drops {
+                listen.push_str(&format!(
+                    "; {} connections dropped at traced listeners' full accept queues (listen_overflow {overflow}, no_socket {no_socket})",
+                    overflow + no_socket
+                ));
+            }
+            let grew = grew.unwrap_or_default();
+            listen.push_str(&format!(
+                "; the kernel's counters (this network namespace): ListenOverflows +{}, ListenDrops +{}",
+                grew.overflows, grew.drops
+            ));
+        }
         eprintln!(
-            "tcptrace: {} events written, {} events lost{unwritten}{malformed}",
+            "tcptrace: {} events written, {} events lost{unwritten}{malformed}{listen}",
             summary.written, summary.lost
         );
     }

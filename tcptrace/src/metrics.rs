@@ -88,6 +88,11 @@ struct CongestionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenDropLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: StateName,
 }
@@ -113,6 +118,7 @@ pub struct Metrics {
     retransmit_failures: Family<(StateLabels, ContainerLabel), Counter>,
     retransmit_kinds: Family<(KindLabels, ContainerLabel), Counter>,
     congestion: Family<(CongestionLabels, ContainerLabel), Counter>,
+    listen_drops: Family<ListenDropLabels, Counter>,
     durations: Family<(StateLabels, ContainerLabel), Histogram>,
     closed: Family<(ReasonLabels, ContainerLabel), Counter>,
     time_wait: Gauge,
@@ -156,6 +162,12 @@ impl Metrics {
             "congestion_changes",
             "Congestion state changes (BTF mode, Linux 6.3+), by the state left and entered: open, disorder, cwr, recovery, loss",
             congestion.clone(),
+        );
+        let listen_drops = Family::default();
+        registry.register(
+            "listen_drops",
+            "Connections listeners' full accept queues dropped (BTF mode, Linux 6.15+), by reason: listen_overflow (a handshake's last ACK), no_socket (a SYN-cookie ACK). SYNs dropped at a full queue are not among them: see the kernel's ListenOverflows",
+            listen_drops.clone(),
         );
         // 10 us to about 42 s: connect latency on a LAN through slow closers.
         let durations = Family::<_, Histogram>::new_with_constructor(|| {
@@ -210,6 +222,7 @@ impl Metrics {
             retransmit_failures,
             retransmit_kinds,
             congestion,
+            listen_drops,
             durations,
             closed,
             time_wait,
@@ -279,7 +292,8 @@ impl Metrics {
                     self.retransmit_kind(event, container);
                 }
             }
-            Kind::Snapshot { .. } => {}
+            // Counted from the kernel side's counters, every drop (`update`).
+            Kind::Snapshot { .. } | Kind::ListenDrop(_) => {}
             Kind::Congestion(change) => {
                 let labels = CongestionLabels {
                     from: CaStateName(change.from),
@@ -329,8 +343,22 @@ impl Metrics {
         let Counters {
             lost,
             state_repeats,
+            listen_overflow,
+            listen_no_socket,
         } = *counters;
         self.lost.inc_by(lost.saturating_sub(self.lost.get()));
+        for (reason, total) in [
+            ("listen_overflow", listen_overflow),
+            ("no_socket", listen_no_socket),
+        ] {
+            // A series appears with the first drop.
+            if total > 0 {
+                let counter = self
+                    .listen_drops
+                    .get_or_create(&ListenDropLabels { reason });
+                counter.inc_by(total.saturating_sub(counter.get()));
+            }
+        }
         self.state_repeats
             .inc_by(state_repeats.saturating_sub(self.state_repeats.get()));
     }
@@ -400,10 +428,14 @@ mod tests {
         metrics.update(&Counters {
             lost: 7,
             state_repeats: 1,
+            listen_overflow: 0,
+            listen_no_socket: 4,
         });
         metrics.update(&Counters {
             lost: 9,
             state_repeats: 3,
+            listen_overflow: 0,
+            listen_no_socket: 6,
         });
         let text = metrics.encode();
         assert!(
@@ -412,6 +444,12 @@ mod tests {
             ),
             "{text}"
         );
+        // Listen drops: the kernel side's running totals, a series per reason seen.
+        assert!(
+            text.contains("tcptrace_listen_drops_total{reason=\"no_socket\"} 6\n"),
+            "{text}"
+        );
+        assert!(!text.contains("reason=\"listen_overflow\""), "{text}");
         assert!(
             text.contains("tcptrace_state_duration_seconds_count{state=\"SYN_SENT\"} 3\n"),
             "{text}"

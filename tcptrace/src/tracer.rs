@@ -16,6 +16,7 @@ use crate::{
     cgroup::Cgroups,
     event::{Kind, TcpEvent, TcpState, WallClock, decode},
     kernel::{Attached, Loaded, Mode, TimewaitScan},
+    listen_drops::ListenDropLines,
     metrics::Metrics,
     output::{Chunk, Destination, Formatter, MAX_LINE, Outcome, Room, Writer},
     process_names::ProcessNames,
@@ -54,6 +55,8 @@ pub struct Summary {
     pub unwritten: u64,
     /// The reader of our output went away (a closed pipe): stop quietly.
     pub reader_gone: bool,
+    /// Where listen drops were traced: those counted, `listen_overflow` and `no_socket`.
+    pub listen_drops: Option<(u64, u64)>,
 }
 
 /// Settings of the run loop from the command line.
@@ -70,6 +73,8 @@ pub struct Options {
     pub time_wait: bool,
     /// `--events congestion`: congestion state changes are written, not only counted.
     pub congestion_lines: bool,
+    /// `--events listen-drops`: listen drops are written, not only counted.
+    pub listen_drop_lines: bool,
 }
 
 /// The timewait scan and what it follows.
@@ -86,6 +91,11 @@ struct Tracer {
     ends_only: bool,
     failures_only: bool,
     congestion_lines: bool,
+    /// BTF mode, where the kernel reports them: the listen drop table, read once a second.
+    listen_drops: Option<ListenDropLines>,
+    listen_drop_lines: bool,
+    /// The listen drop lines of the latest read.
+    listen_drop_events: Vec<TcpEvent>,
     cgroups: Cgroups,
     /// tracefs mode: process names in place of thread names.
     process_names: Option<ProcessNames>,
@@ -124,6 +134,7 @@ pub async fn run(
         mode,
         snapshot,
         timewait,
+        listen_drops,
     } = loaded;
     let mut buf = BytesMut::with_capacity(BUFFER);
     if destination.is_empty_file() {
@@ -142,6 +153,9 @@ pub async fn run(
         ends_only: options.ends_only,
         failures_only: options.failures_only,
         congestion_lines: options.congestion_lines,
+        listen_drops: listen_drops.map(ListenDropLines::new),
+        listen_drop_lines: options.listen_drop_lines,
+        listen_drop_events: Vec::new(),
         cgroups,
         process_names: (mode == Mode::Tracefs).then(ProcessNames::default),
         metrics,
@@ -164,6 +178,8 @@ pub async fn run(
     drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut lost_tick = interval(LOST_INTERVAL);
     lost_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut listen_drop_tick = interval(crate::listen_drops::INTERVAL);
+    listen_drop_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let scans = tracer.timewaits.is_some();
     // The first scan reads the kernel's clock, and what a scan costs on this host.
     let cost = if scans {
@@ -196,6 +212,9 @@ pub async fn run(
                 tracer.attached.flush_log();
             }
             _ = lost_tick.tick() => tracer.report_lost()?,
+            _ = listen_drop_tick.tick(), if tracer.listen_drops.is_some() => {
+                tracer.read_listen_drops();
+            }
             () = tokio::time::sleep_until(next_scan), if scans && waiting.is_none() => {
                 // What the ring buffer holds first: the hand-overs the scan judges.
                 tracer.drain(ring.get_mut());
@@ -212,6 +231,8 @@ pub async fn run(
             _ = signals.terminate.recv() => break,
         }
     }
+    // The drops since the last read get their lines.
+    tracer.read_listen_drops();
     // A last scan: connections that entered TIME_WAIT since the last one get their line.
     if scans {
         tracer.drain(ring.get_mut());
@@ -310,6 +331,7 @@ impl Tracer {
     fn write(&mut self, event: &TcpEvent, clock: &WallClock) {
         let (line, counted) = match event.kind {
             Kind::Congestion(_) => (self.congestion_lines && !self.ends_only, true),
+            Kind::ListenDrop(_) => (self.listen_drop_lines && !self.ends_only, true),
             _ => {
                 let line = !self.ends_only || self.ends_connection(event);
                 (line, line)
@@ -432,6 +454,27 @@ impl Tracer {
         }
     }
 
+    /// Writes a line per listener whose accept queue dropped connections since the last read.
+    fn read_listen_drops(&mut self) {
+        let Some(table) = &mut self.listen_drops else {
+            return;
+        };
+        let mut lines = std::mem::take(&mut self.listen_drop_events);
+        if let Err(e) = table.read(&mut lines) {
+            eprintln!("tcptrace: warning: {e:#}");
+        }
+        let clock = WallClock::sample();
+        for line in lines.drain(..) {
+            if self.buf.capacity() - self.buf.len() < MAX_LINE {
+                self.push();
+                self.buf.reserve(BUFFER);
+            }
+            self.write(&line, &clock);
+        }
+        self.listen_drop_events = lines;
+        self.push();
+    }
+
     /// Reports events the kernel dropped since the last report.
     fn report_lost(&mut self) -> anyhow::Result<()> {
         let counters = self.attached.counters()?;
@@ -511,6 +554,7 @@ impl Tracer {
             malformed: self.malformed,
             unwritten: (self.chunked + self.buf_events + unread).saturating_sub(written),
             reader_gone: false,
+            listen_drops: self.listen_drops_counted(),
         })
     }
 
@@ -526,9 +570,17 @@ impl Tracer {
                 written: self.writer.written(),
                 lost: self.lost,
                 malformed: self.malformed,
+                listen_drops: self.listen_drops_counted(),
                 ..Summary::default()
             }),
         }
+    }
+
+    /// The listen drops the kernel side counted, where it traces them.
+    fn listen_drops_counted(&self) -> Option<(u64, u64)> {
+        self.listen_drops.as_ref()?;
+        let counters = self.attached.counters().ok()?;
+        Some((counters.listen_overflow, counters.listen_no_socket))
     }
 }
 

@@ -10,7 +10,7 @@ use std::{io::Write as _, process::Command, thread, time::Duration};
 
 use serde_json::Value;
 use support::{
-    Netns, TCPTRACE, Tracer,
+    Netns, TCPTRACE, Tracer, assert_refused,
     lossy::{Blackhole, Server, WAIT, abort, client_retransmits, lose_one_segment},
     tracefs_mode,
 };
@@ -27,29 +27,15 @@ fn congestion_lines_refused_here() -> bool {
     if !tracefs_mode() && kernel_has_tracepoint() {
         return false;
     }
-    let mut command = Command::new(TCPTRACE);
-    command.args(["--events", "congestion", "--format", "json"]);
-    if tracefs_mode() {
-        command.args(["--mode", "tracefs"]);
-    } else {
-        command.args(["--mode", "btf"]);
-    }
-    let out = command.output().expect("run tcptrace");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        out.stdout.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let mode = if tracefs_mode() { "tracefs" } else { "btf" };
     let expected = if tracefs_mode() {
         "--events congestion needs BTF mode"
     } else {
         "this kernel has no tracepoint tcp_cong_state_set"
     };
-    assert!(
-        stderr.lines().count() == 1 && stderr.contains(expected),
-        "{stderr}"
+    assert_refused(
+        &["--events", "congestion", "--format", "json", "--mode", mode],
+        expected,
     );
     true
 }

@@ -59,10 +59,25 @@ struct Traced {
     /// Kernel time and runs of the state program (with `kernel.bpf_stats_enabled`).
     program_ns: u64,
     program_runs: u64,
+    /// Kernel time and runs of the listen drop program (`kfree_skb`), where it runs.
+    drop_program_ns: u64,
+    drop_program_runs: u64,
 }
 
 /// The modes compared, side by side in one run.
 const MODES: [&str; 2] = ["btf", "tracefs"];
+
+/// The churn's traced runs, side by side in one run: each mode as users run it, and BTF mode
+/// without the listen drop program, which runs for every packet the kernel frees with a reason
+/// (about one per closed connection).
+const CHURN_RUNS: [(&str, &[&str]); 3] = [
+    ("btf mode", &["--mode", "btf"]),
+    ("tracefs mode", &["--mode", "tracefs"]),
+    (
+        "btf mode without listen drops",
+        &["--mode", "btf", "--events", "states,retransmits"],
+    ),
+];
 
 pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
     crate::cargo(
@@ -85,15 +100,15 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
 
     // Warm up: the first connections of a fresh run pay for port allocation and caches.
     churn(Duration::from_millis(500))?;
-    let mut ratios = vec![Vec::new(); MODES.len()];
-    let mut traced_runs: Vec<Vec<Traced>> = MODES.iter().map(|_| Vec::new()).collect();
+    let mut ratios = vec![Vec::new(); CHURN_RUNS.len()];
+    let mut traced_runs: Vec<Vec<Traced>> = CHURN_RUNS.iter().map(|_| Vec::new()).collect();
     for pair in 0..options.pairs {
         let (base_conns, base_secs) = churn(window)?;
         let untraced = base_conns as f64 / base_secs;
         let mut line = format!("xtask: round {}: untraced {untraced:.0} conn/s", pair + 1);
-        for (i, mode) in MODES.iter().enumerate() {
-            let output = dir.join(format!("events-{pair}-{mode}.json"));
-            let run = traced(&tcptrace, mode, &output, window)?;
+        for (i, (mode, args)) in CHURN_RUNS.iter().enumerate() {
+            let output = dir.join(format!("events-{pair}-{i}.json"));
+            let run = traced(&tcptrace, args, &output, window)?;
             let rate = run.connections as f64 / run.seconds;
             line.push_str(&format!(
                 ", {mode} {rate:.0} conn/s ({:.3})",
@@ -118,7 +133,7 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
         }
     );
     let mut failures = Vec::new();
-    for (i, mode) in MODES.iter().enumerate() {
+    for (i, (mode, _)) in CHURN_RUNS.iter().enumerate() {
         let runs = &traced_runs[i];
         let ratios = &mut ratios[i];
         let median = median(ratios);
@@ -136,7 +151,7 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
             .map(|r| format!("{r:.3}"))
             .collect::<Vec<_>>()
             .join(" ");
-        println!("{mode} mode:");
+        println!("{mode}:");
         println!(
             "  {:<44} {median:.3} (median; rounds: {pairs})",
             "traced/untraced connections per second"
@@ -158,6 +173,16 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
                 "not measured (kernel.bpf_stats_enabled unavailable)".to_owned()
             }
         );
+        let (drop_ns, drop_runs) = runs.iter().fold((0, 0), |(ns, n), r| {
+            (ns + r.drop_program_ns, n + r.drop_program_runs)
+        });
+        if drop_runs > 0 {
+            println!(
+                "  {:<44} {:.0} ({drop_runs} runs)",
+                "kernel ns per listen drop program run",
+                drop_ns as f64 / drop_runs as f64
+            );
+        }
         println!(
             "  {:<44} {:.2} us",
             "tcptrace CPU time per event",
@@ -172,7 +197,7 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
         // whole host's events, so it may exceed what the bench missed).
         if !(written <= expected && written + lost >= expected) {
             failures.push(format!(
-                "{mode} mode wrote {written} and lost {lost} events for {connections} connections ({expected} expected)"
+                "{mode} wrote {written} and lost {lost} events for {connections} connections ({expected} expected)"
             ));
         }
     }
@@ -451,16 +476,15 @@ pub fn start_tcptrace(
 /// One churn window with tcptrace running as users run it, in `mode`.
 fn traced(
     tcptrace: &Path,
-    mode: &str,
+    args: &[&str],
     output: &PathBuf,
     window: Duration,
 ) -> anyhow::Result<Traced> {
     let _ = std::fs::remove_file(output);
     let output_arg = output.to_string_lossy();
-    let (child, reader) = start_tcptrace(
-        tcptrace,
-        &["--mode", mode, "--format", "json", "--output", &output_arg],
-    )?;
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--format", "json", "--output", &output_arg]);
+    let (child, reader) = start_tcptrace(tcptrace, &all)?;
     let mut port = 0;
     let (connections, seconds) = churn_on(window, |p| port = p)?;
     thread::sleep(Duration::from_millis(200));
@@ -468,6 +492,7 @@ fn traced(
     // spawned from).
     let peak_rss_kib = peak_rss_kib(child.id())?;
     let (program_ns, program_runs) = program_stats();
+    let (drop_program_ns, drop_program_runs) = programs_stats(&["btf_kfree_skb"]);
     // SAFETY: signalling our own child by its pid.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
     let mut status = 0;
@@ -485,7 +510,10 @@ fn traced(
         .iter()
         .rev()
         .find_map(|l| {
-            l.split(", ")
+            // `..., N events lost[, more][; listen drops]`.
+            l.split(';')
+                .next()?
+                .split(", ")
                 .nth(1)?
                 .strip_suffix(" events lost")?
                 .parse()
@@ -523,6 +551,8 @@ fn traced(
         peak_rss_kib,
         program_ns,
         program_runs,
+        drop_program_ns,
+        drop_program_runs,
     })
 }
 

@@ -144,6 +144,8 @@ fn run(args: Args) -> anyhow::Result<()> {
                         "retransmit_kinds",
                         "--test",
                         "congestion",
+                        "--test",
+                        "listen_drops",
                     ],
                     ("TCPTRACE_TEST_MODE", "tracefs"),
                 )?;

@@ -66,6 +66,7 @@ const TESTS: &[(&str, &[&str])] = &[
     ("retransmits", &[]),
     ("retransmit_kinds", &[]),
     ("congestion", &[]),
+    ("listen_drops", &[]),
     (
         "owners",
         &[

@@ -12,14 +12,15 @@ use aya::{
 use tcptrace_common::{
     CONTAINER_FILTER_GLOBAL, ContainerFilter, KERNEL_CGROUP_TAGGED, KERNEL_HAS_CGROUP,
     KERNEL_HAS_IPV6, KERNEL_HAS_NETNS, KERNEL_RETRANSMIT_DETAIL, KERNEL_RETRANSMIT_ERR,
-    KERNEL_RST_REASON, KernelOffsets, OFFSETS_GLOBAL, RETRANSMIT_LAYOUT_GLOBAL,
-    SND_CWND_OFFSET_GLOBAL, SYNACK_LAYOUT_GLOBAL, TRACE_CONGESTION, TRACE_RETRANSMITS,
-    TRACE_SNAPSHOT,
+    KERNEL_RST_REASON, KernelOffsets, LISTEN_DROP_LAYOUT_GLOBAL, LISTEN_DROPS_MAP,
+    ListenDropLayout, OFFSETS_GLOBAL, RETRANSMIT_LAYOUT_GLOBAL, SND_CWND_OFFSET_GLOBAL,
+    SYNACK_LAYOUT_GLOBAL, TRACE_CONGESTION, TRACE_LISTEN_DROPS, TRACE_RETRANSMITS, TRACE_SNAPSHOT,
 };
 
 use super::{
-    EBPF_OBJECT, Loaded, Mode, Settings, VMLINUX_BTF, brief, config, fill_filters, finish, holders,
-    kernel_before, kernel_release, loader, timewait_scan::TimewaitScan, tracefs_mode, vmlinux,
+    EBPF_OBJECT, ListenDropTable, Loaded, Mode, Settings, VMLINUX_BTF, brief, config, fill_filters,
+    finish, holders, kernel_before, kernel_release, loader, timewait_scan::TimewaitScan,
+    tracefs_mode, vmlinux,
 };
 use crate::tracefs;
 
@@ -46,6 +47,7 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
         socket_use,
         error_report,
         congestion,
+        listen_drops,
     ) = {
         let vmlinux = vmlinux::Btf::from_file(Path::new(VMLINUX_BTF))?;
         let mut offsets = offsets(&vmlinux)?;
@@ -70,6 +72,7 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
             vmlinux.tracepoint_args("sock_recv_length").is_some(),
             vmlinux.tracepoint_args("inet_sk_error_report").is_some(),
             congestion_tracepoint(&vmlinux, settings)?,
+            listen_drop_layout(&vmlinux, settings)?,
         )
     };
     if reset_args.is_some_and(|args| args >= 3) {
@@ -112,6 +115,11 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
     let container = container_filter(settings.filters.container.as_deref());
     loader.override_global(CONTAINER_FILTER_GLOBAL, &container, true);
     loader.override_global(SND_CWND_OFFSET_GLOBAL, &snd_cwnd, true);
+    let listen_drop_layout = listen_drops.unwrap_or_default();
+    loader.override_global(LISTEN_DROP_LAYOUT_GLOBAL, &listen_drop_layout, true);
+    if listen_drops.is_none() {
+        loader.map_max_entries(LISTEN_DROPS_MAP, 1);
+    }
     for (name, layout) in &classic {
         let global = if *name == "tcp_retransmit_skb" {
             RETRANSMIT_LAYOUT_GLOBAL
@@ -165,6 +173,15 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
             "tcp_cong_state_set",
         )?);
     }
+
+    // Connections listeners' full accept queues dropped: counted per listener in the kernel,
+    // read once a second.
+    let listen_drop_table = if listen_drops.is_some() {
+        programs.push(attach(&mut ebpf, &btf, "btf_kfree_skb", "kfree_skb")?);
+        Some(ListenDropTable::take(&mut ebpf)?)
+    } else {
+        None
+    };
 
     // Resets a socket sends before it closes (out of memory, keepalive, an abort) name the
     // kernel's reason on its CLOSE line.
@@ -247,6 +264,7 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
     let timewait = TimewaitScan::load(&mut ebpf, &btf)?;
     let mut loaded = finish(ebpf, programs, Mode::Btf, snapshot, log_level)?;
     loaded.timewait = Some(timewait);
+    loaded.listen_drops = listen_drop_table;
     Ok(loaded)
 }
 
@@ -267,6 +285,25 @@ fn congestion_tracepoint(
     match found {
         None if settings.congestion_lines => bail!(
             "--events congestion: this kernel has no tracepoint tcp_cong_state_set (Linux 6.3 and later have it)"
+        ),
+        found => Ok(found),
+    }
+}
+
+/// What the listen drop program reads on this kernel: None when listen drops are not asked for
+/// (`--events listen-drops`, or the metrics), or when this kernel does not report them and they
+/// were not named on the command line; named there, a kernel that does not report them is an
+/// error.
+fn listen_drop_layout(
+    btf: &vmlinux::Btf,
+    settings: &Settings<'_>,
+) -> anyhow::Result<Option<ListenDropLayout>> {
+    if settings.filters.bits & TRACE_LISTEN_DROPS == 0 {
+        return Ok(None);
+    }
+    match super::listen_drop_table::layout(btf) {
+        None if settings.listen_drops_required => bail!(
+            "--events listen-drops: this kernel's kfree_skb tracepoint names neither the listener nor the listen overflow (Linux 6.15 and later do)"
         ),
         found => Ok(found),
     }

@@ -12,6 +12,7 @@ mod btf_mode;
 mod diagnostics;
 mod holders;
 mod iterator;
+mod listen_drop_table;
 mod timewait_scan;
 mod tracefs_mode;
 pub mod vmlinux;
@@ -28,10 +29,11 @@ use aya::{
     programs::ProgramFd,
 };
 use aya_obj::generated::bpf_prog_info;
+pub use listen_drop_table::ListenDropTable;
 use tcptrace_common::{
-    CGROUP_FILTER_MAP, CONFIG_GLOBAL, CONTAINER_CGROUPS_MAP, COUNTER_RINGBUF_FULL,
-    COUNTER_STATE_REPEATS, COUNTERS_MAP, Config, EVENTS_MAP, NETNS_FILTER_MAP, PID_FILTER_MAP,
-    PORT_FILTER_MAP,
+    CGROUP_FILTER_MAP, CONFIG_GLOBAL, CONTAINER_CGROUPS_MAP, COUNTER_LISTEN_NO_SOCKET,
+    COUNTER_LISTEN_OVERFLOW, COUNTER_RINGBUF_FULL, COUNTER_STATE_REPEATS, COUNTERS_MAP, Config,
+    EVENTS_MAP, NETNS_FILTER_MAP, PID_FILTER_MAP, PORT_FILTER_MAP,
 };
 pub use timewait_scan::TimewaitScan;
 
@@ -69,6 +71,8 @@ pub struct Loaded {
     pub snapshot: Vec<u8>,
     /// BTF mode: the scan that follows connections held by timewait sockets.
     pub timewait: Option<TimewaitScan>,
+    /// BTF mode, on kernels that report them: what listeners' full accept queues dropped.
+    pub listen_drops: Option<ListenDropTable>,
 }
 
 /// The loaded programs, attached while this lives, and their counters.
@@ -91,6 +95,10 @@ pub struct Counters {
     pub lost: u64,
     /// Transitions into the state a socket was already in, folded in the kernel (no line).
     pub state_repeats: u64,
+    /// Connections listeners' full accept queues dropped at the handshake's last ACK.
+    pub listen_overflow: u64,
+    /// SYN-cookie ACKs listeners' full accept queues dropped.
+    pub listen_no_socket: u64,
 }
 
 impl Attached {
@@ -117,6 +125,8 @@ impl Attached {
         Ok(Counters {
             lost: slot(COUNTER_RINGBUF_FULL)? + skipped,
             state_repeats: slot(COUNTER_STATE_REPEATS)?,
+            listen_overflow: slot(COUNTER_LISTEN_OVERFLOW)?,
+            listen_no_socket: slot(COUNTER_LISTEN_NO_SOCKET)?,
         })
     }
 }
@@ -136,6 +146,9 @@ pub struct Settings<'a> {
     /// `--events congestion`: lines of congestion state changes, which need BTF mode and the
     /// tracepoint (the metrics count them where they can).
     pub congestion_lines: bool,
+    /// `--events listen-drops` named on the command line: an error where the kernel cannot
+    /// report them (by default they are traced where it can).
+    pub listen_drops_required: bool,
 }
 
 /// Loads and attaches the mode `settings.mode` asks for; `auto` takes BTF mode where the kernel
@@ -267,6 +280,7 @@ fn finish(
         mode,
         snapshot,
         timewait: None,
+        listen_drops: None,
     })
 }
 

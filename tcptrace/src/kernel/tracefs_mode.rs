@@ -9,8 +9,9 @@ use aya::{
     programs::{ProgramFd, TracePoint},
 };
 use tcptrace_common::{
-    FILTER_FAILURES, FILTER_NETNS, HOLDERS_MAP, LISTENERS_MAP, RETRANSMIT_LAYOUT_GLOBAL,
-    RetransmitLayout, SOCKETS_MAP, STATE_LAYOUT_GLOBAL, SYNACK_LAYOUT_GLOBAL, TRACE_RETRANSMITS,
+    FILTER_FAILURES, FILTER_NETNS, HOLDERS_MAP, LISTEN_DROPS_MAP, LISTENERS_MAP,
+    RETRANSMIT_LAYOUT_GLOBAL, RetransmitLayout, SOCKETS_MAP, STATE_LAYOUT_GLOBAL,
+    SYNACK_LAYOUT_GLOBAL, TRACE_RETRANSMITS,
 };
 
 use super::{EBPF_OBJECT, Loaded, Mode, Settings, config, fill_filters, finish, loader};
@@ -27,6 +28,11 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
     if settings.congestion_lines {
         bail!(
             "--events congestion needs BTF mode: tracefs mode cannot read a socket's congestion state"
+        );
+    }
+    if settings.listen_drops_required {
+        bail!(
+            "--events listen-drops needs BTF mode: tracefs mode cannot see which listener dropped a connection"
         );
     }
     if settings.snapshot {
@@ -65,6 +71,7 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
         .map_max_entries(SOCKETS_MAP, settings.max_sockets)
         // BTF mode's holders: unused here.
         .map_max_entries(HOLDERS_MAP, 1)
+        .map_max_entries(LISTEN_DROPS_MAP, 1)
         .load(EBPF_OBJECT)
         .context("failed to load the eBPF program")?;
     fill_filters(&mut ebpf, settings.filters)?;

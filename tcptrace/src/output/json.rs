@@ -11,6 +11,7 @@ use crate::{
     congestion::Congestion,
     ending::{Ending, errno_name, rst_reason_name},
     event::{Kind, TcpEvent, TcpState},
+    listen_drops::ListenDrop,
     retransmit::Retransmit,
 };
 
@@ -39,6 +40,7 @@ pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64, cgroup: Option<
         Kind::Retransmit { .. } | Kind::RetransmitSynack => b"{\"type\":\"retransmit\",\"time\":",
         Kind::Snapshot { .. } => b"{\"type\":\"socket\",\"time\":",
         Kind::Congestion(_) => b"{\"type\":\"congestion\",\"time\":",
+        Kind::ListenDrop(_) => b"{\"type\":\"listen_drop\",\"time\":",
     });
     time(out, wall_ns);
     out.extend_from_slice(b",\"pid\":");
@@ -123,6 +125,7 @@ pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64, cgroup: Option<
             state(out, socket_state);
         }
         Kind::Congestion(change) => congestion(out, &change),
+        Kind::ListenDrop(drop) => listen_drop(out, &drop),
     }
     out.extend_from_slice(b",\"skaddr\":\"");
     write::hex(out, skaddr);
@@ -208,6 +211,23 @@ fn congestion(out: &mut BytesMut, change: &Congestion) {
         change.attempt,
         change.srtt_us,
     );
+}
+
+/// What a listener's full accept queue dropped since its last line, by reason, and how full the
+/// queue was at the latest drop.
+fn listen_drop(out: &mut BytesMut, drop: &ListenDrop) {
+    out.extend_from_slice(b",\"state\":\"LISTEN\",\"drops\":");
+    write::uint(out, drop.drops());
+    out.extend_from_slice(b",\"listen_overflow\":");
+    write::uint(out, drop.overflow);
+    out.extend_from_slice(b",\"no_socket\":");
+    write::uint(out, drop.no_socket);
+    out.extend_from_slice(b",\"total\":");
+    write::uint(out, drop.total);
+    out.extend_from_slice(b",\"ack_backlog\":");
+    write::uint(out, drop.ack_backlog);
+    out.extend_from_slice(b",\"max_ack_backlog\":");
+    write::uint(out, drop.max_ack_backlog);
 }
 
 /// Why a connection ended and what it carried (BTF mode's CLOSE lines).
@@ -398,6 +418,28 @@ mod tests {
         for key in ["kind", "rto_ms", "backoff", "attempt", "srtt_us"] {
             assert!(v.get(key).is_none(), "{key} in {v}");
         }
+    }
+
+    #[test]
+    fn a_listen_drop_golden() {
+        let mut event = decode(&bytes(&raw_state(tcp_state::LISTEN, 0))).unwrap();
+        event.kind = Kind::ListenDrop(ListenDrop {
+            overflow: 1,
+            no_socket: 19,
+            total: 20,
+            ack_backlog: 2,
+            max_ack_backlog: 1,
+        });
+        event.cookie = 77;
+        let mut out = BytesMut::new();
+        super::event(&mut out, &event, WALL, None);
+        assert_eq!(
+            String::from_utf8(out.to_vec()).unwrap(),
+            "{\"type\":\"listen_drop\",\"time\":\"2026-11-25T13:45:07.000000042Z\",\"pid\":4242,\"comm\":\"curl\",\
+             \"family\":\"ipv4\",\"saddr\":\"127.0.0.1\",\"sport\":40000,\"daddr\":\"127.0.0.2\",\"dport\":80,\
+             \"state\":\"LISTEN\",\"drops\":20,\"listen_overflow\":1,\"no_socket\":19,\"total\":20,\
+             \"ack_backlog\":2,\"max_ack_backlog\":1,\"skaddr\":\"0xffff888012345678\",\"cookie\":77}\n"
+        );
     }
 
     #[test]

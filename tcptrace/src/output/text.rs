@@ -10,6 +10,7 @@ use crate::{
     cgroup::Cgroup,
     ending::{Ending, Reason, errno_name, rst_reason_name},
     event::{Kind, TcpEvent},
+    listen_drops::ListenDrop,
     retransmit::Retransmit,
 };
 
@@ -157,6 +158,7 @@ impl Text {
             Kind::Congestion(change) => {
                 write!(out, "{:<12} ~~ {:<12} -", change.state, "CONGESTION")
             }
+            Kind::ListenDrop(_) => write!(out, "{:<12} !! {:<12} -", "LISTEN", "DROPPED"),
         };
         if self.wide {
             // The states and the duration, padded so that the column after them lines up.
@@ -179,6 +181,9 @@ impl Text {
                 " {} -> {} cwnd={}",
                 change.from, change.to, change.cwnd
             );
+        }
+        if let Kind::ListenDrop(drop) = &event.kind {
+            listen_drop(out, drop);
         }
         out.put_u8(b'\n');
     }
@@ -227,6 +232,26 @@ fn retransmit(out: &mut BytesMut, detail: &Retransmit) {
     if detail.attempt > 0 {
         let _ = write!(out, " #{}", detail.attempt);
     }
+}
+
+/// ` 20 dropped (listen_overflow 1, no_socket 19) queue 2/1`: the drops since the listener's
+/// last line, by reason (those that happened), and the accept queue's fill and limit.
+fn listen_drop(out: &mut BytesMut, drop: &ListenDrop) {
+    let _ = write!(out, " {} dropped (", drop.drops());
+    let mut first = true;
+    for (name, count) in [
+        ("listen_overflow", drop.overflow),
+        ("no_socket", drop.no_socket),
+    ] {
+        if count > 0 {
+            if !first {
+                out.extend_from_slice(b", ");
+            }
+            let _ = write!(out, "{name} {count}");
+            first = false;
+        }
+    }
+    let _ = write!(out, ") queue {}/{}", drop.ack_backlog, drop.max_ack_backlog);
 }
 
 /// Why a connection ended, last on its CLOSE line: `reset_sent(TCP_ABORT_ON_CLOSE)`,
@@ -463,6 +488,26 @@ mod tests {
         let out = line(&text, &raw);
         assert!(
             out.ends_with("CLOSE_WAIT   ~~ CONGESTION   - recovery -> open cwnd=7\n"),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn a_listen_drop_shows_its_counts_and_the_queue() {
+        let text = Text::new(false, false);
+        let mut event = decode(&bytes(&raw_state(tcp_state::LISTEN, 0))).unwrap();
+        event.kind = Kind::ListenDrop(ListenDrop {
+            overflow: 0,
+            no_socket: 19,
+            total: 40,
+            ack_backlog: 2,
+            max_ack_backlog: 1,
+        });
+        let mut out = BytesMut::new();
+        text.event(&mut out, &event, WALL, None);
+        let out = String::from_utf8(out.to_vec()).unwrap();
+        assert!(
+            out.ends_with("LISTEN       !! DROPPED      - 19 dropped (no_socket 19) queue 2/1\n"),
             "{out:?}"
         );
     }

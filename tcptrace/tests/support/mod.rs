@@ -70,6 +70,26 @@ impl Output {
     }
 }
 
+/// Runs tcptrace with `args` and checks that it refuses them: exit 1, nothing on stdout, one
+/// line on stderr saying `expected`.
+pub fn assert_refused(args: &[&str], expected: &str) {
+    let out = Command::new(TCPTRACE)
+        .args(args)
+        .output()
+        .expect("run tcptrace");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.lines().count() == 1 && stderr.contains(expected),
+        "{stderr}"
+    );
+}
+
 /// Parses JSON lines, checking each against `schema/tcptrace-events.schema.json`.
 pub fn parse_and_validate(lines: &[String]) -> Vec<Value> {
     let path = concat!(
