@@ -409,11 +409,13 @@ fn states_only_leaves_retransmits_out() {
             output.stderr
         );
     }
+    // What each said on stderr (its summary counts what it wrote and lost), for a failure.
+    let stderr = format!("--events states: {}both: {}", states.stderr, both.stderr);
     let (states, both) = (states.json(), both.json());
     assert!(states.iter().all(|l| l["type"] == "state"), "{states:?}");
     assert!(
         states.iter().any(|l| l["newstate"] == "ESTABLISHED"),
-        "--events states:\n{states:#?}\nboth:\n{both:#?}"
+        "--events states:\n{states:#?}\nboth:\n{both:#?}\n{stderr}"
     );
     assert!(both.iter().any(|l| l["type"] == "retransmit"));
     assert!(
