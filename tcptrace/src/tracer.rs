@@ -547,6 +547,11 @@ impl Tracer {
                 }
             }
         }
+        // Losses since the last report count too: a blocked output is given up on without one
+        // (kernel runs skipped while the output waited are lost events all the same).
+        if let Ok(counters) = self.attached.counters() {
+            self.lost = self.lost.max(counters.lost);
+        }
         let written = self.writer.written();
         Ok(Summary {
             written,
