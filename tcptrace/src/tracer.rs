@@ -408,14 +408,7 @@ impl Tracer {
                 timewaits.tracker.untracked,
             );
         }
-        let clock = WallClock::sample();
-        for line in lines.drain(..) {
-            if self.buf.capacity() - self.buf.len() < MAX_LINE {
-                self.push();
-                self.buf.reserve(BUFFER);
-            }
-            self.write(&line, &clock);
-        }
+        self.write_lines(&mut lines);
         if let Some(timewaits) = &mut self.timewaits {
             timewaits.lines = lines;
         }
@@ -454,6 +447,18 @@ impl Tracer {
         }
     }
 
+    /// Writes the lines userspace made (the timewait scan's, the listen drops'), emptying `lines`.
+    fn write_lines(&mut self, lines: &mut Vec<TcpEvent>) {
+        let clock = WallClock::sample();
+        for line in lines.drain(..) {
+            if self.buf.capacity() - self.buf.len() < MAX_LINE {
+                self.push();
+                self.buf.reserve(BUFFER);
+            }
+            self.write(&line, &clock);
+        }
+    }
+
     /// Writes a line per listener whose accept queue dropped connections since the last read.
     fn read_listen_drops(&mut self) {
         let Some(table) = &mut self.listen_drops else {
@@ -463,14 +468,7 @@ impl Tracer {
         if let Err(e) = table.read(&mut lines) {
             eprintln!("tcptrace: warning: {e:#}");
         }
-        let clock = WallClock::sample();
-        for line in lines.drain(..) {
-            if self.buf.capacity() - self.buf.len() < MAX_LINE {
-                self.push();
-                self.buf.reserve(BUFFER);
-            }
-            self.write(&line, &clock);
-        }
+        self.write_lines(&mut lines);
         self.listen_drop_events = lines;
         self.push();
     }

@@ -9,7 +9,7 @@
 mod support;
 
 use std::{
-    io::{Read as _, Write as _},
+    io::Write as _,
     net::{SocketAddrV4, TcpStream},
     os::fd::FromRawFd as _,
     process::Command,
@@ -298,7 +298,7 @@ fn cookie_acks_at_a_full_queue_are_counted_by_reason() {
     let (tracer, forced) = traced_drops(&netns, &server, 20, &["--metrics-addr", &metrics_addr]);
     // The kernel side's counters are read once a second.
     thread::sleep(Duration::from_millis(1200));
-    let metrics = scrape(metrics_port);
+    let metrics = support::scrape_metrics(metrics_port);
     let (_, lines) = stop(tracer, &netns, &server);
     assert_eq!(sum(&lines, "no_socket"), forced.overflows, "{lines:?}");
     assert_eq!(sum(&lines, "listen_overflow"), 0, "{lines:?}");
@@ -334,20 +334,6 @@ fn a_flood_of_drops_writes_one_line_per_second_and_counts_every_drop() {
         forced.took
     );
     server.exit();
-}
-
-/// What the metrics endpoint on `port` serves.
-fn scrape(port: u16) -> String {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect /metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .expect("request");
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("answer");
-    answer
 }
 
 /// Room for `descriptors` open files in this process (root may raise its own limit).

@@ -426,23 +426,6 @@ fn states_only_leaves_retransmits_out() {
     client.exit();
 }
 
-/// The body of `GET /metrics`.
-fn scrape(port: u16) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect /metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .expect("request");
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("answer");
-    let (head, body) = answer.split_once("\r\n\r\n").expect("HTTP answer");
-    assert!(head.starts_with("HTTP/1.1 200"), "{answer}");
-    body.to_owned()
-}
-
 /// The sum of a counter over all its label sets.
 fn counter_total(page: &str, name: &str) -> u64 {
     page.lines()
@@ -546,7 +529,7 @@ fn failed_retransmit_attempts_are_reported_and_not_counted() {
                 >= 2
         };
         tracer.wait_for(WAIT, &format!("{mode}: both CLOSE lines"), closed);
-        let page = scrape(metrics_port);
+        let page = support::scrape_metrics(metrics_port);
         let lines = tracer.stop().json();
 
         let retransmits = retransmit_lines(&lines, "dport", &netns.ns_ip, server.port);

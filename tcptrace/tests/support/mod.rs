@@ -70,6 +70,23 @@ impl Output {
     }
 }
 
+/// The body of `GET /metrics` from tcptrace's endpoint on 127.0.0.1:`port`, which must answer 200.
+pub fn scrape_metrics(port: u16) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect /metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("answer");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{answer}");
+    body.to_owned()
+}
+
 /// Runs tcptrace with `args` and checks that it refuses them: exit 1, nothing on stdout, one
 /// line on stderr saying `expected`.
 pub fn assert_refused(args: &[&str], expected: &str) {
