@@ -11,7 +11,7 @@
 //! `send` (write a byte, read the reply), `write` (a byte), `accept-many N` (accept and hold N
 //! connections), `accept-ready` (accept and hold every connection waiting, and say
 //! `peers PORT,PORT,...` with their remote ports), `close-all` (the held ones),
-//! `close` (the connection), `wait-eof`, `close-listener`,
+//! `close` (the connection), `wait-eof` (read to the peer's FIN, and acknowledge it at once), `close-listener`,
 //! `exit`.
 
 use std::{
@@ -175,6 +175,7 @@ fn main() {
                 let mut rest = Vec::new();
                 c.read_to_end(&mut rest)
                     .unwrap_or_else(|e| fail(&format!("wait-eof: {e}")));
+                ack_now(c);
             }
             (Some("close"), _) => drop(conn.take()),
             (Some("close-listener"), _) => drop(listener.take()),
@@ -182,6 +183,32 @@ fn main() {
             _ => fail(&format!("unknown step `{line}`")),
         }
         say("ok");
+    }
+}
+
+/// Acknowledges what arrived (the peer's FIN) now, from this process. The kernel delays that ACK
+/// (about 40 ms, hoping to send it with this side's FIN), and its timer then runs in softirq
+/// context on top of whatever task the CPU runs: where the kernel runs no tracing program on top
+/// of some task (a sandbox's agent), the peer's FIN_WAIT1 -> FIN_WAIT2 and its hand-over to a
+/// timewait socket would go unseen. TCP_QUICKACK sends the pending ACK from the setsockopt call.
+/// https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/tcp.c (__tcp_sock_set_quickack)
+fn ack_now(conn: &TcpStream) {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt(2) on a socket we own, with an int option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        fail(&format!(
+            "TCP_QUICKACK: {}",
+            std::io::Error::last_os_error()
+        ));
     }
 }
 

@@ -196,11 +196,14 @@ fn check(expected: &Expected, lines: &[Value]) {
         .filter(|l| touches_port(l, port) && l["family"] == family && is_of(l, expected))
         .collect();
     let sockets = by_socket(ours.iter().copied());
+    // Every line on the port, also of other processes: a line of ours with a wrong owner shows.
     let context = || {
         format!(
-            "port {port}:\n{}",
-            ours.iter()
-                .map(|l| l.to_string())
+            "port {port} (lines of other processes marked *):\n{}",
+            lines
+                .iter()
+                .filter(|l| touches_port(l, port) && l["family"] == family)
+                .map(|l| format!("{}{l}", if is_of(l, expected) { "" } else { "* " }))
                 .collect::<Vec<_>>()
                 .join("\n")
         )
@@ -348,15 +351,19 @@ fn every_transition_of_both_sides_with_its_owner_ipv4_and_ipv6() {
         output.status,
         output.stderr
     );
+    // Nothing lost first: a lost line would fail the checks below for a reason they do not say.
+    let summary = output.stderr.lines().last().unwrap_or_default();
+    assert!(
+        summary.starts_with("tcptrace: ") && summary.contains("events written, 0 events lost"),
+        "{}",
+        output.stderr
+    );
+    // Shown only when a check below fails.
+    println!("tcptrace's stderr:\n{}", output.stderr);
     let lines = output.json();
     for expected in &expectations {
         check(expected, &lines);
     }
-    let summary = output.stderr.lines().last().unwrap_or_default();
-    assert!(
-        summary.starts_with("tcptrace: ") && summary.contains("events written, 0 events lost"),
-        "{summary}"
-    );
 }
 
 #[test]
