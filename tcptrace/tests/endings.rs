@@ -601,12 +601,15 @@ fn a_peer_that_never_closes_ends_in_fin_wait2_after_the_fin_timeout() {
 fn the_connections_view_has_one_line_per_connection_and_cannot_be_mixed() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let lport = listener.local_addr().unwrap().port();
+    // The client closes first: followed through TIME_WAIT (the default), its line would come when
+    // its timewait socket is gone, 60 s on; handed over, it comes at once.
     let tracer = Tracer::start(&[
         "--mode",
         "btf",
         "-4",
         "--events",
         "connections",
+        "--no-time-wait",
         "--port",
         &lport.to_string(),
     ]);
