@@ -193,22 +193,29 @@ fn main() {
 /// timewait socket would go unseen. TCP_QUICKACK sends the pending ACK from the setsockopt call.
 /// https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/tcp.c (__tcp_sock_set_quickack)
 fn ack_now(conn: &TcpStream) {
+    set_option(
+        conn.as_raw_fd(),
+        libc::IPPROTO_TCP,
+        libc::TCP_QUICKACK,
+        "TCP_QUICKACK",
+    );
+}
+
+/// Turns an int socket option on, or fails saying which.
+fn set_option(fd: libc::c_int, level: libc::c_int, option: libc::c_int, name: &str) {
     let on: libc::c_int = 1;
-    // SAFETY: setsockopt(2) on a socket we own, with an int option value.
+    // SAFETY: setsockopt(2) on a descriptor we own, with an int option value of the size given.
     let rc = unsafe {
         libc::setsockopt(
-            conn.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_QUICKACK,
+            fd,
+            level,
+            option,
             (&raw const on).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     if rc != 0 {
-        fail(&format!(
-            "TCP_QUICKACK: {}",
-            std::io::Error::last_os_error()
-        ));
+        fail(&format!("{name}: {}", std::io::Error::last_os_error()));
     }
 }
 
@@ -226,23 +233,12 @@ fn bound_socket(addr: SocketAddr, reuseport: bool) -> std::os::fd::OwnedFd {
     // SAFETY: a fresh descriptor we own.
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
     if reuseport {
-        let on: libc::c_int = 1;
-        // SAFETY: a valid option value of the size given.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_REUSEPORT,
-                (&raw const on).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            fail(&format!(
-                "SO_REUSEPORT: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
+        set_option(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            "SO_REUSEPORT",
+        );
     }
     let (storage, len) = sockaddr(addr);
     // SAFETY: `storage` holds a valid sockaddr of `len` bytes.
