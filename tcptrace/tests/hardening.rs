@@ -13,7 +13,9 @@ use std::{
 };
 
 use serde_json::Value;
-use support::{Endpoint, TCPTRACE, Tracer, require_root, socket_addr, status_field};
+use support::{
+    Endpoint, TCPTRACE, Tracer, require_root, socket_addr, status_field, unseen::Unseen,
+};
 
 /// One connection through an Endpoint pair on `port`'s server.
 fn one_connection(server: &mut Endpoint, tag: &str) {
@@ -282,15 +284,16 @@ fn two_instances_at_once_both_see_everything() {
 }
 
 /// 1500 connections held open at once, then closed together: 15,002 transitions (10 per
-/// connection and the listener's two) in bursts. Returns every JSON line and the lines' count of
-/// lost events, once all transitions are printed or counted lost (or 10 s have passed).
-fn held_connections_burst(extra: &[&str]) -> (Vec<Value>, u64, u32, u16) {
+/// connection and the listener's two) in bursts, once all transitions are printed, counted lost
+/// or unseen by the kernel (or 10 s have passed).
+fn held_connections_burst(extra: &[&str]) -> Burst {
     let mut server = Endpoint::server("127.0.0.1", "tt-burst-srv");
     let port = server.port;
     let port_arg = port.to_string();
     let mut args = vec!["--format", "json", "-4", "--port", &port_arg];
     args.extend_from_slice(extra);
     let tracer = Tracer::start(&args);
+    let unseen = Unseen::start(tracer.pid());
     server.step("listen");
     server.send("accept-many 1500");
     let clients: Vec<TcpStream> = (0..1500)
@@ -310,12 +313,30 @@ fn held_connections_burst(extra: &[&str]) -> (Vec<Value>, u64, u32, u16) {
         events + lost_count(lines)
     };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while accounted(&tracer.lines_so_far()) < 15_002 && Instant::now() < deadline {
+    while accounted(&tracer.lines_so_far()) + unseen.count() < 15_002 && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(100));
     }
+    let unseen = unseen.count();
     let output = tracer.stop();
     let lost = lost_count(&output.lines);
-    (output.json(), lost, server_pid, port)
+    Burst {
+        lines: output.json(),
+        lost,
+        unseen,
+        server_pid,
+        port,
+    }
+}
+
+/// What a burst of held connections printed.
+struct Burst {
+    lines: Vec<Value>,
+    /// The `lost` lines' counts, summed.
+    lost: u64,
+    /// Transitions on the host the kernel ran no state program for, over the burst.
+    unseen: u64,
+    server_pid: u32,
+    port: u16,
 }
 
 /// The sum of the `lost` lines' counts.
@@ -354,14 +375,25 @@ fn check_owners(lines: &[Value], server_pid: u32, port: u16) -> usize {
 
 #[test]
 fn btf_mode_accounts_for_every_transition_of_a_burst() {
-    let (lines, lost, server_pid, port) = held_connections_burst(&["--mode", "btf"]);
+    let Burst {
+        lines,
+        lost,
+        unseen,
+        server_pid,
+        port,
+    } = held_connections_burst(&["--mode", "btf"]);
     // The kernel counts every run it skips of a BTF tracepoint program (bpf_trace_run), so each
-    // of the test's transitions is printed or counted lost. The lost count is host-wide: it may
-    // also hold another socket's skipped transition, never fewer than the test's own.
+    // of the test's transitions it ran the program for is printed or counted lost. The lost and
+    // unseen counts are host-wide: they may also hold another socket's transitions, never fewer
+    // than the test's own.
     let printed = lines.iter().filter(|l| l["type"] == "state").count() as u64;
     assert!(
-        printed <= 15_002 && printed + lost >= 15_002,
-        "{printed} printed + {lost} lost, for 15,002 transitions"
+        unseen * 1000 <= 15_002,
+        "the kernel ran the state program for all but {unseen} of 15,002 transitions"
+    );
+    assert!(
+        printed <= 15_002 && printed + lost + unseen >= 15_002,
+        "{printed} printed + {lost} lost + {unseen} unseen by the kernel, for 15,002 transitions"
     );
     // No map to fill: every owner is known.
     assert_eq!(check_owners(&lines, server_pid, port), 0);
@@ -370,8 +402,13 @@ fn btf_mode_accounts_for_every_transition_of_a_burst() {
 #[test]
 fn a_full_socket_map_forgets_owners_and_never_invents_one() {
     // 1024 tracked sockets; the test holds 1500 connections, 3000 sockets, open at once.
-    let (lines, lost, server_pid, port) =
-        held_connections_burst(&["--mode", "tracefs", "--max-sockets", "1024"]);
+    let Burst {
+        lines,
+        lost,
+        server_pid,
+        port,
+        ..
+    } = held_connections_burst(&["--mode", "tracefs", "--max-sockets", "1024"]);
     // Transitions are printed, or reported lost when the kernel skipped the program (a tracepoint
     // firing while a BPF program already runs on that CPU). The kernel's perf path can also drop a
     // nested classic tracepoint hit before any program runs, uncounted, so completeness is only

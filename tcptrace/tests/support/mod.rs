@@ -25,6 +25,7 @@ use serde_json::Value;
 pub mod lossy;
 pub mod prometheus;
 pub mod servers;
+pub mod unseen;
 
 pub const TCPTRACE: &str = env!("CARGO_BIN_EXE_tcptrace");
 
