@@ -734,6 +734,22 @@ pub struct TimewaitRecord {
 }
 const _: () = assert!(size_of::<TimewaitRecord>() == 32);
 
+/// One TCP socket of the host as the census (`iter/tcp`, `tcptrace top`) counts it, what
+/// `ss -tan` shows: a timewait socket in its substate, a request socket as SYN_RECV.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CensusRecord {
+    /// 0 when no one ever took it.
+    pub cookie: u64,
+    /// A `tcp_state` value.
+    pub state: u32,
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: [u16; 3],
+}
+const _: () = assert!(size_of::<CensusRecord>() == 24);
+
 /// A process forked by another (BTF mode's `FORKED` and `SUCCESSORS` values).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -792,6 +808,7 @@ mod user {
     unsafe impl aya::Pod for super::ListenerOwner {}
     unsafe impl aya::Pod for super::ContainerFilter {}
     unsafe impl aya::Pod for super::TimewaitRecord {}
+    unsafe impl aya::Pod for super::CensusRecord {}
     unsafe impl aya::Pod for super::Holder {}
     unsafe impl aya::Pod for super::ListenDropLayout {}
     unsafe impl aya::Pod for super::ListenDrops {}

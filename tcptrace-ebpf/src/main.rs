@@ -9,6 +9,7 @@
 #![no_main]
 
 mod btf;
+mod census;
 mod congestion;
 mod emit;
 mod holders;
@@ -272,6 +273,14 @@ pub fn snapshot_sockets(ctx: *mut core::ffi::c_void) -> i32 {
 #[unsafe(link_section = "iter/tcp")]
 pub fn timewait_scan(ctx: *mut core::ffi::c_void) -> i32 {
     match btf::timewait_scan(ctx.cast()) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn census(ctx: *mut core::ffi::c_void) -> i32 {
+    match census::census(ctx.cast()) {
         Ok(()) | Err(()) => 0,
     }
 }

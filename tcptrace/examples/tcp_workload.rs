@@ -9,8 +9,8 @@
 //! `accept`, `connect ADDR`, `connect-from-thread ADDR` (from a thread named `tt-worker`),
 //! `rename COMM` (the main thread's name, which is the process's), `echo` (read a byte, write it back),
 //! `send` (write a byte, read the reply), `write` (a byte), `accept-many N` (accept and hold N
-//! connections), `accept-ready` (accept and hold every connection waiting, and say
-//! `peers PORT,PORT,...` with their remote ports), `close-all` (the held ones),
+//! connections), `accept-ready [MIN]` (accept and hold every connection waiting, at least MIN
+//! of them if they come within 10 s, and say `peers PORT,PORT,...` with their remote ports), `close-all` (the held ones),
 //! `close` (the connection), `wait-eof` (read to the peer's FIN, and acknowledge it at once), `close-listener`,
 //! `exit`.
 
@@ -101,18 +101,32 @@ fn main() {
                     );
                 }
             }
-            (Some("accept-ready"), _) => {
+            (Some("accept-ready"), min) => {
                 let l = listener
                     .as_ref()
                     .unwrap_or_else(|| fail("accept-ready: not listening"));
+                let min: usize = min.map_or(0, |m| {
+                    m.parse()
+                        .unwrap_or_else(|e| fail(&format!("accept-ready {m}: {e}")))
+                });
                 l.set_nonblocking(true)
                     .unwrap_or_else(|e| fail(&format!("accept-ready: {e}")));
+                // A handshake the kernel has not finished yet (its last ACK still in a softirq
+                // queue, on a slow machine) is waited for, up to 10 s, until `min` were taken.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
                 let mut peers = Vec::new();
                 loop {
                     match l.accept() {
                         Ok((stream, peer)) => {
                             peers.push(peer.port().to_string());
                             held.push(stream);
+                        }
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::WouldBlock
+                                && peers.len() < min
+                                && std::time::Instant::now() < deadline =>
+                        {
+                            std::thread::sleep(std::time::Duration::from_millis(5));
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                         Err(e) => fail(&format!("accept: {e}")),

@@ -240,6 +240,7 @@ fn try_modes(cli: &Cli, kernel_ok: bool, can_trace: bool) -> Vec<(Mode, Trial)> 
         cgroup_mount: cgroup_mount.as_deref(),
         congestion_lines: cli.traces(crate::cli::EventKind::Congestion),
         listen_drops_required: cli.requires_listen_drops(),
+        census: false,
     };
     let mut trials = Vec::new();
     for &mode in candidates {

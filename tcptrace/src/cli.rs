@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use clap::{Parser, ValueEnum, builder::RangedU64ValueParser};
+use clap::{Parser, Subcommand, ValueEnum, builder::RangedU64ValueParser};
 use tcptrace_common::MAX_FILTER_ENTRIES;
 
 /// Trace every TCP state transition and retransmit on this host, with the process that owns the
@@ -13,25 +13,28 @@ use tcptrace_common::MAX_FILTER_ENTRIES;
 #[derive(Debug, Parser)]
 #[command(name = "tcptrace", version, max_term_width = 100)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Keep only sockets owned by these processes (pid, i.e. the thread group id). Matches the
     /// owner, so transitions that run in softirq or timer context are kept too.
-    #[arg(short = 'p', long = "pid", value_name = "PID[,PID...]", value_delimiter = ',',
+    #[arg(global = true, short = 'p', long = "pid", value_name = "PID[,PID...]", value_delimiter = ',',
           value_parser = RangedU64ValueParser::<u32>::new().range(1..=u64::from(u32::MAX)))]
     pub pids: Vec<u32>,
 
     /// Keep only sockets with this port on either side (local or remote).
-    #[arg(short = 'P', long = "port", value_name = "PORT[,PORT...]", value_delimiter = ',',
+    #[arg(global = true, short = 'P', long = "port", value_name = "PORT[,PORT...]", value_delimiter = ',',
           value_parser = port_parser())]
     pub ports: Vec<u16>,
 
     /// Keep only sockets with this local port. A connecting socket's local port is still 0 on
     /// its CLOSE -> SYN_SENT transition, so that line cannot match.
-    #[arg(short = 'L', long = "local-port", value_name = "PORT[,PORT...]", value_delimiter = ',',
+    #[arg(global = true, short = 'L', long = "local-port", value_name = "PORT[,PORT...]", value_delimiter = ',',
           value_parser = port_parser())]
     pub local_ports: Vec<u16>,
 
     /// Keep only sockets with this remote port.
-    #[arg(short = 'D', long = "remote-port", value_name = "PORT[,PORT...]", value_delimiter = ',',
+    #[arg(global = true, short = 'D', long = "remote-port", value_name = "PORT[,PORT...]", value_delimiter = ',',
           value_parser = port_parser())]
     pub remote_ports: Vec<u16>,
 
@@ -39,27 +42,27 @@ pub struct Cli {
     /// (`/system.slice/nginx.service`) or under it (`/sys/fs/cgroup/system.slice/nginx.service`).
     /// Repeat for more. In BTF mode the socket's cgroup (where it was created) is matched in the
     /// kernel, up to 16 levels below the given one; in tracefs mode the owner's, in userspace.
-    #[arg(long = "cgroup", value_name = "PATH")]
+    #[arg(global = true, long = "cgroup", value_name = "PATH")]
     pub cgroups: Vec<String>,
 
     /// Keep only sockets in this network namespace: its inode number (`ls -L -i
     /// /proc/PID/ns/net`, `lsns -t net`) or a path to it (`/proc/PID/ns/net`,
     /// `/run/netns/NAME`). Repeat or separate with commas for more. BTF mode only.
-    #[arg(long = "netns", value_name = "INODE|PATH", value_delimiter = ',',
+    #[arg(global = true, long = "netns", value_name = "INODE|PATH", value_delimiter = ',',
           value_parser = parse_netns)]
     pub netns: Vec<u32>,
 
     /// Keep only sockets in this container: its id or a prefix of it of at least 12 hex digits,
     /// as `docker ps` or `crictl ps` print it. Matched against the names of the socket's cgroup
     /// and its ancestors (docker, containerd, CRI-O and podman shapes; see the README).
-    #[arg(long = "container", value_name = "ID",
+    #[arg(global = true, long = "container", value_name = "ID",
           value_parser = crate::cgroup::container_prefix)]
     pub container: Option<String>,
 
     /// Where the host's cgroup v2 hierarchy is mounted, when it is not the first cgroup2 mount in
     /// /proc/self/mountinfo (in a container: a hostPath mount of the host's /sys/fs/cgroup; on a
     /// hybrid host its unified/ directory is taken).
-    #[arg(long = "cgroup-root", value_name = "DIR")]
+    #[arg(global = true, long = "cgroup-root", value_name = "DIR")]
     pub cgroup_root: Option<PathBuf>,
 
     /// The ids of the `--cgroup` paths, resolved by `parse_checked`.
@@ -72,11 +75,11 @@ pub struct Cli {
     pub events_given: bool,
 
     /// Trace IPv4 sockets only.
-    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    #[arg(global = true, short = '4', long = "ipv4", conflicts_with = "ipv6")]
     pub ipv4: bool,
 
     /// Trace IPv6 sockets only.
-    #[arg(short = '6', long = "ipv6")]
+    #[arg(global = true, short = '6', long = "ipv6")]
     pub ipv6: bool,
 
     /// Which events to trace. listen-drops is on by default where the kernel reports them (BTF
@@ -126,7 +129,7 @@ pub struct Cli {
 
     /// Text format: end each line with a CONTAINER column: the short container id (12 hex
     /// digits), or the last component of the socket's cgroup when it is in no container.
-    #[arg(short = 'w', long = "wide")]
+    #[arg(global = true, short = 'w', long = "wide")]
     pub wide: bool,
 
     /// Size of the ring buffer carrying events from the kernel, in bytes (K, M and G suffixes
@@ -162,7 +165,12 @@ pub struct Cli {
     /// began get their owner. `tracefs`: classic tracepoints, owners in a map of --max-sockets
     /// entries (kernels without BTF). `auto` takes btf where the kernel has it and says why when
     /// it falls back.
-    #[arg(long = "mode", value_name = "MODE", default_value = "auto")]
+    #[arg(
+        global = true,
+        long = "mode",
+        value_name = "MODE",
+        default_value = "auto"
+    )]
     pub mode: ModeChoice,
 
     /// Before the live transitions, print one line per TCP socket that exists when tracing
@@ -196,6 +204,18 @@ pub struct Cli {
     /// object (for fleet inventories).
     #[arg(long = "check", conflicts_with_all = ["output", "metrics_addr", "snapshot"])]
     pub check: bool,
+}
+
+/// What runs instead of the stream of lines.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// A live, full-screen view for a person at a terminal, refreshed every second: the host's
+    /// sockets per state (what `netstat -nat` counts) with their change per second, the state
+    /// machine's transitions per second with the median time spent in the state left, a table
+    /// of processes (containers with -w), the connections longest in CLOSE_WAIT, the peers with
+    /// most retransmits and the listeners that dropped connections. Every filter applies. Keys:
+    /// q quits, s cycles the sort, p pauses, / filters by comm or port.
+    Top,
 }
 
 /// Kinds of events `--events` can select.
@@ -342,6 +362,11 @@ impl Cli {
                 )
                 .exit();
         }
+        if let Some(conflict) = cli.top_conflict(&matches) {
+            <Self as clap::CommandFactory>::command()
+                .error(clap::error::ErrorKind::ArgumentConflict, conflict)
+                .exit();
+        }
         if let Err(e) = cli.resolve_cgroups() {
             <Self as clap::CommandFactory>::command()
                 .error(clap::error::ErrorKind::ValueValidation, format!("{e:#}"))
@@ -387,6 +412,38 @@ impl Cli {
             .map(|path| crate::cgroup::id_of(&mount, path))
             .collect::<anyhow::Result<_>>()?;
         Ok(())
+    }
+
+    /// `tcptrace top`.
+    pub fn top(&self) -> bool {
+        matches!(self.command, Some(Command::Top))
+    }
+
+    /// A flag `tcptrace top` cannot take: the view is its output.
+    fn top_conflict(&self, matches: &clap::ArgMatches) -> Option<String> {
+        if !self.top() {
+            return None;
+        }
+        let given =
+            |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+        let flag = [
+            ("format", "--format"),
+            ("output", "--output"),
+            ("timestamp", "--timestamp"),
+            ("snapshot", "--snapshot"),
+            ("check", "--check"),
+            ("failures", "--failures"),
+        ]
+        .into_iter()
+        .find(|(id, _)| given(id))
+        .map(|(_, flag)| flag)
+        .or_else(|| {
+            self.traces(EventKind::Connections)
+                .then_some("--events connections")
+        })?;
+        Some(format!(
+            "tcptrace top draws its own view: {flag} cannot be used with it"
+        ))
     }
 
     pub fn traces(&self, kind: EventKind) -> bool {

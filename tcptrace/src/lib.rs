@@ -20,5 +20,6 @@ pub mod retransmit;
 pub mod signals;
 pub mod tick_rate;
 pub mod timewait;
+pub mod top;
 pub mod tracefs;
 pub mod tracer;

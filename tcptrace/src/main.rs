@@ -1,7 +1,10 @@
 //! tcptrace: every TCP state transition and retransmit on this host, with the process that owns
 //! the socket. `main` only wires the pipeline: cli -> kernel -> tracer -> output.
 
-use std::{process::ExitCode, sync::Arc};
+use std::{
+    process::ExitCode,
+    sync::{Arc, Mutex},
+};
 
 use anyhow::Context as _;
 use tcptrace::{
@@ -14,7 +17,9 @@ use tcptrace::{
     metrics::Metrics,
     metrics_endpoint,
     output::{Destination, Formatter, text::Text},
-    privileges, signals, tracer,
+    privileges, signals,
+    top::{self, Feed, Model, Screen},
+    tracer,
 };
 
 fn main() -> ExitCode {
@@ -45,6 +50,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
+    if cli.top() {
+        top::check_terminal()?;
+    }
     kernel::check_kernel()?;
     privileges::check()?;
     let filters = Filters::from_cli(&cli);
@@ -53,6 +61,7 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
         None => Destination::stdout(),
     };
     let formatter = match cli.format {
+        _ if cli.top() => Formatter::None,
         Format::Text => {
             let mut text = Text::new(cli.timestamp, cli.ipv4);
             if cli.wide {
@@ -86,11 +95,13 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
         filters: &filters,
         ring_buffer_bytes: cli.ring_buffer_size,
         max_sockets: cli.max_sockets,
-        snapshot: cli.snapshot,
+        // The view counts the sockets that exist at start too.
+        snapshot: cli.snapshot || cli.top(),
         debug: cli.debug,
         cgroup_mount: cgroup_mount.as_deref(),
         congestion_lines: cli.traces(EventKind::Congestion),
         listen_drops_required: cli.requires_listen_drops(),
+        census: cli.top(),
     })?;
     if let Some(tick_rate) = tick_rate {
         tick_rate.finish();
@@ -108,6 +119,22 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
         &filters,
         loaded.mode == kernel::Mode::Tracefs,
     );
+    // The view takes the terminal once everything is attached: what failed before is printed
+    // as usual.
+    let (feed, screen) = if cli.top() {
+        let model = Arc::new(Mutex::new(Model::new(cli.wide)));
+        let owner_filters = !(cli.pids.is_empty()
+            && cli.cgroups.is_empty()
+            && cli.container.is_none()
+            && cli.netns.is_empty());
+        let title = top::Title::new(&cli, &loaded.mode.to_string());
+        (
+            Some(Feed::new(Arc::clone(&model), !owner_filters)),
+            Some(Screen::start(model, title)?),
+        )
+    } else {
+        (None, None)
+    };
     let summary = tracer::run(
         loaded,
         formatter,
@@ -123,9 +150,14 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
             time_wait: !cli.no_time_wait,
             congestion_lines: cli.traces(EventKind::Congestion),
             listen_drop_lines: cli.traces(EventKind::ListenDrops),
+            top: feed,
         },
     )
-    .await?;
+    .await;
+    if let Some(screen) = screen {
+        screen.finish()?;
+    }
+    let summary = summary?;
     if !summary.reader_gone {
         let unwritten = match summary.unwritten {
             0 => String::new(),

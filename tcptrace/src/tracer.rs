@@ -22,6 +22,7 @@ use crate::{
     process_names::ProcessNames,
     signals::Signals,
     timewait::Timewait,
+    top::{self, Feed},
 };
 
 /// How often the ring buffer is drained when the kernel side has not woken us: the longest an
@@ -75,6 +76,8 @@ pub struct Options {
     pub congestion_lines: bool,
     /// `--events listen-drops`: listen drops are written, not only counted.
     pub listen_drop_lines: bool,
+    /// `tcptrace top`: the view every event (and the census) goes to.
+    pub top: Option<Feed>,
 }
 
 /// The timewait scan and what it follows.
@@ -100,6 +103,7 @@ struct Tracer {
     /// tracefs mode: process names in place of thread names.
     process_names: Option<ProcessNames>,
     metrics: Option<Arc<Metrics>>,
+    top: Option<Feed>,
     attached: Attached,
     writer: Writer,
     /// Lines not yet handed to the writer, and how many events they hold.
@@ -135,7 +139,9 @@ pub async fn run(
         snapshot,
         timewait,
         listen_drops,
+        census,
     } = loaded;
+    let top = options.top.map(|feed| feed.with_census(census));
     let mut buf = BytesMut::with_capacity(BUFFER);
     if destination.is_empty_file() {
         formatter.header(&mut buf);
@@ -159,6 +165,7 @@ pub async fn run(
         cgroups,
         process_names: (mode == Mode::Tracefs).then(ProcessNames::default),
         metrics,
+        top,
         attached,
         writer: Writer::spawn(destination, options.buffer_size)?,
         buf,
@@ -180,6 +187,9 @@ pub async fn run(
     lost_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut listen_drop_tick = interval(crate::listen_drops::INTERVAL);
     listen_drop_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut census_tick = interval(top::REFRESH);
+    census_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let census = tracer.top.as_ref().is_some_and(Feed::has_census);
     let scans = tracer.timewaits.is_some();
     // The first scan reads the kernel's clock, and what a scan costs on this host.
     let cost = if scans {
@@ -214,6 +224,11 @@ pub async fn run(
             _ = lost_tick.tick() => tracer.report_lost()?,
             _ = listen_drop_tick.tick(), if tracer.listen_drops.is_some() => {
                 tracer.read_listen_drops();
+            }
+            _ = census_tick.tick(), if census => {
+                if let Some(top) = &mut tracer.top {
+                    top.take_census(monotonic_ns());
+                }
             }
             () = tokio::time::sleep_until(next_scan), if scans && waiting.is_none() => {
                 // What the ring buffer holds first: the hand-overs the scan judges.
@@ -258,6 +273,9 @@ impl Tracer {
                     let Ok(cgroup) = self.cgroups.of(&event) else {
                         continue;
                     };
+                    if let Some(top) = &self.top {
+                        top.event(&event, cgroup);
+                    }
                     self.buf.reserve(MAX_LINE);
                     self.formatter
                         .event(&mut self.buf, &event, clock.wall_ns(event.ts_ns), cgroup);
@@ -345,6 +363,9 @@ impl Tracer {
             Ok(cgroup) => {
                 if let Some(metrics) = &self.metrics {
                     metrics.record(event, cgroup);
+                }
+                if let Some(top) = &self.top {
+                    top.event(event, cgroup);
                 }
                 if line {
                     self.formatter
@@ -485,6 +506,9 @@ impl Tracer {
             return Ok(());
         }
         self.lost = total;
+        if let Some(top) = &self.top {
+            top.lost(new);
+        }
         if !self.formatter.lost(&mut self.buf, WallClock::now_ns(), new) {
             eprintln!(
                 "tcptrace: warning: {new} events lost (ring buffer full, or program runs the kernel skipped); a larger --ring-buffer-size or --buffer-size rides out longer bursts"

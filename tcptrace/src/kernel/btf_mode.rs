@@ -18,9 +18,9 @@ use tcptrace_common::{
 };
 
 use super::{
-    EBPF_OBJECT, ListenDropTable, Loaded, Mode, Settings, VMLINUX_BTF, brief, config, fill_filters,
-    finish, holders, kernel_before, kernel_release, loader, timewait_scan::TimewaitScan,
-    tracefs_mode, vmlinux,
+    Census, EBPF_OBJECT, ListenDropTable, Loaded, Mode, Settings, VMLINUX_BTF, brief, config,
+    fill_filters, finish, holders, kernel_before, kernel_release, loader,
+    timewait_scan::TimewaitScan, tracefs_mode, vmlinux,
 };
 use crate::tracefs;
 
@@ -262,8 +262,14 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
         }
     };
     let timewait = TimewaitScan::load(&mut ebpf, &btf)?;
+    let census = if settings.census {
+        Some(Census::load(&mut ebpf, &btf)?)
+    } else {
+        None
+    };
     let mut loaded = finish(ebpf, programs, Mode::Btf, snapshot, log_level)?;
     loaded.timewait = Some(timewait);
+    loaded.census = census;
     loaded.listen_drops = listen_drop_table;
     Ok(loaded)
 }

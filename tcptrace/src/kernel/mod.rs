@@ -9,6 +9,7 @@
 //!   in an LRU map. For kernels without BTF (5.8 to 5.10).
 
 mod btf_mode;
+mod census;
 mod diagnostics;
 mod holders;
 mod iterator;
@@ -29,6 +30,7 @@ use aya::{
     programs::ProgramFd,
 };
 use aya_obj::generated::bpf_prog_info;
+pub use census::Census;
 pub use listen_drop_table::ListenDropTable;
 use tcptrace_common::{
     CGROUP_FILTER_MAP, CONFIG_GLOBAL, CONTAINER_CGROUPS_MAP, COUNTER_LISTEN_NO_SOCKET,
@@ -73,6 +75,8 @@ pub struct Loaded {
     pub timewait: Option<TimewaitScan>,
     /// BTF mode, on kernels that report them: what listeners' full accept queues dropped.
     pub listen_drops: Option<ListenDropTable>,
+    /// BTF mode, when asked for (`tcptrace top`): the census of the host's sockets.
+    pub census: Option<Census>,
 }
 
 /// The loaded programs, attached while this lives, and their counters.
@@ -149,6 +153,8 @@ pub struct Settings<'a> {
     /// `--events listen-drops` named on the command line: an error where the kernel cannot
     /// report them (by default they are traced where it can).
     pub listen_drops_required: bool,
+    /// `tcptrace top`: load the census of the host's sockets (BTF mode).
+    pub census: bool,
 }
 
 /// Loads and attaches the mode `settings.mode` asks for; `auto` takes BTF mode where the kernel
@@ -281,6 +287,7 @@ fn finish(
         snapshot,
         timewait: None,
         listen_drops: None,
+        census: None,
     })
 }
 

@@ -387,13 +387,15 @@ impl Endpoint {
         endpoint
     }
 
-    /// Accepts every connection waiting; returns their remote ports.
-    pub fn accept_ready(&mut self) -> Vec<u16> {
-        self.send("accept-ready");
+    /// Accepts every connection waiting, after waiting (up to 10 s) for at least `min` whose
+    /// handshake the kernel may not have finished yet; returns their remote ports.
+    pub fn accept_ready(&mut self, min: usize) -> Vec<u16> {
+        self.send(&format!("accept-ready {min}"));
         let line = self.read_line();
         let peers = line
-            .strip_prefix("peers ")
-            .unwrap_or_else(|| panic!("{} answered {line:?}", self.comm));
+            .strip_prefix("peers")
+            .unwrap_or_else(|| panic!("{} answered {line:?}", self.comm))
+            .trim();
         self.ack();
         peers
             .split(',')
