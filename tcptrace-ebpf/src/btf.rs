@@ -666,6 +666,21 @@ pub struct TcpIterContext {
     pub uid: u32,
 }
 
+/// Writes `record` to an iterator's output. `meta` is the iterator's `struct bpf_iter_meta`,
+/// whose first field is the seq_file.
+#[inline(always)]
+pub unsafe fn seq_write<T>(meta: *const u8, record: &T) {
+    // SAFETY: the caller passes the iterator context's `meta`; `record` is `size_of::<T>()` bytes.
+    unsafe {
+        let seq: *mut c_void = field(meta, 0);
+        bpf_seq_write(
+            seq.cast(),
+            ptr::from_ref(record).cast(),
+            size_of::<T>() as u32,
+        );
+    }
+}
+
 /// One TCP socket of the host, timewait sockets included: for each timewait socket whose cookie
 /// was ever taken, its cookie, substate and timer expiry go to the iterator's output; at the end,
 /// the clock (jiffies and nanoseconds) that userspace reads the expiries against.
@@ -702,15 +717,8 @@ pub fn timewait_scan(ctx: *const TcpIterContext) -> Result<(), ()> {
             record.expires = field(tw, offsets.tw_expires);
         }
     }
-    // SAFETY: `meta` is the iterator's `struct bpf_iter_meta`, whose first field is the seq_file.
-    unsafe {
-        let seq: *mut c_void = field(meta, 0);
-        bpf_seq_write(
-            seq.cast(),
-            ptr::addr_of!(record).cast(),
-            size_of::<TimewaitRecord>() as u32,
-        );
-    }
+    // SAFETY: the iterator's own `meta`.
+    unsafe { seq_write(meta, &record) };
     Ok(())
 }
 

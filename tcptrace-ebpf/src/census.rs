@@ -1,14 +1,12 @@
 //! The census (`tcptrace top`, BTF mode): every TCP socket of the host that passes the family and
 //! port filters, as `ss -tan` counts it, one record each to the iterator's output.
 
-use core::{ffi::c_void, ptr};
-
-use aya_ebpf::helpers::generated::{bpf_seq_write, bpf_skc_to_tcp_timewait_sock};
+use aya_ebpf::helpers::generated::bpf_skc_to_tcp_timewait_sock;
 use tcptrace_common::{CensusRecord, tcp_state};
 
 use crate::{
     CONFIG, OFFSETS,
-    btf::{TcpIterContext, field},
+    btf::{TcpIterContext, field, seq_write},
     emit::{family_wanted, ports_wanted},
 };
 
@@ -56,14 +54,7 @@ pub fn census(ctx: *const TcpIterContext) -> Result<(), ()> {
         dport,
         _pad: [0; 3],
     };
-    // SAFETY: `meta` is the iterator's `struct bpf_iter_meta`, whose first field is the seq_file.
-    unsafe {
-        let seq: *mut c_void = field(meta, 0);
-        bpf_seq_write(
-            seq.cast(),
-            ptr::addr_of!(record).cast(),
-            size_of::<CensusRecord>() as u32,
-        );
-    }
+    // SAFETY: the iterator's own `meta`.
+    unsafe { seq_write(meta, &record) };
     Ok(())
 }

@@ -11,15 +11,13 @@
 //! socket can read from it. Receives only: each program run costs every send or receive of the
 //! host about 100 ns, and a server reads each connection before it answers on it.
 
-use core::{ffi::c_void, ptr};
+use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-        generated::{
-            bpf_get_socket_cookie, bpf_seq_write, bpf_skc_to_tcp_sock, bpf_sock_from_file,
-        },
+        generated::{bpf_get_socket_cookie, bpf_skc_to_tcp_sock, bpf_sock_from_file},
     },
     programs::BtfTracePointContext,
 };
@@ -29,7 +27,7 @@ use tcptrace_common::{
 
 use crate::{
     CONFIG, HOLDERS, OFFSETS,
-    btf::{TcpIterContext, bytes16, current_owner, endpoints, epoch, field, storage},
+    btf::{TcpIterContext, bytes16, current_owner, endpoints, epoch, field, seq_write, storage},
     emit::{family_wanted, owner_wanted, ports_wanted},
     identity::{identity, identity_wanted},
 };
@@ -172,15 +170,8 @@ pub fn take_holder(ctx: *const TcpIterContext) -> Result<(), ()> {
         cookie: unsafe { bpf_get_socket_cookie(sk) },
         end: End::ZERO,
     };
-    // SAFETY: `meta` is the iterator's `struct bpf_iter_meta`, whose first field is the seq_file.
-    unsafe {
-        let seq: *mut c_void = field(meta, 0);
-        bpf_seq_write(
-            seq.cast(),
-            ptr::addr_of!(event).cast(),
-            size_of::<Event>() as u32,
-        );
-    }
+    // SAFETY: the iterator's own `meta`.
+    unsafe { seq_write(meta, &event) };
     Ok(())
 }
 

@@ -236,6 +236,7 @@ fn try_modes(cli: &Cli, kernel_ok: bool, can_trace: bool) -> Vec<(Mode, Trial)> 
         ring_buffer_bytes: cli.ring_buffer_size,
         max_sockets: cli.max_sockets,
         snapshot: false,
+        snapshot_asked: false,
         debug: cli.debug,
         cgroup_mount: cgroup_mount.as_deref(),
         congestion_lines: cli.traces(crate::cli::EventKind::Congestion),

@@ -97,6 +97,7 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
         max_sockets: cli.max_sockets,
         // The view counts the sockets that exist at start too.
         snapshot: cli.snapshot || cli.top(),
+        snapshot_asked: cli.snapshot,
         debug: cli.debug,
         cgroup_mount: cgroup_mount.as_deref(),
         congestion_lines: cli.traces(EventKind::Congestion),

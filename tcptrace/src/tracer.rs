@@ -617,7 +617,7 @@ fn scan_interval(cost: Duration) -> Duration {
 }
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: the kernel side's clock.
-fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     clock_ns(libc::CLOCK_MONOTONIC)
 }
 

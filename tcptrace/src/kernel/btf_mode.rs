@@ -250,7 +250,7 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
             }
             found.records
         }
-        Err(e) if settings.snapshot => {
+        Err(e) if settings.snapshot_asked => {
             return Err(SnapshotRefused(brief(&format!("{e:#}"), settings.debug)).into());
         }
         Err(e) => {

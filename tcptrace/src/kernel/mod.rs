@@ -143,6 +143,10 @@ pub struct Settings<'a> {
     pub max_sockets: u32,
     /// Write a record of every existing socket (BTF mode).
     pub snapshot: bool,
+    /// `--snapshot` given: a kernel that cannot list the existing sockets is an error (BTF
+    /// mode), and tracefs mode says it writes none. Without it (`tcptrace top`), the records are
+    /// taken where the kernel can.
+    pub snapshot_asked: bool,
     /// Log the kernel side's diagnostics.
     pub debug: bool,
     /// The cgroup v2 hierarchy, where `--container`'s cgroups are looked for at start.

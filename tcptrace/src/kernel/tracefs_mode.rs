@@ -35,7 +35,7 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
             "--events listen-drops needs BTF mode: tracefs mode cannot see which listener dropped a connection"
         );
     }
-    if settings.snapshot {
+    if settings.snapshot_asked {
         eprintln!("tcptrace: warning: --snapshot needs BTF mode; no snapshot is written");
     }
     let tracefs = tracefs::ensure_mounted()?;

@@ -28,7 +28,7 @@ use self::{
     model::{Counts, state_index},
     view::{Header, ViewState},
 };
-use crate::{cgroup::Cgroup, event::TcpEvent, kernel::Census};
+use crate::{cgroup::Cgroup, event::TcpEvent, kernel::Census, tracer::monotonic_ns};
 
 /// How often the view is refreshed, and the census taken.
 pub const REFRESH: Duration = Duration::from_secs(1);
@@ -321,16 +321,6 @@ fn clock_text() -> String {
         secs / 60 % 60,
         secs % 60
     )
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid clock id and a valid out pointer; this clock cannot fail.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// stderr, kept in memory while the view owns the terminal.
