@@ -48,11 +48,7 @@ fn bpf_program_ids(pid: u32) -> BTreeSet<u32> {
 }
 
 fn program_exists(id: u32) -> bool {
-    let out = Command::new("bpftool")
-        .args(["prog", "show", "id", &id.to_string()])
-        .output()
-        .expect("bpftool");
-    out.status.success()
+    aya::programs::loaded_programs().any(|program| program.is_ok_and(|p| p.id() == id))
 }
 
 #[test]

@@ -13,10 +13,7 @@ use std::{
     collections::BTreeMap,
     os::fd::{FromRawFd as _, OwnedFd},
     path::PathBuf,
-    process::Command,
 };
-
-use serde_json::Value;
 
 use super::TempDir;
 
@@ -162,27 +159,28 @@ fn program_runs(pid: u32) -> BTreeMap<u32, u64> {
     runs
 }
 
-/// The id of the tracer's program on `inet_sock_set_state`, in either mode.
+/// The id of the tracer's program on `inet_sock_set_state`, in either mode. The kernel keeps 15
+/// bytes of a program's name, so the names are matched as the kernel cut them.
 fn state_program(tracer_pid: u32) -> u32 {
+    const NAMES: [&str; 2] = ["inet_sock_set_state", "btf_inet_sock_set_state"];
     let held = program_runs(tracer_pid);
-    let out = Command::new("bpftool")
-        .args(["-j", "prog", "show"])
-        .output()
-        .expect("bpftool");
-    assert!(out.status.success(), "bpftool prog show failed");
-    let programs: Vec<Value> = serde_json::from_slice(&out.stdout).expect("bpftool's JSON");
-    let ids: Vec<u32> = programs
-        .iter()
-        .filter(|p| {
-            p["name"]
-                .as_str()
-                .is_some_and(|n| n.ends_with("inet_sock_set_state"))
+    let ids: Vec<u32> = aya::programs::loaded_programs()
+        .filter_map(|program| program.ok())
+        .filter(|program| {
+            program
+                .name_as_str()
+                .is_some_and(|name| NAMES.iter().any(|full| kernel_name(full) == name))
         })
-        .filter_map(|p| p["id"].as_u64().map(|id| id as u32))
+        .map(|program| program.id())
         .filter(|id| held.contains_key(id))
         .collect();
     match ids.as_slice() {
         [id] => *id,
         _ => panic!("tcptrace {tracer_pid} holds {ids:?} programs on inet_sock_set_state"),
     }
+}
+
+/// A program's name as the kernel keeps it (`BPF_OBJ_NAME_LEN`, 16 bytes with the NUL).
+fn kernel_name(name: &str) -> &str {
+    &name[..name.len().min(15)]
 }
