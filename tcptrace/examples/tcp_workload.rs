@@ -10,7 +10,9 @@
 //! `rename COMM` (the main thread's name, which is the process's), `echo` (read a byte, write it back),
 //! `send` (write a byte, read the reply), `write` (a byte), `accept-many N` (accept and hold N
 //! connections), `accept-ready [MIN]` (accept and hold every connection waiting, at least MIN
-//! of them if they come within 10 s, and say `peers PORT,PORT,...` with their remote ports), `close-all` (the held ones),
+//! of them if they come within 10 s, and say `peers PORT,PORT,...` with their remote ports),
+//! `connect-many N ADDR` (open and hold N connections), `close-some N` (close the first N held),
+//! `close-all` (the held ones),
 //! `close` (the connection), `wait-eof` (read to the peer's FIN, and acknowledge it at once), `close-listener`,
 //! `exit`.
 
@@ -135,6 +137,27 @@ fn main() {
                 l.set_nonblocking(false)
                     .unwrap_or_else(|e| fail(&format!("accept-ready: {e}")));
                 say(&format!("peers {}", peers.join(",")));
+            }
+            (Some("connect-many"), Some(count)) => {
+                let count: usize = count
+                    .parse()
+                    .unwrap_or_else(|e| fail(&format!("count: {e}")));
+                let addr: SocketAddr = words
+                    .next()
+                    .unwrap_or_else(|| fail("connect-many: no address"))
+                    .parse()
+                    .unwrap_or_else(|e| fail(&format!("bad address: {e}")));
+                for _ in 0..count {
+                    held.push(
+                        TcpStream::connect(addr).unwrap_or_else(|e| fail(&format!("connect: {e}"))),
+                    );
+                }
+            }
+            (Some("close-some"), Some(count)) => {
+                let count: usize = count
+                    .parse()
+                    .unwrap_or_else(|e| fail(&format!("count: {e}")));
+                held.drain(..count.min(held.len()));
             }
             (Some("close-all"), _) => held.clear(),
             (Some("connect"), Some(addr)) => {

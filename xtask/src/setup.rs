@@ -17,7 +17,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// pre-fork server and a load generator for the owner tests (nginx-light, apache2-utils); for
 /// the packaging tests, the image builder and what checks the package and its files (buildah,
 /// lintian, man-db, systemd's `systemd-analyze verify`), and the log pipeline's rotation and
-/// collector (logrotate, procps' pkill, syslog-ng-core).
+/// collector (logrotate, procps' pkill, syslog-ng-core), and a terminal for `tcptrace top`'s test
+/// (tmux).
 const PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
@@ -38,6 +39,7 @@ const PACKAGES: &[&str] = &[
     "man-db",
     "systemd",
     "logrotate",
+    "tmux",
     "procps",
     "syslog-ng-core",
 ];

@@ -289,8 +289,9 @@ fn draw_lists(frame: &mut Frame, area: Rect, model: &Model, view: &ViewState) {
                 Some(since) => human_duration(now.saturating_sub(since)),
                 None => "since start".to_owned(),
             };
+            // The age first: a long address or name is what a narrow column cuts.
             Line::from(format!(
-                "{} {}:{} → {}:{} {age}",
+                "{age:>11}  {} {}:{} → {}:{}",
                 owner_label(&s.owner),
                 s.local.0,
                 s.local.1,
@@ -306,7 +307,7 @@ fn draw_lists(frame: &mut Frame, area: Rect, model: &Model, view: &ViewState) {
     let lines: Vec<Line> = model
         .peers()
         .into_iter()
-        .map(|(addr, n)| Line::from(format!("{addr}  {n}")))
+        .map(|(addr, n)| Line::from(format!("{n:>7}  {addr}")))
         .collect();
     frame.render_widget(
         Paragraph::new(lines).block(Block::bordered().title(" Peers by retransmits ")),
@@ -317,13 +318,13 @@ fn draw_lists(frame: &mut Frame, area: Rect, model: &Model, view: &ViewState) {
         .into_iter()
         .map(|l| {
             Line::from(format!(
-                "{} {}:{} dropped {} queue {}/{}",
-                owner_label(&l.owner),
-                l.local.0,
-                l.local.1,
+                "{:>7} dropped, queue {}/{}  {} {}:{}",
                 l.drops,
                 l.backlog.0,
-                l.backlog.1
+                l.backlog.1,
+                owner_label(&l.owner),
+                l.local.0,
+                l.local.1
             ))
         })
         .collect();

@@ -23,7 +23,7 @@ const BPF_STATS_RUN_TIME: u32 = 0;
 
 pub struct Unseen {
     tracer_pid: u32,
-    /// The state program's id, and its run count when the window opened.
+    /// The state program's id, and its runs and counted misses when the window opened.
     program: u32,
     runs_at_start: u64,
     instance: PathBuf,
@@ -84,7 +84,8 @@ impl Unseen {
         unseen
     }
 
-    /// How many transitions the kernel recorded beyond the program's runs since the window
+    /// How many transitions the kernel recorded beyond the program's runs and the runs it
+    /// skipped and counted (`recursion_misses`, which tcptrace reports as lost) since the window
     /// opened. Exact once the traffic is over; while transitions go on, what was recorded is
     /// read before the runs, so a transition in flight is never counted unseen.
     pub fn count(&self) -> u64 {
@@ -98,7 +99,7 @@ impl Unseen {
             .unwrap_or_else(|e| panic!("write {value} to {file}: {e}"));
     }
 
-    /// The state program's run count, from the tracer's descriptor for it.
+    /// The state program's runs plus its counted misses, from the tracer's descriptor for it.
     fn runs(&self) -> u64 {
         program_runs(self.tracer_pid)
             .get(&self.program)
@@ -140,7 +141,7 @@ impl Drop for Unseen {
     }
 }
 
-/// Run counts of the BPF programs a process holds descriptors for, by program id.
+/// Runs plus counted misses of the BPF programs a process holds descriptors for, by program id.
 fn program_runs(pid: u32) -> BTreeMap<u32, u64> {
     let fdinfo = std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo");
     let mut runs = BTreeMap::new();
@@ -153,7 +154,9 @@ fn program_runs(pid: u32) -> BTreeMap<u32, u64> {
                 .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
         };
         if let (Some(id), Some(count)) = (field("prog_id:"), field("run_cnt:")) {
-            runs.insert(id as u32, count);
+            // Older kernels have no miss count: none were counted there.
+            let misses = field("recursion_misses:").unwrap_or(0);
+            runs.insert(id as u32, count + misses);
         }
     }
     runs
