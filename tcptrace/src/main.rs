@@ -2,6 +2,7 @@
 //! the socket. `main` only wires the pipeline: cli -> kernel -> tracer -> output.
 
 use std::{
+    io::Write as _,
     process::ExitCode,
     sync::{Arc, Mutex},
 };
@@ -189,9 +190,12 @@ async fn run(cli: Cli, held: signals::Held) -> anyhow::Result<()> {
                 grew.overflows, grew.drops
             ));
         }
-        eprintln!(
+        // Not eprintln: after `top`, the terminal may have hung up, and that is no panic.
+        let _ = writeln!(
+            std::io::stderr(),
             "tcptrace: {} events written, {} events lost{unwritten}{malformed}{listen}",
-            summary.written, summary.lost
+            summary.written,
+            summary.lost
         );
     }
     Ok(())

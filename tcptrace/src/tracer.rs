@@ -22,7 +22,7 @@ use crate::{
     process_names::ProcessNames,
     signals::Signals,
     timewait::Timewait,
-    top::{self, Feed},
+    top::Feed,
 };
 
 /// How often the ring buffer is drained when the kernel side has not woken us: the longest an
@@ -187,9 +187,8 @@ pub async fn run(
     lost_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut listen_drop_tick = interval(crate::listen_drops::INTERVAL);
     listen_drop_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut census_tick = interval(top::REFRESH);
-    census_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let census = tracer.top.as_ref().is_some_and(Feed::has_census);
+    let mut next_census = tokio::time::Instant::now();
     let scans = tracer.timewaits.is_some();
     // The first scan reads the kernel's clock, and what a scan costs on this host.
     let cost = if scans {
@@ -225,9 +224,12 @@ pub async fn run(
             _ = listen_drop_tick.tick(), if tracer.listen_drops.is_some() => {
                 tracer.read_listen_drops();
             }
-            _ = census_tick.tick(), if census => {
+            () = tokio::time::sleep_until(next_census), if census => {
+                // What the ring buffer holds happened before the census: counted in it, not
+                // again on top of it.
+                tracer.drain(ring.get_mut());
                 if let Some(top) = &mut tracer.top {
-                    top.take_census(monotonic_ns());
+                    next_census = tokio::time::Instant::now() + top.take_census(monotonic_ns());
                 }
             }
             () = tokio::time::sleep_until(next_scan), if scans && waiting.is_none() => {
@@ -241,7 +243,8 @@ pub async fn run(
                 next_scan = tokio::time::Instant::now() + scan_interval(cost);
             }
             outcome = tracer.writer.finished() => return tracer.ended(outcome),
-            _ = signals.hangup.recv() => tracer.writer.reopen(),
+            // `top`: the terminal hung up. Otherwise: reopen the output (logrotate).
+            _ = signals.hangup.recv() => if tracer.top.is_some() { break } else { tracer.writer.reopen() },
             _ = signals.interrupt.recv() => break,
             _ = signals.terminate.recv() => break,
         }
@@ -622,7 +625,7 @@ pub(crate) fn monotonic_ns() -> u64 {
 }
 
 /// CPU time this thread has used (user and system), in nanoseconds.
-fn thread_cpu_ns() -> u64 {
+pub(crate) fn thread_cpu_ns() -> u64 {
     clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
 }
 

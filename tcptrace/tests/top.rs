@@ -124,15 +124,18 @@ impl Terminal {
     }
 
     fn tcptrace_running(&self) -> bool {
-        std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
+        std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
+            .ok()
+            .and_then(|stat| Some(stat.rsplit_once(") ")?.1.starts_with('Z')))
+            .is_some_and(|zombie| !zombie)
     }
 }
 
 impl Drop for Terminal {
     fn drop(&mut self) {
         if self.pid != 0 && self.tcptrace_running() {
-            // SAFETY: a signal to the tcptrace this test started, by its pid (its shell has not
-            // reaped it, so the pid is still its own).
+            // SAFETY: a signal to the tcptrace this test started, by its pid (alive and no
+            // zombie, so the pid is still its own).
             unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(5);
             while self.tcptrace_running() && Instant::now() < deadline {
@@ -307,4 +310,33 @@ fn a_terminal_too_small_says_so_and_q_still_quits() {
     });
     terminal.keys(&["q"]);
     assert_eq!(terminal.exit_status(Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn a_terminal_that_hangs_up_ends_it() {
+    require_root();
+    let _serial = serial();
+    let terminal = Terminal::start(&["--port", "9"]);
+    terminal.wait_for(Duration::from_secs(30), "view", |s| s.contains("STATE"));
+    // The terminal goes (an ssh session closed): tmux's server ends, its terminals hang up.
+    let status = Command::new("tmux")
+        .args(["-L", &terminal.socket, "kill-server"])
+        .status()
+        .expect("tmux");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // Exited: gone, or a zombie nobody has reaped yet.
+    let state = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| stat.rsplit_once(") ")?.1.chars().next())
+    };
+    while state(terminal.pid).is_some_and(|s| s != 'Z') {
+        assert!(
+            Instant::now() < deadline,
+            "tcptrace top still runs 5 s after its terminal hung up (state {:?})",
+            state(terminal.pid)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -3,7 +3,8 @@
 //! traced (tcptrace writing every event as JSON lines to a file) in alternation, and the median
 //! of the per-pair ratios reported. Also: events written against expected, events lost,
 //! tcptrace's CPU time per event and peak RSS, the consumer's decode+format throughput, and a
-//! keep-alive load's traced/untraced ratio (`keep_alive`).
+//! keep-alive load's traced/untraced ratio (`keep_alive`), and the same churn with `tcptrace top`
+//! drawing on a terminal (`pty`) instead of the JSON stream.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -102,6 +103,7 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
     churn(Duration::from_millis(500))?;
     let mut ratios = vec![Vec::new(); CHURN_RUNS.len()];
     let mut traced_runs: Vec<Vec<Traced>> = CHURN_RUNS.iter().map(|_| Vec::new()).collect();
+    let mut top_runs = Vec::new();
     for pair in 0..options.pairs {
         let (base_conns, base_secs) = churn(window)?;
         let untraced = base_conns as f64 / base_secs;
@@ -117,6 +119,12 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
             ratios[i].push(rate / untraced);
             traced_runs[i].push(run);
         }
+        // The view: `tcptrace top` on a terminal, in the same round (the host's timewait
+        // sockets, which every run adds to, weigh on each alike).
+        let run = traced_top(&tcptrace, window)?;
+        let rate = run.connections as f64 / run.seconds;
+        line.push_str(&format!(", top {rate:.0} conn/s ({:.3})", rate / untraced));
+        top_runs.push((rate / untraced, run));
         eprintln!("{line}");
     }
     let mut keep_alive = crate::keep_alive::compare(&tcptrace, &MODES, options.pairs, window)?;
@@ -201,6 +209,42 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
             ));
         }
     }
+    let mut top_ratios: Vec<f64> = top_runs.iter().map(|(ratio, _)| *ratio).collect();
+    let top_events: u64 = top_runs
+        .iter()
+        .map(|(_, r)| r.connections * EVENTS_PER_CONNECTION)
+        .sum();
+    let top_cpu: f64 = top_runs.iter().map(|(_, r)| r.cpu_seconds).sum();
+    let top_rss = top_runs
+        .iter()
+        .map(|(_, r)| r.peak_rss_kib)
+        .max()
+        .unwrap_or(0);
+    println!(
+        "btf mode, tcptrace top (the view on a {}x{} terminal, redrawn every second):",
+        crate::pty::COLUMNS,
+        crate::pty::ROWS
+    );
+    println!(
+        "  {:<44} {:.3} (median; rounds: {})",
+        "traced/untraced connections per second",
+        median(&mut top_ratios),
+        top_ratios
+            .iter()
+            .map(|r| format!("{r:.3}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "  {:<44} {:.2} us",
+        "tcptrace CPU time per event",
+        top_cpu * 1e6 / top_events.max(1) as f64
+    );
+    println!(
+        "  {:<44} {:.1} MiB",
+        "tcptrace peak RSS",
+        top_rss as f64 / 1024.0
+    );
     println!("keep-alive (one connection, 64-byte request and reply, no state changes):");
     for (mode, ratios) in MODES.iter().zip(&mut keep_alive.ratios) {
         let rounds = ratios
@@ -553,6 +597,58 @@ fn traced(
         program_runs,
         drop_program_ns,
         drop_program_runs,
+    })
+}
+
+/// One churn window with `tcptrace top` drawing on a terminal of its own (BTF mode, the census
+/// on): what the view costs next to the JSON stream.
+fn traced_top(tcptrace: &Path, window: Duration) -> anyhow::Result<Traced> {
+    let mut command = Command::new(tcptrace);
+    command.args(["top", "--mode", "btf"]);
+    let mut top = crate::pty::OnPty::spawn(command)?;
+    // The view is up once the programs are attached; its title says so.
+    let started = Instant::now();
+    while !top.drawn() {
+        if started.elapsed() > Duration::from_secs(20) || top.child.try_wait()?.is_some() {
+            let _ = top.child.kill();
+            let _ = top.child.wait();
+            bail!("tcptrace top did not start: {}", top.tail());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let (connections, seconds) = churn(window)?;
+    thread::sleep(Duration::from_millis(200));
+    let pid = top.child.id();
+    let peak_rss_kib = peak_rss_kib(pid)?;
+    let (program_ns, program_runs) = program_stats();
+    // SAFETY: signalling our own child by its pid.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    let mut status = 0;
+    // SAFETY: all-zero is a valid rusage; wait4 fills it for our child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let waited = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
+    ensure!(
+        waited > 0,
+        "wait4 failed: {}",
+        std::io::Error::last_os_error()
+    );
+    let tail = top.tail();
+    ensure!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "tcptrace top failed: {tail}"
+    );
+    let cpu = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok(Traced {
+        connections,
+        seconds,
+        written: 0,
+        lost: 0,
+        cpu_seconds: cpu(usage.ru_utime) + cpu(usage.ru_stime),
+        peak_rss_kib,
+        program_ns,
+        program_runs,
+        drop_program_ns: 0,
+        drop_program_runs: 0,
     })
 }
 

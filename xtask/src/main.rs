@@ -4,6 +4,7 @@
 mod bench;
 mod keep_alive;
 mod package;
+mod pty;
 mod setup;
 mod soak;
 mod vm_test;

@@ -6,6 +6,7 @@
 //! ends tcptrace as SIGTERM does. While the view is up, what tcptrace would print on stderr is
 //! kept and printed once the terminal is back as it was.
 
+mod keys;
 pub mod model;
 pub mod view;
 
@@ -21,10 +22,10 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use ratatui::crossterm::event::{self, Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
 pub use self::model::Model;
 use self::{
+    keys::{Input, Key, Keys},
     model::{Counts, state_index},
     view::{Header, ViewState},
 };
@@ -32,6 +33,12 @@ use crate::{cgroup::Cgroup, event::TcpEvent, kernel::Census, tracer::monotonic_n
 
 /// How often the view is refreshed, and the census taken.
 pub const REFRESH: Duration = Duration::from_secs(1);
+/// A census may cost a two-hundredth of the time until the next one (0.5% of a core; between
+/// two, every transition moves the counts on)...
+const CENSUS_BUDGET: u32 = 200;
+/// ...but comes at least this often (it also counts what no transition shows: request sockets,
+/// and timewait sockets that were there before tracing began and expire).
+const CENSUS_MAX_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The longest a key waits to be seen.
 const KEY_POLL: Duration = Duration::from_millis(100);
@@ -77,12 +84,19 @@ impl Feed {
         self.census.is_some()
     }
 
-    /// Takes the census; one that fails is given up (the view goes on with what it follows).
-    pub fn take_census(&mut self, now_ns: u64) {
+    /// Takes the census, and says when the next one is due: a census costs one walk of the
+    /// kernel's socket tables, so on a big host it runs less often than the view redraws, to
+    /// cost at most 0.5% of a core ([`CENSUS_BUDGET`]). One that fails is given up (the view goes
+    /// on with what it follows).
+    pub fn take_census(&mut self, now_ns: u64) -> Duration {
         let Some(census) = &mut self.census else {
-            return;
+            return CENSUS_MAX_INTERVAL;
         };
-        match census.count() {
+        let cpu = crate::tracer::thread_cpu_ns();
+        let counted = census.count();
+        let cost = Duration::from_nanos(crate::tracer::thread_cpu_ns().saturating_sub(cpu));
+        let interval = (cost * CENSUS_BUDGET).clamp(REFRESH, CENSUS_MAX_INTERVAL);
+        match counted {
             Ok(raw) => {
                 let mut counts = Counts::default();
                 for (state, n) in raw.iter().enumerate() {
@@ -90,13 +104,14 @@ impl Feed {
                         counts[i] += n;
                     }
                 }
-                self.model().census_counts(now_ns, counts);
+                self.model().census_counts(now_ns, counts, interval);
             }
             Err(e) => {
                 eprintln!("tcptrace: warning: {e:#}; counting the sockets followed instead");
                 self.census = None;
             }
         }
+        interval
     }
 }
 
@@ -179,7 +194,15 @@ impl Screen {
         let stopped = Arc::clone(&stop);
         let ui = thread::Builder::new()
             .name("tcptrace-top".into())
-            .spawn(move || run(terminal, &model, &title, &stopped))
+            .spawn(move || {
+                let drawn = run(terminal, &model, &title, &stopped);
+                // However the view ends (q, a terminal that hung up or failed), tcptrace ends
+                // with it: it does not go on tracing with nothing to show.
+                if !stopped.load(Ordering::SeqCst) {
+                    quit();
+                }
+                drawn
+            })
             .context("failed to start the view")?;
         Ok(Self {
             ui: Some(ui),
@@ -217,7 +240,7 @@ impl Drop for Screen {
 }
 
 /// The view's loop: tick and draw once a second (unless paused), redraw at once on a key or a
-/// resize.
+/// resize; ends on `q` or when the terminal hangs up.
 fn run(
     mut terminal: ratatui::DefaultTerminal,
     model: &Mutex<Model>,
@@ -225,17 +248,28 @@ fn run(
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     let lock = || model.lock().unwrap_or_else(|e| e.into_inner());
+    let mut keys = Keys::open().context("failed to read the terminal")?;
     let mut view = ViewState::default();
     let mut next_tick = Instant::now();
     let mut redraw = true;
+    let mut size = terminal
+        .size()
+        .context("failed to read the terminal's size")?;
     while !stop.load(Ordering::SeqCst) {
-        let now = Instant::now();
-        if now >= next_tick {
+        if Instant::now() >= next_tick {
             next_tick += REFRESH;
             if !view.paused {
                 lock().tick(monotonic_ns());
                 redraw = true;
             }
+        }
+        // A resize is drawn at the next wake-up (within KEY_POLL).
+        let now_size = terminal
+            .size()
+            .context("failed to read the terminal's size")?;
+        if now_size != size {
+            size = now_size;
+            redraw = true;
         }
         if redraw {
             let clock = clock_text();
@@ -253,19 +287,17 @@ fn run(
         let wait = next_tick
             .saturating_duration_since(Instant::now())
             .min(KEY_POLL);
-        if !event::poll(wait).context("failed to read the terminal")? {
-            continue;
-        }
-        match event::read().context("failed to read the terminal")? {
-            Event::Key(key) if key.kind == KeyEventKind::Press => {
-                if handle_key(&mut view, key) == Action::Quit {
-                    quit();
-                    return Ok(());
+        match keys.wait(wait) {
+            Input::Timeout => {}
+            Input::HungUp => return Ok(()),
+            Input::Keys(pressed) => {
+                for key in pressed {
+                    if handle_key(&mut view, key) == Action::Quit {
+                        return Ok(());
+                    }
                 }
                 redraw = true;
             }
-            Event::Resize(..) => redraw = true,
-            _ => {}
         }
     }
     Ok(())
@@ -277,28 +309,28 @@ enum Action {
     Quit,
 }
 
-fn handle_key(view: &mut ViewState, key: KeyEvent) -> Action {
-    if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('c') {
+fn handle_key(view: &mut ViewState, key: Key) -> Action {
+    if key == Key::Interrupt {
         return Action::Quit;
     }
     if let Some(text) = &mut view.editing {
-        match key.code {
-            KeyCode::Char(c) => text.push(c),
-            KeyCode::Backspace => {
+        match key {
+            Key::Char(c) => text.push(c),
+            Key::Backspace => {
                 text.pop();
             }
-            KeyCode::Enter => view.filter = view.editing.take().unwrap_or_default(),
-            KeyCode::Esc => view.editing = None,
-            _ => {}
+            Key::Enter => view.filter = view.editing.take().unwrap_or_default(),
+            Key::Esc => view.editing = None,
+            Key::Interrupt => {}
         }
         return Action::Continue;
     }
-    match key.code {
-        KeyCode::Char('q') => return Action::Quit,
-        KeyCode::Char('s') => view.sort = view.sort.next(),
-        KeyCode::Char('p') => view.paused = !view.paused,
-        KeyCode::Char('/') => view.editing = Some(String::new()),
-        KeyCode::Esc => view.filter.clear(),
+    match key {
+        Key::Char('q') => return Action::Quit,
+        Key::Char('s') => view.sort = view.sort.next(),
+        Key::Char('p') => view.paused = !view.paused,
+        Key::Char('/') => view.editing = Some(String::new()),
+        Key::Esc => view.filter.clear(),
         _ => {}
     }
     Action::Continue

@@ -5,7 +5,10 @@
 
 use std::{
     collections::{HashMap, VecDeque},
+    hash::{BuildHasherDefault, Hasher},
     net::IpAddr,
+    sync::Arc,
+    time::Duration,
 };
 
 use crate::{
@@ -36,6 +39,9 @@ const DURATIONS_KEPT: usize = 1024;
 pub const MAX_SOCKETS: usize = 1 << 20;
 /// Rows of each list under the process table.
 pub const LIST_ROWS: usize = 5;
+/// Owners remembered by pid and comm (or cgroup), so an event costs no new name; forgotten all
+/// at once when full.
+const OWNERS_CACHED: usize = 1 << 16;
 
 /// The index of a state in [`STATES`]; request sockets count as SYN_RECV, as `ss` shows them.
 pub fn state_index(state: TcpState) -> Option<usize> {
@@ -135,10 +141,11 @@ impl Edge {
     }
 }
 
-/// Who a row is: a process (pid and name) or, with `-w`, a container.
+/// Who a row is: a process (pid and name) or, with `-w`, a container. Cloned per event: the name
+/// is shared.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Owner {
-    pub name: String,
+    pub name: Arc<str>,
     /// 0 for a container row.
     pub pid: u32,
 }
@@ -210,17 +217,24 @@ pub struct Listener {
 pub struct Model {
     /// With `-w`: rows per container.
     by_container: bool,
-    /// The census's counts (BTF mode) at the latest and the previous census, with their times;
-    /// without a census, the followed sockets' counts at each tick.
+    /// The counts at the latest and the previous tick, with their times: the census's (BTF mode)
+    /// moved on by every transition since it was taken, or the followed sockets'.
     counts: Option<(u64, Counts)>,
     previous: Option<(u64, Counts)>,
+    /// The latest census, and what the transitions since changed per state.
+    census_base: Option<Counts>,
+    since_census: [i64; STATES.len()],
     /// Whether the counts are the kernel's census of every socket, or only what was followed.
     pub census: bool,
-    sockets: HashMap<u64, Socket>,
+    /// How often the census runs (more seldom than the redraw on a host where it costs).
+    pub census_interval: Duration,
+    sockets: HashMap<u64, Socket, Fast>,
     /// Sockets not followed because [`MAX_SOCKETS`] were.
     pub unfollowed: u64,
-    edges: HashMap<(TcpState, TcpState), Edge>,
-    processes: HashMap<Owner, Process>,
+    edges: HashMap<(TcpState, TcpState), Edge, Fast>,
+    processes: HashMap<Owner, Process, Fast>,
+    /// Owners by pid and comm, or (with `-w`) by cgroup id.
+    owners: HashMap<(u32, [u8; 16]), Owner, Fast>,
     /// Retransmits per remote address.
     peers: HashMap<IpAddr, u64>,
     listeners: HashMap<(IpAddr, u16), Listener>,
@@ -236,11 +250,15 @@ impl Model {
             by_container,
             counts: None,
             previous: None,
+            census_base: None,
+            since_census: [0; STATES.len()],
             census: false,
-            sockets: HashMap::new(),
+            census_interval: Duration::from_secs(1),
+            sockets: HashMap::default(),
             unfollowed: 0,
-            edges: HashMap::new(),
-            processes: HashMap::new(),
+            edges: HashMap::default(),
+            processes: HashMap::default(),
+            owners: HashMap::default(),
             peers: HashMap::new(),
             listeners: HashMap::new(),
             last_tick_ns: None,
@@ -250,17 +268,33 @@ impl Model {
     }
 
     /// Whose row an event counts in.
-    fn owner(&self, event: &TcpEvent, cgroup: Option<&Cgroup>) -> Owner {
-        if self.by_container {
-            return Owner {
-                name: cgroup.map_or("-", Cgroup::short).to_owned(),
+    fn owner(&mut self, event: &TcpEvent, cgroup: Option<&Cgroup>) -> Owner {
+        let key = if self.by_container {
+            let mut id = [0; 16];
+            id[..8].copy_from_slice(&event.cgroup_id.to_ne_bytes());
+            (0, id)
+        } else {
+            (event.pid, event.comm)
+        };
+        if let Some(owner) = self.owners.get(&key) {
+            return owner.clone();
+        }
+        let owner = if self.by_container {
+            Owner {
+                name: cgroup.map_or("-", Cgroup::short).into(),
                 pid: 0,
-            };
+            }
+        } else {
+            Owner {
+                name: String::from_utf8_lossy(event.comm_bytes()).into(),
+                pid: event.pid,
+            }
+        };
+        if self.owners.len() >= OWNERS_CACHED {
+            self.owners.clear();
         }
-        Owner {
-            name: String::from_utf8_lossy(event.comm_bytes()).into_owned(),
-            pid: event.pid,
-        }
+        self.owners.insert(key, owner.clone());
+        owner
     }
 
     /// One event that passed the filters.
@@ -278,6 +312,7 @@ impl Model {
                     .entry((old, new))
                     .or_default()
                     .record(duration_ns);
+                self.census_moves(old, new);
                 let process = self.processes.entry(owner.clone()).or_default();
                 if new == TcpState::Established
                     && matches!(old, TcpState::SynSent | TcpState::SynRecv)
@@ -363,10 +398,33 @@ impl Model {
         self.sockets.insert(key, socket);
     }
 
-    /// The kernel's count of the host's sockets per state (`ss -tan`), at `now_ns`.
-    pub fn census_counts(&mut self, now_ns: u64, counts: Counts) {
+    /// The kernel's count of the host's sockets per state (`ss -tan`), at `now_ns`; the next
+    /// comes in `interval`.
+    pub fn census_counts(&mut self, now_ns: u64, counts: Counts, interval: Duration) {
+        let first = self.census_base.is_none();
         self.census = true;
-        self.previous = self.counts.replace((now_ns, counts));
+        self.census_interval = interval;
+        self.census_base = Some(counts);
+        self.since_census = [0; STATES.len()];
+        if first {
+            // Counts to show before the first tick.
+            self.counts = Some((now_ns, counts));
+        }
+    }
+
+    /// A transition moves one socket from `old` to `new` in the census's counts until the next
+    /// census. A listener's child (LISTEN -> SYN_RECV) is a new socket: the listener stays.
+    fn census_moves(&mut self, old: TcpState, new: TcpState) {
+        if self.census_base.is_none() {
+            return;
+        }
+        let child = old == TcpState::Listen && new == TcpState::SynRecv;
+        if let Some(i) = state_index(old).filter(|_| old != TcpState::Close && !child) {
+            self.since_census[i] -= 1;
+        }
+        if let Some(i) = state_index(new).filter(|_| new != TcpState::Close) {
+            self.since_census[i] += 1;
+        }
     }
 
     /// Once a refresh: rates over the interval since the previous tick, medians, the followed
@@ -404,9 +462,17 @@ impl Model {
                 || !p.failures.is_empty()
                 || !p.retransmits.is_empty()
         });
-        if !self.census {
-            self.previous = self.counts.replace((now_ns, followed));
-        }
+        let counts = match self.census_base {
+            Some(base) => {
+                let mut counts = base;
+                for (count, moved) in counts.iter_mut().zip(self.since_census) {
+                    *count = count.saturating_add_signed(moved);
+                }
+                counts
+            }
+            None => followed,
+        };
+        self.previous = self.counts.replace((now_ns, counts));
     }
 
     /// Sockets per state now, and their change per second since the count before.
@@ -435,14 +501,21 @@ impl Model {
     /// `filter` (or, when it is a port, rows with a followed socket on it).
     pub fn processes(&self, key: SortKey, filter: &str) -> Vec<(&Owner, &Process)> {
         let port: Option<u16> = filter.parse().ok();
+        // By port: the owners of a followed socket on it, found in one pass.
+        let on_port: std::collections::HashSet<&Owner, Fast> = match port {
+            Some(port) => self
+                .sockets
+                .values()
+                .filter(|s| s.local.1 == port || s.remote.1 == port)
+                .map(|s| &s.owner)
+                .collect(),
+            None => Default::default(),
+        };
         let mut rows: Vec<(&Owner, &Process)> = self
             .processes
             .iter()
             .filter(|(owner, _)| match port {
-                Some(port) => self
-                    .sockets
-                    .values()
-                    .any(|s| s.owner == **owner && (s.local.1 == port || s.remote.1 == port)),
+                Some(_) => on_port.contains(owner),
                 None => owner.name.contains(filter),
             })
             .collect();
@@ -488,6 +561,52 @@ impl Model {
         listeners.sort_by(|a, b| b.drops.cmp(&a.drops).then(a.local.cmp(&b.local)));
         listeners.truncate(LIST_ROWS);
         listeners
+    }
+}
+
+/// The maps' hasher: their keys are cookies, states and short names from the kernel, not from
+/// anyone who could pick them to collide, so a multiply-rotate hash does (SipHash was a tenth of
+/// the view's time under churn).
+type Fast = BuildHasherDefault<FastHasher>;
+
+#[derive(Default)]
+pub struct FastHasher(u64);
+
+impl FastHasher {
+    fn mix(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            self.mix(u64::from_ne_bytes(chunk.try_into().unwrap_or_default()));
+        }
+        for &byte in chunks.remainder() {
+            self.mix(u64::from(byte));
+        }
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.mix(u64::from(n));
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.mix(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.mix(n);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.mix(n as u64);
     }
 }
 
@@ -620,14 +739,11 @@ mod tests {
         let mut model = Model::new(false);
         let mut counts = Counts::default();
         counts[state_index(TcpState::TimeWait).unwrap()] = 100;
-        model.census_counts(1_000_000_000, counts);
+        model.census_counts(1_000_000_000, counts, Duration::from_secs(1));
+        model.tick(1_000_000_000);
         counts[state_index(TcpState::TimeWait).unwrap()] = 40;
         counts[state_index(TcpState::SynRecv).unwrap()] = 1;
-        model.census_counts(3_000_000_000, counts);
-        model.event(
-            &transition(1, TcpState::SynSent, TcpState::Established, 3),
-            None,
-        );
+        model.census_counts(3_000_000_000, counts, Duration::from_secs(1));
         model.tick(3_000_000_000);
         let (now, change) = model.counts().unwrap();
         assert_eq!(now, counts);
@@ -637,6 +753,39 @@ mod tests {
             state_index(TcpState::NewSynRecv),
             state_index(TcpState::SynRecv)
         );
+    }
+
+    #[test]
+    fn transitions_move_the_census_counts_until_the_next_census() {
+        let mut model = Model::new(false);
+        let mut counts = Counts::default();
+        let index = |state| state_index(state).unwrap();
+        counts[index(TcpState::Listen)] = 1;
+        counts[index(TcpState::Established)] = 10;
+        model.census_counts(0, counts, Duration::from_secs(5));
+        // A connection accepted (the listener's child), one closed by its peer, one opened.
+        for (old, new) in [
+            (TcpState::Listen, TcpState::SynRecv),
+            (TcpState::SynRecv, TcpState::Established),
+            (TcpState::Established, TcpState::CloseWait),
+            (TcpState::Close, TcpState::SynSent),
+            (TcpState::SynSent, TcpState::Established),
+            (TcpState::Established, TcpState::FinWait1),
+            (TcpState::FinWait1, TcpState::Close),
+        ] {
+            model.event(&transition(1, old, new, 1), None);
+        }
+        model.tick(1_000_000_000);
+        let (now, _) = model.counts().unwrap();
+        assert_eq!(now[index(TcpState::Listen)], 1);
+        assert_eq!(now[index(TcpState::Established)], 10);
+        assert_eq!(now[index(TcpState::CloseWait)], 1);
+        assert_eq!(now[index(TcpState::SynRecv)], 0);
+        assert_eq!(now[index(TcpState::FinWait1)], 0);
+        // The next census is the truth again.
+        model.census_counts(2_000_000_000, counts, Duration::from_secs(5));
+        model.tick(2_000_000_000);
+        assert_eq!(model.counts().unwrap().0, counts);
     }
 
     #[test]
@@ -659,7 +808,7 @@ mod tests {
             model
                 .processes(key, filter)
                 .iter()
-                .map(|(o, _)| o.name.clone())
+                .map(|(o, _)| o.name.to_string())
                 .collect()
         };
         assert_eq!(names(SortKey::Opened, ""), ["nginx", "redis-server"]);

@@ -14,7 +14,7 @@ use super::model::{LIST_ROWS, Model, Owner, STATES, SortKey};
 use crate::event::TcpState;
 
 /// The smallest terminal the view fits in.
-pub const MIN_WIDTH: u16 = 110;
+pub const MIN_WIDTH: u16 = 120;
 pub const MIN_HEIGHT: u16 = 32;
 
 /// The client's path through the state machine (active open, first to close), as the RFC draws it.
@@ -123,10 +123,11 @@ fn draw_title(frame: &mut Frame, area: Rect, model: &Model, view: &ViewState, he
 }
 
 fn draw_states(frame: &mut Frame, area: Rect, model: &Model) {
-    let title = if model.census {
-        " Sockets now (the kernel's count) "
-    } else {
-        " Sockets now (followed) "
+    let title = match model.census_interval.as_secs() {
+        _ if !model.census => " Sockets now (followed) ".to_owned(),
+        0 | 1 => " Sockets now (the kernel's count) ".to_owned(),
+        // A big host: the census runs less often than the redraw.
+        n => format!(" Sockets (kernel's count, every {n} s) "),
     };
     let rows: Vec<Row> = match model.counts() {
         Some((counts, change)) => STATES
@@ -156,6 +157,15 @@ fn draw_states(frame: &mut Frame, area: Rect, model: &Model) {
     frame.render_widget(table, area);
 }
 
+/// A rate in the width of the machine's column: `12.5/s`, and whole from 1000 on (`48210/s`).
+fn per_second(rate: f64) -> String {
+    if rate >= 1000.0 {
+        format!("{rate:.0}/s")
+    } else {
+        format!("{rate:.1}/s")
+    }
+}
+
 /// A duration the way a person reads it: 850us, 12.3ms, 4.1s, 2m05s.
 pub fn human_duration(ns: u64) -> String {
     match ns {
@@ -169,7 +179,7 @@ pub fn human_duration(ns: u64) -> String {
 fn edge_row(model: &Model, (old, new): (TcpState, TcpState)) -> Row<'static> {
     let (rate, median) = match model.edge(old, new) {
         Some(edge) => (
-            format!("{:.1}/s", edge.rate.per_second),
+            per_second(edge.rate.per_second),
             edge.median_ns
                 .map_or_else(|| "-".to_owned(), human_duration),
         ),
@@ -185,10 +195,12 @@ fn draw_machine(frame: &mut Frame, area: Rect, model: &Model) {
     frame.render_widget(block, area);
     let [client, server] =
         Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(inner);
+    // The longest edge (`ESTABLISHED → CLOSE_WAIT`), a rate and a median: both paths side by
+    // side fit the narrowest screen (MIN_WIDTH).
     let widths = [
-        Constraint::Length(26),
-        Constraint::Length(9),
+        Constraint::Length(24),
         Constraint::Length(8),
+        Constraint::Length(7),
     ];
     let header = |name: &'static str| Row::new([name, "RATE", "MEDIAN"]).style(bold());
     let rows: Vec<Row> = CLIENT_PATH.iter().map(|&e| edge_row(model, e)).collect();
@@ -217,7 +229,7 @@ fn with_parts(parts: &[(&str, u64)]) -> String {
 
 fn owner_label(owner: &Owner) -> String {
     if owner.pid == 0 {
-        owner.name.clone()
+        owner.name.to_string()
     } else {
         format!("{}[{}]", owner.name, owner.pid)
     }
@@ -276,8 +288,8 @@ fn draw_processes(frame: &mut Frame, area: Rect, model: &Model, view: &ViewState
 fn draw_lists(frame: &mut Frame, area: Rect, model: &Model, view: &ViewState) {
     let [waiting, peers, listeners] = Layout::horizontal([
         Constraint::Percentage(40),
-        Constraint::Percentage(25),
-        Constraint::Percentage(35),
+        Constraint::Percentage(20),
+        Constraint::Percentage(40),
     ])
     .areas(area);
     let now = model.now_ns();
@@ -358,4 +370,167 @@ fn draw_footer(frame: &mut Frame, area: Rect, model: &Model, view: &ViewState) {
         )));
     }
     frame.render_widget(Line::from(spans), area);
+}
+
+#[cfg(test)]
+mod tests {
+    //! Golden screens: a model from synthetic events drawn into `TestBackend`, compared cell by
+    //! cell with `golden/*.txt`. `TCPTRACE_BLESS=1 cargo test` writes them anew after a change
+    //! to the view that is meant.
+
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use ratatui::{Terminal, backend::TestBackend};
+
+    use super::*;
+    use crate::{
+        event::Kind,
+        listen_drops::ListenDrop,
+        top::model::{Counts, state_index, transition},
+    };
+
+    /// A host in a busy second: the kernel's count, a client and a server path, a CLOSE_WAIT
+    /// pile-up, retransmits to two peers and a listener dropping connections.
+    fn busy_model() -> Model {
+        let mut model = Model::new(false);
+        model.tick(0);
+        let mut counts = Counts::default();
+        for (state, n) in [
+            (TcpState::Listen, 12),
+            (TcpState::Established, 1480),
+            (TcpState::TimeWait, 3120),
+            (TcpState::CloseWait, 3),
+        ] {
+            counts[state_index(state).unwrap()] = n;
+        }
+        model.census_counts(0, counts, std::time::Duration::from_secs(1));
+        for cookie in 1..=40 {
+            model.event(
+                &transition(cookie, TcpState::SynRecv, TcpState::Established, 1),
+                None,
+            );
+        }
+        for cookie in 1..=3 {
+            // In CLOSE_WAIT since the start of the interval: 2 s at the tick.
+            let mut event = transition(cookie, TcpState::Established, TcpState::CloseWait, 0);
+            event.kind = Kind::State {
+                old: TcpState::Established,
+                new: TcpState::CloseWait,
+                duration_ns: Some(cookie * 1_500_000),
+            };
+            model.event(&event, None);
+        }
+        for cookie in 41..=50 {
+            let mut event = transition(cookie, TcpState::Close, TcpState::SynSent, 1);
+            event.comm = [0; 16];
+            event.comm[..4].copy_from_slice(b"curl");
+            event.pid = 7;
+            model.event(&event, None);
+            event.kind = Kind::State {
+                old: TcpState::SynSent,
+                new: TcpState::Established,
+                duration_ns: Some(250_000),
+            };
+            model.event(&event, None);
+            event.kind = Kind::Retransmit {
+                state: Some(TcpState::Established),
+                err: None,
+            };
+            event.daddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1 + (cookie % 2) as u8));
+            model.event(&event, None);
+        }
+        let mut drop = transition(99, TcpState::Listen, TcpState::Listen, 2);
+        drop.kind = Kind::ListenDrop(ListenDrop {
+            overflow: 20,
+            no_socket: 0,
+            total: 20,
+            ack_backlog: 129,
+            max_ack_backlog: 128,
+        });
+        model.event(&drop, None);
+        let mut counts_later = counts;
+        counts_later[state_index(TcpState::Established).unwrap()] = 1520;
+        counts_later[state_index(TcpState::TimeWait).unwrap()] = 3100;
+        model.census_counts(
+            2_000_000_000,
+            counts_later,
+            std::time::Duration::from_secs(1),
+        );
+        model.tick(2_000_000_000);
+        model
+    }
+
+    /// The screen as text, one line per row, trailing blanks cut.
+    fn render(model: &Model, view: &ViewState, width: u16, height: u16) -> String {
+        let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
+        let header = Header {
+            mode: "btf",
+            filters: "port 80",
+            clock: "12:00:00 UTC",
+        };
+        terminal
+            .draw(|frame| draw(frame, model, view, &header))
+            .unwrap();
+        let buffer = terminal.backend().buffer();
+        let mut text = String::new();
+        for y in 0..height {
+            let row: String = (0..width)
+                .map(|x| buffer[(x, y)].symbol())
+                .collect::<String>();
+            text.push_str(row.trim_end());
+            text.push('\n');
+        }
+        text
+    }
+
+    fn assert_golden(name: &str, screen: &str) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/top/golden")
+            .join(format!("{name}.txt"));
+        if std::env::var_os("TCPTRACE_BLESS").is_some() {
+            std::fs::write(&path, screen).unwrap();
+        }
+        let golden = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (TCPTRACE_BLESS=1 writes it)", path.display()));
+        assert!(
+            screen == golden,
+            "the screen differs from {}:\n{screen}",
+            path.display()
+        );
+    }
+
+    #[test]
+    fn a_busy_host_on_a_full_screen() {
+        assert_golden(
+            "busy",
+            &render(&busy_model(), &ViewState::default(), 140, 45),
+        );
+    }
+
+    #[test]
+    fn sorted_by_retransmits_paused_and_filtered_by_comm() {
+        let view = ViewState {
+            sort: SortKey::Retransmits,
+            paused: true,
+            filter: "curl".to_owned(),
+            editing: None,
+        };
+        assert_golden("filtered", &render(&busy_model(), &view, 120, 32));
+    }
+
+    #[test]
+    fn a_terminal_too_small_says_so() {
+        assert_golden(
+            "too_small",
+            &render(&busy_model(), &ViewState::default(), 80, 24),
+        );
+    }
+
+    #[test]
+    fn before_the_first_count() {
+        assert_golden(
+            "counting",
+            &render(&Model::new(false), &ViewState::default(), 120, 32),
+        );
+    }
 }
