@@ -26,7 +26,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use tcptrace_common::{
-    Bytes16, COUNTER_SLOTS, Config, ContainerFilter, DEFAULT_MAX_SOCKETS,
+    BENCH_EMPTY_PROGRAMS, Bytes16, COUNTER_SLOTS, Config, ContainerFilter, DEFAULT_MAX_SOCKETS,
     DEFAULT_RING_BUFFER_BYTES, Forked, Holder, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK,
     KernelOffsets, ListenDropLayout, ListenDrops, ListenerOwner, MAX_DROPPING_LISTENERS,
     MAX_FILTER_ENTRIES, MAX_HOLDERS, MAX_LISTENERS, MAX_PROCESSES, RetransmitLayout, SocketState,
@@ -145,10 +145,19 @@ static SOCKET_STORAGE: SocketStorage = SocketStorage {
     map_flags: core::ptr::null(),
 };
 
+/// The bench's floor run: the programs on tracepoints do nothing.
+#[inline(always)]
+fn empty() -> bool {
+    CONFIG.load().filters & BENCH_EMPTY_PROGRAMS != 0
+}
+
 // tracefs mode.
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    if empty() {
+        return 0;
+    }
     match tracefs::state(&ctx) {
         Ok(()) | Err(()) => 0,
     }
@@ -156,6 +165,9 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+    if empty() {
+        return 0;
+    }
     match tracefs::retransmit(&ctx, &RETRANSMIT_LAYOUT.load(), KIND_RETRANSMIT) {
         Ok(()) | Err(()) => 0,
     }
@@ -163,6 +175,9 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
+    if empty() {
+        return 0;
+    }
     match tracefs::retransmit(&ctx, &SYNACK_LAYOUT.load(), KIND_RETRANSMIT_SYNACK) {
         Ok(()) | Err(()) => 0,
     }
@@ -172,6 +187,9 @@ pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn btf_inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
+    if empty() {
+        return 0;
+    }
     match btf::state(&ctx) {
         Ok(()) | Err(()) => 0,
     }
@@ -179,6 +197,9 @@ pub fn btf_inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn btf_tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
+    if empty() {
+        return 0;
+    }
     match btf::retransmit(&ctx) {
         Ok(()) | Err(()) => 0,
     }
@@ -186,6 +207,9 @@ pub fn btf_tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "tcp_retransmit_synack")]
 pub fn btf_tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
+    if empty() {
+        return 0;
+    }
     match btf::retransmit_synack(&ctx) {
         Ok(()) | Err(()) => 0,
     }
@@ -193,6 +217,9 @@ pub fn btf_tcp_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "tcp_cong_state_set")]
 pub fn btf_tcp_cong_state_set(ctx: BtfTracePointContext) -> i32 {
+    if empty() {
+        return 0;
+    }
     match congestion::changed(&ctx) {
         Ok(()) | Err(()) => 0,
     }
@@ -200,6 +227,9 @@ pub fn btf_tcp_cong_state_set(ctx: BtfTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn btf_kfree_skb(ctx: BtfTracePointContext) -> i32 {
+    if empty() {
+        return 0;
+    }
     match listen_drops::dropped(&ctx) {
         Ok(()) | Err(()) => 0,
     }
@@ -207,12 +237,18 @@ pub fn btf_kfree_skb(ctx: BtfTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "inet_sk_error_report")]
 pub fn btf_inet_sk_error_report(ctx: BtfTracePointContext) -> i32 {
+    if empty() {
+        return 0;
+    }
     btf::error_reported(&ctx);
     0
 }
 
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn btf_tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
+    if empty() {
+        return 0;
+    }
     btf::reset_sent(&ctx);
     0
 }
@@ -243,6 +279,9 @@ pub fn btf_cgroup_mkdir(ctx: BtfTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn btf_sock_recv_length(ctx: BtfTracePointContext) -> i32 {
+    if empty() {
+        return 0;
+    }
     holders::used(&ctx);
     0
 }

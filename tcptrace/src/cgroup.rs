@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use tcptrace_common::CONTAINER_ID_OFFSETS;
 
-use crate::{event::TcpEvent, filter::Filters};
+use crate::{event::TcpEvent, fast_hash::Fast, filter::Filters};
 
 /// What a cgroup id resolves to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -173,8 +173,8 @@ const MAX_VANISHED: usize = 4096;
 /// after it appeared does not find is a cgroup that is gone, and keeps its id without a path.
 pub struct Resolver {
     mount: PathBuf,
-    known: HashMap<u64, Arc<Cgroup>>,
-    vanished: HashSet<u64>,
+    known: HashMap<u64, Arc<Cgroup>, Fast>,
+    vanished: HashSet<u64, Fast>,
     vanished_order: VecDeque<u64>,
     scans: u32,
     window: Instant,
@@ -184,8 +184,8 @@ impl Resolver {
     pub fn new(mount: PathBuf) -> Self {
         let mut resolver = Self {
             mount,
-            known: HashMap::new(),
-            vanished: HashSet::new(),
+            known: HashMap::default(),
+            vanished: HashSet::default(),
             vanished_order: VecDeque::new(),
             scans: 0,
             window: Instant::now(),
@@ -237,7 +237,7 @@ impl Resolver {
     /// Reads the hierarchy: every directory's inode number is its cgroup's id. Cgroups that are
     /// gone are dropped; those still there keep their entry.
     fn scan(&mut self) {
-        let mut found = HashMap::with_capacity(self.known.len());
+        let mut found = HashMap::with_capacity_and_hasher(self.known.len(), Fast::default());
         let Ok(root) = std::fs::metadata(&self.mount) else {
             return;
         };
@@ -342,6 +342,9 @@ pub struct Cgroups {
     resolver: Option<Resolver>,
     resolve: bool,
     filter: Option<PathFilter>,
+    /// The cgroup the last event resolved to: the events of a burst mostly share one (an id
+    /// names one cgroup for the whole boot), so most lines take no lookup.
+    last: Option<(u64, Arc<Cgroup>)>,
 }
 
 impl Cgroups {
@@ -371,6 +374,7 @@ impl Cgroups {
             resolver,
             resolve: resolve || filtering,
             filter,
+            last: None,
         }
     }
 
@@ -380,11 +384,19 @@ impl Cgroups {
         if !self.resolve {
             return Ok(None);
         }
-        let cgroup = self
-            .resolver
-            .as_mut()
-            .and_then(|r| r.get(event.cgroup_id))
-            .map(|c| &**c);
+        let id = event.cgroup_id;
+        if self.last.as_ref().is_none_or(|(last, _)| *last != id) {
+            // Only what resolved is kept: an id not found now may be found by a later scan.
+            self.last = self
+                .resolver
+                .as_mut()
+                .and_then(|r| r.get(id))
+                .map(|cgroup| (id, Arc::clone(cgroup)));
+        }
+        let cgroup = match &self.last {
+            Some((last, cgroup)) if *last == id => Some(&**cgroup),
+            _ => None,
+        };
         match &self.filter {
             Some(filter) if !filter.keeps(cgroup) => Err(Dropped),
             _ => Ok(cgroup),

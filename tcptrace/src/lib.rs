@@ -8,6 +8,7 @@ pub mod cli;
 pub mod congestion;
 pub mod ending;
 pub mod event;
+pub mod fast_hash;
 pub mod filter;
 pub mod kernel;
 pub mod listen_drops;

@@ -13,13 +13,14 @@
 //! Bounded: at most `capacity` connections are followed; a hand-over beyond that is written as the
 //! CLOSE it replaced, at once, and counted.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, net::IpAddr};
 
 use tcptrace_common::{TimewaitRecord, tcp_state};
 
 use crate::{
-    ending::Reason,
+    ending::{Ending, Reason},
     event::{Kind, TcpEvent, TcpState},
+    fast_hash::Fast,
 };
 
 /// `TCP_TIMEWAIT_LEN`: the kernel arms a timewait socket's timer for 60 s when it enters
@@ -28,8 +29,8 @@ const TIME_WAIT_SECS: u64 = 60;
 
 /// One connection a timewait socket holds.
 struct Followed {
-    /// The hand-over, as the kernel side reported it: owner, addresses, the connection's summary.
-    handoff: TcpEvent,
+    /// What the lines take from the hand-over: owner, addresses, the connection's summary.
+    handoff: Handoff,
     /// FIN_WAIT2 or TIME_WAIT.
     state: TcpState,
     /// When it entered `state`.
@@ -40,8 +41,141 @@ struct Followed {
     seen: u64,
 }
 
+/// Of a hand-over, what the connection's later lines repeat: about half of a whole event (the
+/// tracker may follow tens of thousands of connections).
+struct Handoff {
+    ts_ns: u64,
+    skaddr: u64,
+    cgroup_id: u64,
+    end: Option<Ending>,
+    saddr: IpAddr,
+    daddr: IpAddr,
+    comm: [u8; 16],
+    pid: u32,
+    retransmits: u32,
+    netns: u32,
+    sport: u16,
+    dport: u16,
+}
+
+impl Handoff {
+    fn of(event: &TcpEvent) -> Self {
+        Self {
+            ts_ns: event.ts_ns,
+            skaddr: event.skaddr,
+            cgroup_id: event.cgroup_id,
+            end: event.end,
+            saddr: event.saddr,
+            daddr: event.daddr,
+            comm: event.comm,
+            pid: event.pid,
+            retransmits: event.retransmits,
+            netns: event.netns,
+            sport: event.sport,
+            dport: event.dport,
+        }
+    }
+
+    /// A line of connection `cookie`. Hand-overs come from BTF mode only, whose events name
+    /// no thread and carry no retransmit detail on a state change.
+    fn line(&self, cookie: u64, ts_ns: u64, kind: Kind, end: Option<Ending>) -> TcpEvent {
+        TcpEvent {
+            ts_ns,
+            skaddr: self.skaddr,
+            pid: self.pid,
+            comm: self.comm,
+            saddr: self.saddr,
+            sport: self.sport,
+            daddr: self.daddr,
+            dport: self.dport,
+            kind,
+            retransmits: self.retransmits,
+            cgroup_id: self.cgroup_id,
+            netns: self.netns,
+            comm_of_thread: false,
+            thread: None,
+            cookie,
+            end,
+            retransmit: None,
+        }
+    }
+}
+
+/// The connections followed, by cookie: an index into slots allocated a block at a time. A map of
+/// whole entries doubles its table as it grows, and while it does holds both (18 MiB at 45,000
+/// connections); the blocks grow 1,024 slots at a time, and a freed slot is used again.
+#[derive(Default)]
+struct Table {
+    index: HashMap<u64, u32, Fast>,
+    blocks: Vec<Box<[Option<Followed>]>>,
+    free: Vec<u32>,
+}
+
+const BLOCK: usize = 1024;
+
+impl Table {
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    fn contains_key(&self, cookie: &u64) -> bool {
+        self.index.contains_key(cookie)
+    }
+
+    fn slot(&self, slot: u32) -> Option<&Followed> {
+        self.blocks[slot as usize / BLOCK][slot as usize % BLOCK].as_ref()
+    }
+
+    fn slot_mut(&mut self, slot: u32) -> &mut Option<Followed> {
+        &mut self.blocks[slot as usize / BLOCK][slot as usize % BLOCK]
+    }
+
+    fn insert(&mut self, cookie: u64, followed: Followed) {
+        let slot = match self.index.get(&cookie) {
+            Some(&slot) => slot,
+            None => {
+                let slot = self.free.pop().unwrap_or_else(|| {
+                    let first = (self.blocks.len() * BLOCK) as u32;
+                    self.blocks
+                        .push(std::iter::repeat_with(|| None).take(BLOCK).collect());
+                    self.free.extend((first + 1..first + BLOCK as u32).rev());
+                    first
+                });
+                self.index.insert(cookie, slot);
+                slot
+            }
+        };
+        *self.slot_mut(slot) = Some(followed);
+    }
+
+    fn get_mut(&mut self, cookie: &u64) -> Option<&mut Followed> {
+        let slot = *self.index.get(cookie)?;
+        self.slot_mut(slot).as_mut()
+    }
+
+    fn remove(&mut self, cookie: &u64) -> Option<Followed> {
+        let slot = self.index.remove(cookie)?;
+        self.free.push(slot);
+        self.slot_mut(slot).take()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, &Followed)> {
+        self.index
+            .iter()
+            .filter_map(|(&cookie, &slot)| Some((cookie, self.slot(slot)?)))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Followed> {
+        self.iter().map(|(_, followed)| followed)
+    }
+}
+
 pub struct Timewait {
-    followed: HashMap<u64, Followed>,
+    followed: Table,
     capacity: usize,
     /// The first scan's clock (jiffies, ns), and the tick rate measured against it.
     first_clock: Option<(u64, u64)>,
@@ -54,7 +188,7 @@ pub struct Timewait {
 impl Timewait {
     pub fn new(capacity: usize) -> Self {
         Self {
-            followed: HashMap::new(),
+            followed: Table::default(),
             capacity,
             first_clock: None,
             hz: None,
@@ -103,7 +237,7 @@ impl Timewait {
         self.followed.insert(
             event.cookie,
             Followed {
-                handoff: *event,
+                handoff: Handoff::of(event),
                 state: new,
                 since_ns: event.ts_ns,
                 expires: 0,
@@ -152,16 +286,16 @@ impl Timewait {
                         now_ns.saturating_sub(ago)
                     })
                     .clamp(followed.since_ns, now_ns);
-                lines.push(TcpEvent {
-                    ts_ns: entered,
-                    kind: Kind::State {
+                lines.push(followed.handoff.line(
+                    record.cookie,
+                    entered,
+                    Kind::State {
                         old: TcpState::FinWait2,
                         new: TcpState::TimeWait,
                         duration_ns: Some(entered - followed.since_ns),
                     },
-                    end: None,
-                    ..followed.handoff
-                });
+                    None,
+                ));
                 followed.state = TcpState::TimeWait;
                 followed.since_ns = entered;
             }
@@ -172,7 +306,7 @@ impl Timewait {
             .followed
             .iter()
             .filter(|(_, f)| f.seen != scans && f.handoff.ts_ns < started_ns)
-            .map(|(&cookie, _)| cookie)
+            .map(|(cookie, _)| cookie)
             .collect();
         for cookie in gone {
             let Some(followed) = self.followed.remove(&cookie) else {
@@ -193,16 +327,16 @@ impl Timewait {
                 }
                 ending.lifetime_ns += end_ns.saturating_sub(followed.handoff.ts_ns);
             }
-            lines.push(TcpEvent {
-                ts_ns: end_ns,
-                kind: Kind::State {
+            lines.push(followed.handoff.line(
+                cookie,
+                end_ns,
+                Kind::State {
                     old: followed.state,
                     new: TcpState::Close,
                     duration_ns: Some(end_ns - followed.since_ns),
                 },
-                end: ending,
-                ..followed.handoff
-            });
+                ending,
+            ));
         }
     }
 
@@ -284,6 +418,50 @@ mod tests {
 
     fn jiffies(ns: u64) -> u64 {
         ns / (SEC / HZ)
+    }
+
+    #[test]
+    fn the_table_reuses_freed_slots_and_grows_a_block_at_a_time() {
+        let followed = |cookie: u64| Followed {
+            handoff: Handoff::of(&handoff(
+                cookie,
+                tcp_state::FIN_WAIT2,
+                tcp_state::FIN_WAIT2,
+                cookie,
+            )),
+            state: TcpState::FinWait2,
+            since_ns: cookie,
+            expires: 0,
+            seen: 0,
+        };
+        let mut table = Table::default();
+        for cookie in 1..=(BLOCK as u64 + 10) {
+            table.insert(cookie, followed(cookie));
+        }
+        assert_eq!(table.len(), BLOCK + 10);
+        assert_eq!(table.blocks.len(), 2);
+        // Followed again: replaced in place.
+        table.insert(5, followed(500));
+        assert_eq!(table.len(), BLOCK + 10);
+        assert_eq!(table.get_mut(&5).map(|f| f.since_ns), Some(500));
+        for cookie in 1..=100 {
+            let handed = if cookie == 5 { 500 } else { cookie };
+            assert_eq!(table.remove(&cookie).map(|f| f.handoff.ts_ns), Some(handed));
+        }
+        assert!(table.remove(&1).is_none());
+        assert!(!table.contains_key(&1));
+        // The freed slots take the next hundred: no new block.
+        for cookie in 5000..5100 {
+            table.insert(cookie, followed(cookie));
+        }
+        assert_eq!(table.blocks.len(), 2);
+        assert_eq!(table.len(), BLOCK + 10);
+        let mut seen: Vec<u64> = table.iter().map(|(cookie, _)| cookie).collect();
+        seen.sort_unstable();
+        let mut expected: Vec<u64> = (101..=BLOCK as u64 + 10).chain(5000..5100).collect();
+        expected.sort_unstable();
+        assert_eq!(seen, expected);
+        assert!(table.iter().all(|(cookie, f)| f.handoff.ts_ns == cookie));
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! `cargo xtask bench`: what tracing costs the host. Loopback connection churn (connect, 1-byte
 //! request, 1-byte reply, close) from one client thread to one server thread, run untraced and
-//! traced (tcptrace writing every event as JSON lines to a file) in alternation, and the median
-//! of the per-pair ratios reported. Also: events written against expected, events lost,
-//! tcptrace's CPU time per event and peak RSS, the consumer's decode+format throughput, and a
-//! keep-alive load's traced/untraced ratio (`keep_alive`), and the same churn with `tcptrace top`
-//! drawing on a terminal (`pty`) instead of the JSON stream.
+//! traced in alternation, and the median of the per-pair ratios reported. Traced: BTF mode four
+//! times, from the floor (the programs attached, returning at once) to JSON lines to a file as
+//! users run it, so that each step's cost shows (`CHURN_RUNS`), and tracefs mode. Also: events
+//! written against expected, events lost, the kernel's time per program run (`bpf_stats`),
+//! tcptrace's CPU time per event while it traces and to start and stop, its peak RSS, the
+//! consumer's decode+format throughput, a keep-alive load's traced/untraced ratio
+//! (`keep_alive`), and the same churn with `tcptrace top` drawing on a terminal (`pty`).
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -53,9 +55,15 @@ static PIN: AtomicBool = AtomicBool::new(true);
 struct Traced {
     connections: u64,
     seconds: f64,
+    /// The bench's own lines in the file (runs that write one).
     written: u64,
+    /// Events tcptrace took from the ring buffer, the whole host's (its exit summary).
+    handled: u64,
     lost: u64,
+    /// CPU time in all, start and stop included.
     cpu_seconds: f64,
+    /// CPU time while the churn ran, and the 200 ms after it.
+    tracing_cpu_ns: u64,
     peak_rss_kib: u64,
     /// Kernel time and runs of the state program (with `kernel.bpf_stats_enabled`).
     program_ns: u64,
@@ -63,21 +71,67 @@ struct Traced {
     /// Kernel time and runs of the listen drop program (`kfree_skb`), where it runs.
     drop_program_ns: u64,
     drop_program_runs: u64,
+    /// Kernel time of every program that runs per packet or state change.
+    all_programs_ns: u64,
 }
 
 /// The modes compared, side by side in one run.
 const MODES: [&str; 2] = ["btf", "tracefs"];
 
-/// The churn's traced runs, side by side in one run: each mode as users run it, and BTF mode
-/// without the listen drop program, which runs for every packet the kernel frees with a reason
-/// (about one per closed connection).
-const CHURN_RUNS: [(&str, &[&str]); 3] = [
-    ("btf mode", &["--mode", "btf"]),
-    ("tracefs mode", &["--mode", "tracefs"]),
-    (
-        "btf mode without listen drops",
-        &["--mode", "btf", "--events", "states,retransmits"],
-    ),
+/// One of the churn's traced runs.
+struct ChurnRun {
+    name: &'static str,
+    args: &'static [&'static str],
+    /// The programs on tracepoints return at once (the floor).
+    empty_programs: bool,
+    /// Every event is written as a JSON line to a file, and the bench counts them.
+    written: bool,
+}
+
+/// The churn's traced runs, side by side in each round. BTF mode four times, each doing more than
+/// the one before: what an event costs, from the floor up. Programs attached and returning at
+/// once; the state program keeping owners and emitting nothing (`--events retransmits`, none of
+/// which the churn makes); every event emitted, decoded and followed but not formatted or written
+/// (`--format none`); and as users run it, JSON lines to a file with TIME_WAIT followed. Then
+/// tracefs mode as users run it.
+const CHURN_RUNS: [ChurnRun; 5] = [
+    ChurnRun {
+        name: "btf mode, empty programs (the floor)",
+        args: &["--mode", "btf", "--format", "none"],
+        empty_programs: true,
+        written: false,
+    },
+    ChurnRun {
+        name: "btf mode, owners kept, nothing emitted",
+        args: &[
+            "--mode",
+            "btf",
+            "--format",
+            "none",
+            "--events",
+            "retransmits",
+        ],
+        empty_programs: false,
+        written: false,
+    },
+    ChurnRun {
+        name: "btf mode, emitted, not written",
+        args: &["--mode", "btf", "--format", "none"],
+        empty_programs: false,
+        written: false,
+    },
+    ChurnRun {
+        name: "btf mode, JSON lines to a file (as users run it)",
+        args: &["--mode", "btf"],
+        empty_programs: false,
+        written: true,
+    },
+    ChurnRun {
+        name: "tracefs mode, JSON lines to a file",
+        args: &["--mode", "tracefs"],
+        empty_programs: false,
+        written: true,
+    },
 ];
 
 pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
@@ -108,14 +162,11 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
         let (base_conns, base_secs) = churn(window)?;
         let untraced = base_conns as f64 / base_secs;
         let mut line = format!("xtask: round {}: untraced {untraced:.0} conn/s", pair + 1);
-        for (i, (mode, args)) in CHURN_RUNS.iter().enumerate() {
+        for (i, churn_run) in CHURN_RUNS.iter().enumerate() {
             let output = dir.join(format!("events-{pair}-{i}.json"));
-            let run = traced(&tcptrace, args, &output, window)?;
+            let run = traced(&tcptrace, churn_run, &output, window)?;
             let rate = run.connections as f64 / run.seconds;
-            line.push_str(&format!(
-                ", {mode} {rate:.0} conn/s ({:.3})",
-                rate / untraced
-            ));
+            line.push_str(&format!(", run {} {:.3}", i + 1, rate / untraced));
             ratios[i].push(rate / untraced);
             traced_runs[i].push(run);
         }
@@ -141,33 +192,45 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
         }
     );
     let mut failures = Vec::new();
-    for (i, (mode, _)) in CHURN_RUNS.iter().enumerate() {
+    let mut budget = Vec::new();
+    for (i, churn_run) in CHURN_RUNS.iter().enumerate() {
         let runs = &traced_runs[i];
         let ratios = &mut ratios[i];
         let median = median(ratios);
         let connections: u64 = runs.iter().map(|r| r.connections).sum();
         let written: u64 = runs.iter().map(|r| r.written).sum();
+        let handled: u64 = runs.iter().map(|r| r.handled).sum();
         let lost: u64 = runs.iter().map(|r| r.lost).sum();
-        let cpu: f64 = runs.iter().map(|r| r.cpu_seconds).sum();
+        let tracing_ns: u64 = runs.iter().map(|r| r.tracing_cpu_ns).sum();
+        let total_cpu: f64 = runs.iter().map(|r| r.cpu_seconds).sum();
         let peak_rss = runs.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0);
         let (run_ns, runs_counted) = runs
             .iter()
             .fold((0, 0), |(ns, n), r| (ns + r.program_ns, n + r.program_runs));
+        let kernel_ns: u64 = runs.iter().map(|r| r.all_programs_ns).sum();
         let expected = connections * EVENTS_PER_CONNECTION;
+        let per_event = |ns: u64| ns as f64 / expected.max(1) as f64;
         let pairs = ratios
             .iter()
             .map(|r| format!("{r:.3}"))
             .collect::<Vec<_>>()
             .join(" ");
-        println!("{mode}:");
+        println!("{}. {}:", i + 1, churn_run.name);
         println!(
             "  {:<44} {median:.3} (median; rounds: {pairs})",
             "traced/untraced connections per second"
         );
-        println!(
-            "  {:<44} {written} of {expected} expected",
-            "events written"
-        );
+        if churn_run.written {
+            println!(
+                "  {:<44} {written} of {expected} expected",
+                "events written"
+            );
+        } else {
+            println!(
+                "  {:<44} {handled} ({expected} of the bench's own)",
+                "events taken from the ring buffer"
+            );
+        }
         println!("  {:<44} {lost}", "events lost");
         println!(
             "  {:<44} {}",
@@ -192,29 +255,59 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
             );
         }
         println!(
-            "  {:<44} {:.2} us",
-            "tcptrace CPU time per event",
-            cpu * 1e6 / written.max(1) as f64
+            "  {:<44} {:.0}",
+            "kernel ns per event, all programs",
+            per_event(kernel_ns)
+        );
+        println!(
+            "  {:<44} {:.0}",
+            "tcptrace CPU ns per event while tracing",
+            per_event(tracing_ns)
+        );
+        println!(
+            "  {:<44} {:.0} ms per run",
+            "tcptrace CPU to start and stop",
+            (total_cpu * 1e9 - tracing_ns as f64).max(0.0) / 1e6 / runs.len().max(1) as f64
         );
         println!(
             "  {:<44} {:.1} MiB",
             "tcptrace peak RSS",
             peak_rss as f64 / 1024.0
         );
+        budget.push((
+            churn_run.name,
+            median,
+            per_event(kernel_ns),
+            per_event(tracing_ns),
+        ));
         // Every event of the bench's connections is written, or counted lost (lost counts the
         // whole host's events, so it may exceed what the bench missed).
-        if !(written <= expected && written + lost >= expected) {
+        if churn_run.written && !(written <= expected && written + lost >= expected) {
             failures.push(format!(
-                "{mode} wrote {written} and lost {lost} events for {connections} connections ({expected} expected)"
+                "{} wrote {written} and lost {lost} events for {connections} connections ({expected} expected)",
+                churn_run.name
             ));
         }
+    }
+    println!("the budget of an event, BTF mode (ns per state change of the churn):");
+    println!(
+        "  {:<50} {:>6} {:>8} {:>10} {:>9}",
+        "", "ratio", "kernel", "tcptrace", "ratio lost"
+    );
+    let mut before = 1.0;
+    for &(name, ratio, kernel, user) in budget.iter().take(4) {
+        println!(
+            "  {name:<50} {ratio:>6.3} {kernel:>8.0} {user:>10.0} {:>9.3}",
+            before - ratio
+        );
+        before = ratio;
     }
     let mut top_ratios: Vec<f64> = top_runs.iter().map(|(ratio, _)| *ratio).collect();
     let top_events: u64 = top_runs
         .iter()
         .map(|(_, r)| r.connections * EVENTS_PER_CONNECTION)
         .sum();
-    let top_cpu: f64 = top_runs.iter().map(|(_, r)| r.cpu_seconds).sum();
+    let top_ns: u64 = top_runs.iter().map(|(_, r)| r.tracing_cpu_ns).sum();
     let top_rss = top_runs
         .iter()
         .map(|(_, r)| r.peak_rss_kib)
@@ -236,9 +329,9 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
             .join(" ")
     );
     println!(
-        "  {:<44} {:.2} us",
-        "tcptrace CPU time per event",
-        top_cpu * 1e6 / top_events.max(1) as f64
+        "  {:<44} {:.0}",
+        "tcptrace CPU ns per event while tracing",
+        top_ns as f64 / top_events.max(1) as f64
     );
     println!(
         "  {:<44} {:.1} MiB",
@@ -487,8 +580,17 @@ pub fn start_tcptrace(
     tcptrace: &Path,
     args: &[&str],
 ) -> anyhow::Result<(Child, thread::JoinHandle<Vec<String>>)> {
-    let mut child = Command::new(tcptrace)
-        .args(args)
+    let mut command = Command::new(tcptrace);
+    command.args(args);
+    start(command, tcptrace)
+}
+
+/// Starts `command` (tcptrace) and waits until it traces; the thread collects its stderr lines.
+fn start(
+    mut command: Command,
+    tcptrace: &Path,
+) -> anyhow::Result<(Child, thread::JoinHandle<Vec<String>>)> {
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -517,54 +619,95 @@ pub fn start_tcptrace(
     Ok((child, reader))
 }
 
-/// One churn window with tcptrace running as users run it, in `mode`.
+/// One churn window with tcptrace running as `run` says.
 fn traced(
     tcptrace: &Path,
-    args: &[&str],
+    run: &ChurnRun,
     output: &PathBuf,
     window: Duration,
 ) -> anyhow::Result<Traced> {
     let _ = std::fs::remove_file(output);
     let output_arg = output.to_string_lossy();
-    let mut all = args.to_vec();
-    all.extend_from_slice(&["--format", "json", "--output", &output_arg]);
-    let (child, reader) = start_tcptrace(tcptrace, &all)?;
+    let mut command = Command::new(tcptrace);
+    command.args(run.args);
+    if run.written {
+        command.args(["--format", "json", "--output", &output_arg]);
+    }
+    if run.empty_programs {
+        command.env("TCPTRACE_BENCH_EMPTY_PROGRAMS", "1");
+    }
+    let (child, reader) = start(command, tcptrace)?;
+    let pid = child.id();
+    let cpu_before = process_cpu_ns(pid);
     let mut port = 0;
     let (connections, seconds) = churn_on(window, |p| port = p)?;
+    // What the ring buffer still holds is drained within a tick.
     thread::sleep(Duration::from_millis(200));
+    let tracing_cpu_ns = process_cpu_ns(pid).saturating_sub(cpu_before);
     // tcptrace's own high-water mark (wait4's ru_maxrss would also count the image it was
     // spawned from).
-    let peak_rss_kib = peak_rss_kib(child.id())?;
+    let peak_rss_kib = peak_rss_kib(pid)?;
     let (program_ns, program_runs) = program_stats();
     let (drop_program_ns, drop_program_runs) = programs_stats(&["btf_kfree_skb"]);
-    // SAFETY: signalling our own child by its pid.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-    let mut status = 0;
-    // SAFETY: all-zero is a valid rusage; wait4 fills it for our child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
-    ensure!(pid > 0, "wait4 failed: {}", std::io::Error::last_os_error());
+    let (all_programs_ns, _) = programs_stats(&PER_EVENT_PROGRAMS);
+    let (status, cpu_seconds) = stop(pid, libc::SIGINT)?;
     let stderr = reader.join().unwrap_or_default();
     ensure!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "tcptrace failed: {}",
         stderr.join("; ")
     );
-    let lost = stderr
+    // `tcptrace: N events written, M events lost[, more][; listen drops]`.
+    let summary = stderr
         .iter()
         .rev()
         .find_map(|l| {
-            // `..., N events lost[, more][; listen drops]`.
-            l.split(';')
+            let mut counts = l.strip_prefix("tcptrace: ")?.split(';').next()?.split(", ");
+            let handled = counts
                 .next()?
-                .split(", ")
-                .nth(1)?
-                .strip_suffix(" events lost")?
+                .strip_suffix(" events written")?
                 .parse()
-                .ok()
+                .ok()?;
+            let lost = counts.next()?.strip_suffix(" events lost")?.parse().ok()?;
+            Some((handled, lost))
         })
         .with_context(|| format!("no summary from tcptrace: {}", stderr.join("; ")))?;
-    // Count the bench's own connections: other traffic on the host is traced too.
+    let (handled, lost) = summary;
+    let written = if run.written {
+        count_written(output, port)?
+    } else {
+        0
+    };
+    Ok(Traced {
+        connections,
+        seconds,
+        written,
+        handled,
+        lost,
+        cpu_seconds,
+        tracing_cpu_ns,
+        peak_rss_kib,
+        program_ns,
+        program_runs,
+        drop_program_ns,
+        drop_program_runs,
+        all_programs_ns,
+    })
+}
+
+/// The programs that run for the churn's packets and state changes, BTF and tracefs mode.
+const PER_EVENT_PROGRAMS: [&str; 6] = [
+    "btf_inet_sock_set_state",
+    "inet_sock_set_state",
+    "btf_kfree_skb",
+    "btf_sock_recv_length",
+    "btf_tcp_send_reset",
+    "btf_inet_sk_error_report",
+];
+
+/// The bench's own connections' lines in `output`, then removed: other traffic on the host is
+/// traced too.
+fn count_written(output: &Path, port: u16) -> anyhow::Result<u64> {
     let file = std::fs::File::open(output)
         .with_context(|| format!("failed to read {}", output.display()))?;
     let (sport, dport) = (format!("\"sport\":{port},"), format!("\"dport\":{port},"));
@@ -585,19 +728,38 @@ fn traced(
         .count() as u64;
     // Written and counted; the next run should not pay for writing it back to disk.
     let _ = std::fs::remove_file(output);
+    Ok(written)
+}
+
+/// Signals our child tcptrace `pid` and reaps it: its wait status and the CPU time (user and
+/// system, seconds) it used in all.
+fn stop(pid: u32, signal: libc::c_int) -> anyhow::Result<(libc::c_int, f64)> {
+    // SAFETY: signalling our own child by its pid.
+    unsafe { libc::kill(pid as libc::pid_t, signal) };
+    let mut status = 0;
+    // SAFETY: all-zero is a valid rusage; wait4 fills it for our child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let waited = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
+    ensure!(
+        waited > 0,
+        "wait4 failed: {}",
+        std::io::Error::last_os_error()
+    );
     let cpu = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    Ok(Traced {
-        connections,
-        seconds,
-        written,
-        lost,
-        cpu_seconds: cpu(usage.ru_utime) + cpu(usage.ru_stime),
-        peak_rss_kib,
-        program_ns,
-        program_runs,
-        drop_program_ns,
-        drop_program_runs,
-    })
+    Ok((status, cpu(usage.ru_utime) + cpu(usage.ru_stime)))
+}
+
+/// CPU time a process's threads have used so far, in nanoseconds (`schedstat`, exact where
+/// `/proc/PID/stat` counts ticks).
+fn process_cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|line| line.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// One churn window with `tcptrace top` drawing on a terminal of its own (BTF mode, the census
@@ -616,39 +778,34 @@ fn traced_top(tcptrace: &Path, window: Duration) -> anyhow::Result<Traced> {
         }
         thread::sleep(Duration::from_millis(20));
     }
+    let pid = top.child.id();
+    let cpu_before = process_cpu_ns(pid);
     let (connections, seconds) = churn(window)?;
     thread::sleep(Duration::from_millis(200));
-    let pid = top.child.id();
+    let tracing_cpu_ns = process_cpu_ns(pid).saturating_sub(cpu_before);
     let peak_rss_kib = peak_rss_kib(pid)?;
     let (program_ns, program_runs) = program_stats();
-    // SAFETY: signalling our own child by its pid.
-    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-    let mut status = 0;
-    // SAFETY: all-zero is a valid rusage; wait4 fills it for our child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let waited = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
-    ensure!(
-        waited > 0,
-        "wait4 failed: {}",
-        std::io::Error::last_os_error()
-    );
+    let (all_programs_ns, _) = programs_stats(&PER_EVENT_PROGRAMS);
+    let (status, cpu_seconds) = stop(pid, libc::SIGTERM)?;
     let tail = top.tail();
     ensure!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "tcptrace top failed: {tail}"
     );
-    let cpu = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     Ok(Traced {
         connections,
         seconds,
         written: 0,
+        handled: 0,
         lost: 0,
-        cpu_seconds: cpu(usage.ru_utime) + cpu(usage.ru_stime),
+        cpu_seconds,
+        tracing_cpu_ns,
         peak_rss_kib,
         program_ns,
         program_runs,
         drop_program_ns: 0,
         drop_program_runs: 0,
+        all_programs_ns,
     })
 }
 

@@ -267,6 +267,10 @@ pub fn load(settings: &Settings<'_>) -> anyhow::Result<Loaded> {
     } else {
         None
     };
+    // Parsed, the kernel's BTF is the largest thing tcptrace ever holds (15 MiB on 6.18): its
+    // memory goes back to the system before the ring buffer is mapped and the tracing begins.
+    drop(btf);
+    super::return_free_memory();
     let mut loaded = finish(ebpf, programs, Mode::Btf, snapshot, log_level)?;
     loaded.timewait = Some(timewait);
     loaded.census = census;

@@ -204,10 +204,26 @@ fn brief(message: &str, debug: bool) -> String {
     }
 }
 
+/// Set to `1`, the programs on tracepoints return at once (`cargo xtask bench`'s floor: what
+/// attaching costs the host). Nothing is traced then; tcptrace says so at start.
+pub const BENCH_EMPTY_PROGRAMS_VAR: &str = "TCPTRACE_BENCH_EMPTY_PROGRAMS";
+
 /// The configuration every program reads.
 fn config(settings: &Settings<'_>, extra_bits: u32) -> Config {
+    let bench = std::env::var_os(BENCH_EMPTY_PROGRAMS_VAR).is_some_and(|v| v == "1");
+    if bench {
+        eprintln!(
+            "tcptrace: warning: {BENCH_EMPTY_PROGRAMS_VAR}=1: the programs return at once, nothing is traced"
+        );
+    }
     Config {
-        filters: settings.filters.bits | extra_bits,
+        filters: settings.filters.bits
+            | extra_bits
+            | if bench {
+                tcptrace_common::BENCH_EMPTY_PROGRAMS
+            } else {
+                0
+            },
         // Wake the reader only once a quarter of the buffer waits; it drains on a timer otherwise.
         wakeup_bytes: settings.ring_buffer_bytes / 4,
     }
@@ -380,4 +396,14 @@ pub fn check_kernel() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Hands the heap's free pages back to the system (glibc keeps them otherwise; musl, which the
+/// static binary uses, returns them on its own).
+pub(crate) fn return_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: no arguments to get wrong; it only releases memory no allocation holds.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

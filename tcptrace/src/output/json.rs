@@ -35,34 +35,42 @@ pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64, cgroup: Option<
         end,
         retransmit,
     } = *event;
-    out.extend_from_slice(match kind {
-        Kind::State { .. } | Kind::Handoff { .. } => b"{\"type\":\"state\",\"time\":",
-        Kind::Retransmit { .. } | Kind::RetransmitSynack => b"{\"type\":\"retransmit\",\"time\":",
-        Kind::Snapshot { .. } => b"{\"type\":\"socket\",\"time\":",
-        Kind::Congestion(_) => b"{\"type\":\"congestion\",\"time\":",
-        Kind::ListenDrop(_) => b"{\"type\":\"listen_drop\",\"time\":",
-    });
+    write::put(
+        out,
+        match kind {
+            Kind::State { .. } | Kind::Handoff { .. } => b"{\"type\":\"state\",\"time\":",
+            Kind::Retransmit { .. } | Kind::RetransmitSynack => {
+                b"{\"type\":\"retransmit\",\"time\":"
+            }
+            Kind::Snapshot { .. } => b"{\"type\":\"socket\",\"time\":",
+            Kind::Congestion(_) => b"{\"type\":\"congestion\",\"time\":",
+            Kind::ListenDrop(_) => b"{\"type\":\"listen_drop\",\"time\":",
+        },
+    );
     time(out, wall_ns);
-    out.extend_from_slice(b",\"pid\":");
+    write::put(out, b",\"pid\":");
     write::uint(out, pid);
-    out.extend_from_slice(b",\"comm\":");
-    string(out, &String::from_utf8_lossy(event.comm_bytes()));
+    write::put(out, b",\"comm\":");
+    name(out, event.comm_bytes());
     if let Some(thread) = &thread {
         let end = thread.iter().position(|&b| b == 0).unwrap_or(16);
-        out.extend_from_slice(b",\"thread\":");
-        string(out, &String::from_utf8_lossy(&thread[..end]));
+        write::put(out, b",\"thread\":");
+        name(out, &thread[..end]);
     }
-    out.extend_from_slice(if event.is_ipv6() {
-        b",\"family\":\"ipv6\",\"saddr\":\""
-    } else {
-        b",\"family\":\"ipv4\",\"saddr\":\""
-    });
+    write::put(
+        out,
+        if event.is_ipv6() {
+            b",\"family\":\"ipv6\",\"saddr\":\""
+        } else {
+            b",\"family\":\"ipv4\",\"saddr\":\""
+        },
+    );
     write::ip(out, saddr);
-    out.extend_from_slice(b"\",\"sport\":");
+    write::put(out, b"\",\"sport\":");
     write::uint(out, sport);
-    out.extend_from_slice(b",\"daddr\":\"");
+    write::put(out, b",\"daddr\":\"");
     write::ip(out, daddr);
-    out.extend_from_slice(b"\",\"dport\":");
+    write::put(out, b"\",\"dport\":");
     write::uint(out, dport);
     match kind {
         Kind::State {
@@ -75,19 +83,19 @@ pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64, cgroup: Option<
             new,
             duration_ns,
         } => {
-            out.extend_from_slice(b",\"oldstate\":");
+            write::put(out, b",\"oldstate\":");
             state(out, old);
-            out.extend_from_slice(b",\"newstate\":");
+            write::put(out, b",\"newstate\":");
             state(out, new);
             match duration_ns {
                 Some(ns) => {
-                    out.extend_from_slice(b",\"duration_ns\":");
+                    write::put(out, b",\"duration_ns\":");
                     write::uint(out, ns);
                 }
-                None => out.extend_from_slice(b",\"duration_ns\":null"),
+                None => write::put(out, b",\"duration_ns\":null"),
             }
             if new == TcpState::Close {
-                out.extend_from_slice(b",\"retransmits\":");
+                write::put(out, b",\"retransmits\":");
                 write::uint(out, retransmits);
                 if let Some(end) = &end {
                     ending(out, end);
@@ -100,20 +108,20 @@ pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64, cgroup: Option<
         } => {
             // A field the kernel does not give is left out, never guessed.
             if let Some(socket_state) = socket_state {
-                out.extend_from_slice(b",\"state\":");
+                write::put(out, b",\"state\":");
                 state(out, socket_state);
             }
             if let Some(err) = err {
-                out.extend_from_slice(b",\"err\":");
-                write::uint(out, err);
+                write::put(out, b",\"err\":");
+                write::int(out, err);
             }
-            out.extend_from_slice(b",\"synack\":false");
+            write::put(out, b",\"synack\":false");
             if let Some(detail) = &retransmit {
                 retransmit_detail(out, detail);
             }
         }
         Kind::RetransmitSynack => {
-            out.extend_from_slice(b",\"state\":\"SYN_RECV\",\"synack\":true");
+            write::put(out, b",\"state\":\"SYN_RECV\",\"synack\":true");
             if let Some(detail) = &retransmit {
                 retransmit_detail(out, detail);
             }
@@ -121,50 +129,50 @@ pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64, cgroup: Option<
         Kind::Snapshot {
             state: socket_state,
         } => {
-            out.extend_from_slice(b",\"state\":");
+            write::put(out, b",\"state\":");
             state(out, socket_state);
         }
         Kind::Congestion(change) => congestion(out, &change),
         Kind::ListenDrop(drop) => listen_drop(out, &drop),
     }
-    out.extend_from_slice(b",\"skaddr\":\"");
+    write::put(out, b",\"skaddr\":\"");
     write::hex(out, skaddr);
     out.put_u8(b'"');
     if cookie != 0 {
-        out.extend_from_slice(b",\"cookie\":");
+        write::put(out, b",\"cookie\":");
         write::uint(out, cookie);
     }
     // Where the socket lives; each key only when known.
     if netns != 0 {
-        out.extend_from_slice(b",\"netns\":");
+        write::put(out, b",\"netns\":");
         write::uint(out, netns);
     }
     if cgroup_id != 0 {
-        out.extend_from_slice(b",\"cgroup_id\":");
+        write::put(out, b",\"cgroup_id\":");
         write::uint(out, cgroup_id);
     }
     if let Some(cgroup) = cgroup {
-        out.extend_from_slice(b",\"cgroup\":");
+        write::put(out, b",\"cgroup\":");
         string(out, &cgroup.path);
         if let Some(id) = &cgroup.container_id {
-            out.extend_from_slice(b",\"container_id\":\"");
-            out.extend_from_slice(id.as_bytes());
+            write::put(out, b",\"container_id\":\"");
+            write::put(out, id.as_bytes());
             out.put_u8(b'"');
         }
         if let Some(uid) = &cgroup.pod_uid {
-            out.extend_from_slice(b",\"pod_uid\":\"");
-            out.extend_from_slice(uid.as_bytes());
+            write::put(out, b",\"pod_uid\":\"");
+            write::put(out, uid.as_bytes());
             out.put_u8(b'"');
         }
     }
-    out.extend_from_slice(b"}\n");
+    write::put(out, b"}\n");
 }
 
 /// A retransmit's kind, timeout and attempt; `rto_ms` only when the tick rate is known, and
 /// `srtt_us` once the socket measured one.
 fn retransmit_detail(out: &mut BytesMut, detail: &Retransmit) {
-    out.extend_from_slice(b",\"kind\":\"");
-    out.extend_from_slice(detail.kind.name().as_bytes());
+    write::put(out, b",\"kind\":\"");
+    write::put(out, detail.kind.name().as_bytes());
     out.put_u8(b'"');
     timer(
         out,
@@ -179,15 +187,15 @@ fn retransmit_detail(out: &mut BytesMut, detail: &Retransmit) {
 /// the smoothed round-trip time (once measured): on retransmit and congestion lines.
 fn timer(out: &mut BytesMut, rto_ms: Option<u64>, backoff: u8, attempt: u8, srtt_us: Option<u32>) {
     if let Some(rto_ms) = rto_ms {
-        out.extend_from_slice(b",\"rto_ms\":");
+        write::put(out, b",\"rto_ms\":");
         write::uint(out, rto_ms);
     }
-    out.extend_from_slice(b",\"backoff\":");
+    write::put(out, b",\"backoff\":");
     write::uint(out, backoff);
-    out.extend_from_slice(b",\"attempt\":");
+    write::put(out, b",\"attempt\":");
     write::uint(out, attempt);
     if let Some(srtt_us) = srtt_us {
-        out.extend_from_slice(b",\"srtt_us\":");
+        write::put(out, b",\"srtt_us\":");
         write::uint(out, srtt_us);
     }
 }
@@ -196,13 +204,13 @@ fn timer(out: &mut BytesMut, rto_ms: Option<u64>, backoff: u8, attempt: u8, srtt
 /// what the socket held before the change (`rto_ms` only when the tick rate is known, `srtt_us`
 /// once the socket measured one).
 fn congestion(out: &mut BytesMut, change: &Congestion) {
-    out.extend_from_slice(b",\"state\":");
+    write::put(out, b",\"state\":");
     state(out, change.state);
-    out.extend_from_slice(b",\"from\":\"");
+    write::put(out, b",\"from\":\"");
     let _ = write!(out, "{}", change.from);
-    out.extend_from_slice(b"\",\"to\":\"");
+    write::put(out, b"\",\"to\":\"");
     let _ = write!(out, "{}", change.to);
-    out.extend_from_slice(b"\",\"cwnd\":");
+    write::put(out, b"\",\"cwnd\":");
     write::uint(out, change.cwnd);
     timer(
         out,
@@ -216,56 +224,56 @@ fn congestion(out: &mut BytesMut, change: &Congestion) {
 /// What a listener's full accept queue dropped since its last line, by reason, and how full the
 /// queue was at the latest drop.
 fn listen_drop(out: &mut BytesMut, drop: &ListenDrop) {
-    out.extend_from_slice(b",\"state\":\"LISTEN\",\"drops\":");
+    write::put(out, b",\"state\":\"LISTEN\",\"drops\":");
     write::uint(out, drop.drops());
-    out.extend_from_slice(b",\"listen_overflow\":");
+    write::put(out, b",\"listen_overflow\":");
     write::uint(out, drop.overflow);
-    out.extend_from_slice(b",\"no_socket\":");
+    write::put(out, b",\"no_socket\":");
     write::uint(out, drop.no_socket);
-    out.extend_from_slice(b",\"total\":");
+    write::put(out, b",\"total\":");
     write::uint(out, drop.total);
-    out.extend_from_slice(b",\"ack_backlog\":");
+    write::put(out, b",\"ack_backlog\":");
     write::uint(out, drop.ack_backlog);
-    out.extend_from_slice(b",\"max_ack_backlog\":");
+    write::put(out, b",\"max_ack_backlog\":");
     write::uint(out, drop.max_ack_backlog);
 }
 
 /// Why a connection ended and what it carried (BTF mode's CLOSE lines).
 fn ending(out: &mut BytesMut, end: &Ending) {
-    out.extend_from_slice(b",\"reason\":\"");
-    out.extend_from_slice(end.reason.name().as_bytes());
+    write::put(out, b",\"reason\":\"");
+    write::put(out, end.reason.name().as_bytes());
     out.put_u8(b'"');
     if let Some(name) = end.rst_reason.and_then(rst_reason_name) {
-        out.extend_from_slice(b",\"rst_reason\":");
+        write::put(out, b",\"rst_reason\":");
         string(out, name);
     }
     if let Some(errno) = end.error {
-        out.extend_from_slice(b",\"error\":");
+        write::put(out, b",\"error\":");
         string(out, &errno_name(errno));
     }
-    out.extend_from_slice(b",\"bytes_sent\":");
+    write::put(out, b",\"bytes_sent\":");
     write::uint(out, end.bytes_sent);
-    out.extend_from_slice(b",\"bytes_received\":");
+    write::put(out, b",\"bytes_received\":");
     write::uint(out, end.bytes_received);
-    out.extend_from_slice(b",\"srtt_us\":");
+    write::put(out, b",\"srtt_us\":");
     write::uint(out, end.srtt_us);
-    out.extend_from_slice(b",\"lifetime_ns\":");
+    write::put(out, b",\"lifetime_ns\":");
     write::uint(out, end.lifetime_ns);
 }
 
 pub fn lost(out: &mut BytesMut, wall_ns: u64, count: u64) {
-    out.extend_from_slice(b"{\"type\":\"lost\",\"time\":");
+    write::put(out, b"{\"type\":\"lost\",\"time\":");
     time(out, wall_ns);
-    out.extend_from_slice(b",\"count\":");
+    write::put(out, b",\"count\":");
     write::uint(out, count);
-    out.extend_from_slice(b"}\n");
+    write::put(out, b"}\n");
 }
 
 fn state(out: &mut BytesMut, state: TcpState) {
     match state.name() {
         Some(name) => {
             out.put_u8(b'"');
-            out.extend_from_slice(name.as_bytes());
+            write::put(out, name.as_bytes());
             out.put_u8(b'"');
         }
         None => {
@@ -280,6 +288,21 @@ fn time(out: &mut BytesMut, wall_ns: u64) {
     out.put_u8(b'"');
 }
 
+/// A process or thread name, as a JSON string: bytes that are not UTF-8 become U+FFFD.
+fn name(out: &mut BytesMut, raw: &[u8]) {
+    // The usual name is printable ASCII: copied whole, with no UTF-8 decoding.
+    if raw
+        .iter()
+        .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.put_u8(b'"');
+        write::put(out, raw);
+        out.put_u8(b'"');
+    } else {
+        string(out, &String::from_utf8_lossy(raw));
+    }
+}
+
 /// A JSON string: quotes, backslashes and control characters escaped.
 pub fn string(out: &mut BytesMut, s: &str) {
     out.put_u8(b'"');
@@ -287,23 +310,23 @@ pub fn string(out: &mut BytesMut, s: &str) {
     if s.bytes()
         .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b != 0x7f)
     {
-        out.extend_from_slice(s.as_bytes());
+        write::put(out, s.as_bytes());
         out.put_u8(b'"');
         return;
     }
     for c in s.chars() {
         match c {
-            '"' => out.extend_from_slice(b"\\\""),
-            '\\' => out.extend_from_slice(b"\\\\"),
-            '\n' => out.extend_from_slice(b"\\n"),
-            '\r' => out.extend_from_slice(b"\\r"),
-            '\t' => out.extend_from_slice(b"\\t"),
+            '"' => write::put(out, b"\\\""),
+            '\\' => write::put(out, b"\\\\"),
+            '\n' => write::put(out, b"\\n"),
+            '\r' => write::put(out, b"\\r"),
+            '\t' => write::put(out, b"\\t"),
             c if u32::from(c) < 0x20 || c == '\u{7f}' => {
                 let _ = write!(out, "\\u{:04x}", u32::from(c));
             }
             c => {
                 let mut buf = [0; 4];
-                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                write::put(out, c.encode_utf8(&mut buf).as_bytes());
             }
         }
     }
