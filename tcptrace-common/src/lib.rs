@@ -169,8 +169,8 @@ pub const TRACE_CONGESTION: u32 = 1 << 12;
 /// `Config::filters` bit: count what listeners' full accept queues drop (BTF mode, `kfree_skb`).
 pub const TRACE_LISTEN_DROPS: u32 = 1 << 13;
 /// `Config::filters` bit, for `cargo xtask bench` only: every program on a TCP or socket
-/// tracepoint returns at once, so a run measures what attaching costs (the floor under everything the programs do).
-/// A load-time constant, so the verifier drops the branch from the programs of every other run.
+/// tracepoint returns at once, so a run measures what attaching costs (the floor under everything
+/// the programs do). Every other run pays a load and a branch per program run for it.
 pub const BENCH_EMPTY_PROGRAMS: u32 = 1 << 14;
 
 /// Linux address families as the tracepoints report them.

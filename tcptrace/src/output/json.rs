@@ -290,16 +290,10 @@ fn time(out: &mut BytesMut, wall_ns: u64) {
 
 /// A process or thread name, as a JSON string: bytes that are not UTF-8 become U+FFFD.
 fn name(out: &mut BytesMut, raw: &[u8]) {
-    // The usual name is printable ASCII: copied whole, with no UTF-8 decoding.
-    if raw
-        .iter()
-        .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-    {
-        out.put_u8(b'"');
-        write::put(out, raw);
-        out.put_u8(b'"');
-    } else {
-        string(out, &String::from_utf8_lossy(raw));
+    // The usual name is valid UTF-8: no lossy decoding (which walks it in chunks) for it.
+    match std::str::from_utf8(raw) {
+        Ok(name) => string(out, name),
+        Err(_) => string(out, &String::from_utf8_lossy(raw)),
     }
 }
 

@@ -39,15 +39,14 @@ pub fn uint(out: &mut BytesMut, n: impl Into<u64>) {
     // from the last, before they become part of `out`.
     unsafe {
         let dst = out.as_mut_ptr().add(len);
+        // While `n` has two digits or more, as many places are left before `end`.
         let mut end = digits;
         while n >= 10 {
             let pair = (n % 100) as usize * 2;
             n /= 100;
-            if end >= 2 {
-                *dst.add(end - 1) = PAIRS[pair + 1];
-                *dst.add(end - 2) = PAIRS[pair];
-                end -= 2;
-            }
+            *dst.add(end - 1) = PAIRS[pair + 1];
+            *dst.add(end - 2) = PAIRS[pair];
+            end -= 2;
         }
         if end == 1 {
             *dst = b'0' + n as u8;
@@ -153,21 +152,19 @@ fn second_prefix(wall_ns: u64) -> SecondPrefix {
         second,
         nanos: _,
     } = Utc::from_unix_ns(wall_ns);
-    let mut out = BytesMut::with_capacity(20);
-    fixed(&mut out, year.clamp(0, 9999) as u64, 4);
-    out.put_u8(b'-');
-    fixed(&mut out, month.into(), 2);
-    out.put_u8(b'-');
-    fixed(&mut out, day.into(), 2);
-    out.put_u8(b'T');
-    fixed(&mut out, hour.into(), 2);
-    out.put_u8(b':');
-    fixed(&mut out, minute.into(), 2);
-    out.put_u8(b':');
-    fixed(&mut out, second.into(), 2);
-    out.put_u8(b'.');
-    let mut prefix = [0; 20];
-    prefix.copy_from_slice(&out);
+    let mut prefix = *b"0000-00-00T00:00:00.";
+    let mut digits = |at: usize, width: usize, mut n: u64| {
+        for slot in prefix[at..at + width].iter_mut().rev() {
+            *slot = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    };
+    digits(0, 4, year.clamp(0, 9999) as u64);
+    digits(5, 2, month.into());
+    digits(8, 2, day.into());
+    digits(11, 2, hour.into());
+    digits(14, 2, minute.into());
+    digits(17, 2, second.into());
     prefix
 }
 
