@@ -121,9 +121,12 @@ fn nginx_workers_hold_what_they_accepted(reuseport: bool, before: bool) {
         (Nginx::start(port, reuseport), tracer)
     };
     let sampling = HolderSamples::start(port);
-    nginx.load_with(4_000, true);
+    // Keep-alive runs long enough (about a second each) that the sampler, one `ss -p` walk at a
+    // time, sees each of their connections: a run of 4,000 requests could end between two walks
+    // on a busy host, leaving too few connections sampled to check.
+    nginx.load_with(20_000, true);
     nginx.load_with(400, false);
-    nginx.load_with(4_000, true);
+    nginx.load_with(20_000, true);
     wait_for_ends(&tracer, port, 8);
     let mut held = sampling.finish();
     let lines = tracer.stop().json();
