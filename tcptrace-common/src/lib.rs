@@ -314,6 +314,9 @@ pub const KERNEL_RST_REASON: u32 = 1 << 5;
 /// `KernelOffsets::features` bit: the `icsk_*` and `request_sock` fields a retransmit's kind,
 /// timeout and attempt are read from were found.
 pub const KERNEL_RETRANSMIT_DETAIL: u32 = 1 << 6;
+/// `KernelOffsets::features` bit: a socket's FIN timeout can be read (`tcp_sock.linger2`, the
+/// namespace's `tcp_fin_timeout`, and the RTO).
+pub const KERNEL_FIN_TIME: u32 = 1 << 7;
 
 /// Where BTF mode finds fields in kernel structs, read from the running kernel's BTF at load time.
 /// Offsets are in bytes.
@@ -393,10 +396,14 @@ pub struct KernelOffsets {
     /// `struct request_sock`: its SYN-ACK's initial timeout (jiffies) and retransmits so far.
     pub req_timeout: u32,
     pub req_num_retrans: u32,
+    /// `struct tcp_sock`: the FIN timeout set with `TCP_LINGER2` (jiffies; 0: the namespace's).
+    pub tcp_linger2: u32,
+    /// `struct net`: `ipv4.sysctl_tcp_fin_timeout` (jiffies).
+    pub net_fin_timeout: u32,
     /// `KERNEL_*` bits.
     pub features: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 192);
+const _: () = assert!(size_of::<KernelOffsets>() == 200);
 
 /// `--container` in the kernel (BTF mode): a container id prefix, lowercase hex, compared in
 /// 8-byte words with the name of each new cgroup at each of [`CONTAINER_ID_OFFSETS`].
@@ -465,7 +472,10 @@ pub struct Event {
     pub cgroup_id: u64,
     /// The socket's network namespace, as an inode number (BTF mode); 0 when unknown.
     pub netns: u32,
-    pub _pad2: u32,
+    /// On a hand-over to a timewait socket in FIN_WAIT2 (`KIND_TIMEWAIT`): the socket's FIN
+    /// timeout, `tcp_fin_time` in jiffies (`TCP_LINGER2`, or the namespace's `tcp_fin_timeout`,
+    /// at least 3.5 RTOs); 0 otherwise or when unknown.
+    pub fin_time: u32,
     /// The socket's cookie (BTF mode): never reused, kept by its timewait socket; 0 when unknown.
     pub cookie: u64,
     /// How a connection ended, on the line that ends it (BTF mode); on a retransmit, with

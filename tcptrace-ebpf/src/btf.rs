@@ -22,10 +22,11 @@ use aya_log_ebpf::warn;
 use tcptrace_common::{
     AF_INET, Bytes16, COUNTER_STATE_REPEATS, EVENT_HAS_DURATION, EVENT_HAS_ERR,
     EVENT_HAS_RETRANSMIT_DETAIL, EVENT_HAS_STATE, EVENT_HAS_SUMMARY, End, Event, FILTER_ENDS,
-    FILTER_FAILURES, Forked, KERNEL_HAS_IPV6, KERNEL_RETRANSMIT_DETAIL, KERNEL_RETRANSMIT_ERR,
-    KERNEL_RST_REASON, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_STATE, KIND_TIMEWAIT,
-    KernelOffsets, Origin, RetransmitDetail, SOCKET_ACTIVE_OPEN, SocketState, TRACE_RETRANSMITS,
-    TRACE_STATES, TimewaitRecord, ca_state, errno, icsk_timer, reason, retransmit_kind, tcp_state,
+    FILTER_FAILURES, Forked, KERNEL_FIN_TIME, KERNEL_HAS_IPV6, KERNEL_RETRANSMIT_DETAIL,
+    KERNEL_RETRANSMIT_ERR, KERNEL_RST_REASON, KIND_RETRANSMIT, KIND_RETRANSMIT_SYNACK, KIND_STATE,
+    KIND_TIMEWAIT, KernelOffsets, Origin, RetransmitDetail, SOCKET_ACTIVE_OPEN, SocketState,
+    TRACE_RETRANSMITS, TRACE_STATES, TimewaitRecord, ca_state, errno, icsk_timer, reason,
+    retransmit_kind, tcp_state,
 };
 
 use crate::{
@@ -384,6 +385,7 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let mut kind = KIND_STATE;
     let mut entered = newstate;
     let mut end = End::ZERO;
+    let mut fin_time = 0;
     if ended {
         // SAFETY: BTF-typed socket pointers; offsets from this kernel's BTF.
         end = unsafe {
@@ -411,6 +413,10 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
             } else {
                 tcp_state::FIN_WAIT2
             };
+            if entered == tcp_state::FIN_WAIT2 && offsets.features & KERNEL_FIN_TIME != 0 {
+                // SAFETY: as above.
+                fin_time = unsafe { fin_timeout(&offsets, sk as *const u8, tp) };
+            }
         }
     }
     if filters & FILTER_ENDS != 0 {
@@ -469,7 +475,7 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
             _pad: 0,
             cgroup_id: id.cgroup_id,
             netns: id.netns,
-            _pad2: 0,
+            fin_time,
             // An accepted socket's first transition runs while the kernel clones it from its
             // listener: older kernels (6.1) have copied the listener's cookie by then.
             // SAFETY: `sk` as above.
@@ -482,6 +488,27 @@ pub fn state(ctx: &BtfTracePointContext) -> Result<(), ()> {
         },
     );
     Ok(())
+}
+
+/// `tcp_fin_time`: how long the timewait socket a connection is handed to in FIN_WAIT2 waits for
+/// the peer's FIN (jiffies), from the socket's `TCP_LINGER2` or its namespace's
+/// `tcp_fin_timeout`, at least 3.5 RTOs. Userspace judges by it whether a FIN_WAIT2 timewait
+/// socket no scan saw timed out.
+/// https://elixir.bootlin.com/linux/v6.18/source/include/net/tcp.h (tcp_fin_time)
+#[inline(always)]
+unsafe fn fin_timeout(offsets: &KernelOffsets, sk: *const u8, tp: *const u8) -> u32 {
+    // SAFETY: BTF-typed socket pointers, and the socket's namespace; offsets from this kernel's
+    // BTF.
+    unsafe {
+        let mut timeout: i32 = field(tp, offsets.tcp_linger2);
+        if timeout == 0 {
+            let net: *const u8 = field(sk, offsets.skc_net);
+            timeout = field(net, offsets.net_fin_timeout);
+        }
+        let rto: u32 = field(tp, offsets.icsk_rto);
+        let floor = ((rto << 2) - (rto >> 1)) as i32;
+        timeout.max(floor).max(0) as u32
+    }
 }
 
 /// What a socket's storage carries from one transition to the next.
@@ -810,7 +837,7 @@ pub fn retransmit(ctx: &BtfTracePointContext) -> Result<(), ()> {
             _pad: 0,
             cgroup_id: id.cgroup_id,
             netns: id.netns,
-            _pad2: 0,
+            fin_time: 0,
             // SAFETY: `sk` as above.
             cookie: unsafe { bpf_get_socket_cookie(sk) },
             end: retransmit.into_end(),
@@ -937,7 +964,7 @@ pub fn retransmit_synack(ctx: &BtfTracePointContext) -> Result<(), ()> {
             _pad: 0,
             cgroup_id: id.cgroup_id,
             netns: id.netns,
-            _pad2: 0,
+            fin_time: 0,
             cookie: 0,
             end: synack.into_end(),
         },

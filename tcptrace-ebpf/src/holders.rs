@@ -165,7 +165,7 @@ pub fn take_holder(ctx: *const TcpIterContext) -> Result<(), ()> {
         _pad: 0,
         cgroup_id: id.cgroup_id,
         netns: id.netns,
-        _pad2: 0,
+        fin_time: 0,
         // SAFETY: `sk` as above.
         cookie: unsafe { bpf_get_socket_cookie(sk) },
         end: End::ZERO,

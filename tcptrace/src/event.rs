@@ -127,6 +127,9 @@ pub enum Kind {
         old: TcpState,
         new: TcpState,
         duration_ns: Option<u64>,
+        /// In FIN_WAIT2: how long the timewait socket waits for the peer's FIN, in kernel
+        /// ticks (`tcp_fin_time`); 0 when unknown.
+        fin_time: u32,
     },
     /// BTF mode: the socket's congestion state changed.
     Congestion(Congestion),
@@ -246,7 +249,7 @@ pub fn decode(bytes: &[u8]) -> Result<TcpEvent, DecodeError> {
         _pad: _,
         cgroup_id,
         netns,
-        _pad2: _,
+        fin_time,
         cookie,
         end,
     } = raw;
@@ -282,6 +285,7 @@ pub fn decode(bytes: &[u8]) -> Result<TcpEvent, DecodeError> {
             old: oldstate.into(),
             new: newstate.into(),
             duration_ns: has(EVENT_HAS_DURATION).then_some(duration_ns),
+            fin_time,
         },
         other => return Err(DecodeError::UnknownKind(other)),
     };

@@ -37,6 +37,8 @@ struct Followed {
     since_ns: u64,
     /// The timer's expiry (jiffies) at the last scan that saw it; 0 until one did.
     expires: u64,
+    /// Handed over in FIN_WAIT2: its FIN timeout (`tcp_fin_time`, jiffies); 0 when unknown.
+    fin_time: u32,
     /// The scan that last saw it.
     seen: u64,
 }
@@ -217,6 +219,7 @@ impl Timewait {
             old,
             new,
             duration_ns,
+            fin_time,
         } = event.kind
         else {
             return Some(*event);
@@ -241,6 +244,7 @@ impl Timewait {
                 state: new,
                 since_ns: event.ts_ns,
                 expires: 0,
+                fin_time,
                 seen: self.scans,
             },
         );
@@ -324,6 +328,14 @@ impl Timewait {
                     } else {
                         Reason::ResetReceived
                     };
+                } else if followed.state == TcpState::FinWait2
+                    && self
+                        .fin_deadline_ns(&followed)
+                        .is_some_and(|at| end_ns >= at)
+                {
+                    // No scan saw it (they came further apart than its FIN timeout, on a host
+                    // with many sockets): gone after its timer could have run out.
+                    ending.reason = Reason::Timeout;
                 }
                 ending.lifetime_ns += end_ns.saturating_sub(followed.handoff.ts_ns);
             }
@@ -338,6 +350,26 @@ impl Timewait {
                 ending,
             ));
         }
+    }
+
+    /// When the timer of a connection handed over in FIN_WAIT2 ran out at the earliest: the
+    /// kernel arms it for its FIN timeout, less the 60 s of TIME_WAIT when longer (the socket
+    /// spent those in FIN_WAIT2 before the hand-over), a tick before the hand-over's time at most.
+    /// None when the tick rate is not known (neither from the build configuration nor measured).
+    /// https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/tcp.c (__tcp_close)
+    /// https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/tcp_timer.c (tcp_keepalive_timer)
+    fn fin_deadline_ns(&self, followed: &Followed) -> Option<u64> {
+        if followed.fin_time == 0 {
+            return None;
+        }
+        let hz = self.hz.or_else(|| crate::tick_rate::hz().map(u64::from))?;
+        let fin_time = u64::from(followed.fin_time);
+        let timer = if fin_time > TIME_WAIT_SECS * hz {
+            fin_time - TIME_WAIT_SECS * hz
+        } else {
+            fin_time
+        };
+        Some(followed.handoff.ts_ns + timer.saturating_sub(1) * 1_000_000_000 / hz)
     }
 
     /// The kernel's tick rate, from the jiffies and nanoseconds of two scans at least a second
@@ -375,7 +407,19 @@ mod tests {
     const HZ: u64 = 250;
 
     fn handoff(cookie: u64, old: u32, new: u32, at_ns: u64) -> TcpEvent {
+        handoff_in_fin_wait2(cookie, old, new, at_ns, 0)
+    }
+
+    /// A hand-over with its FIN timeout, in jiffies.
+    fn handoff_in_fin_wait2(
+        cookie: u64,
+        old: u32,
+        new: u32,
+        at_ns: u64,
+        fin_time: u32,
+    ) -> TcpEvent {
         let mut raw = raw_state(old, new);
+        raw.fin_time = fin_time;
         raw.kind = KIND_TIMEWAIT;
         raw.flags = EVENT_HAS_DURATION | EVENT_HAS_SUMMARY;
         raw.ts_ns = at_ns;
@@ -432,6 +476,7 @@ mod tests {
             state: TcpState::FinWait2,
             since_ns: cookie,
             expires: 0,
+            fin_time: 0,
             seen: 0,
         };
         let mut table = Table::default();
@@ -538,6 +583,43 @@ mod tests {
         assert_eq!(end.lifetime_ns, SEC + 62 * SEC + SEC / 2);
         assert_eq!((line.cookie, line.pid), (7, 4242));
         assert_eq!(tw.in_time_wait(), 0);
+    }
+
+    #[test]
+    fn fin_wait2_no_scan_saw_ends_in_a_timeout_once_its_fin_timeout_could_have_run_out() {
+        let mut tw = Timewait::new(16);
+        let mut lines = Vec::new();
+        // The first scan starts the tick rate's measurement.
+        tw.scan(&scan(&[], SEC / 2), SEC / 2, &mut lines);
+        // FIN timeouts of 2 s and 10 s, of 62 s (the timewait socket gets the 2 s beyond
+        // TIME_WAIT's 60), and one unknown.
+        let fin_time = |secs: u64| u32::try_from(secs * HZ).unwrap();
+        for (cookie, secs) in [(1, 2), (2, 10), (3, 62), (4, 0)] {
+            tw.handoff(&handoff_in_fin_wait2(
+                cookie,
+                tcp_state::FIN_WAIT2,
+                tcp_state::FIN_WAIT2,
+                SEC,
+                fin_time(secs),
+            ));
+        }
+        // Scans further apart than the FIN timeout: none saw the timewait sockets.
+        tw.scan(&scan(&[], 4 * SEC), 4 * SEC, &mut lines);
+        let mut reasons: Vec<_> = lines
+            .iter()
+            .map(|l| (l.cookie, l.end.unwrap().reason))
+            .collect();
+        reasons.sort_unstable_by_key(|&(cookie, _)| cookie);
+        assert_eq!(
+            reasons,
+            [
+                (1, Reason::Timeout),
+                // Gone before its timer could run out: what ended it is not known.
+                (2, Reason::Fin),
+                (3, Reason::Timeout),
+                (4, Reason::Fin),
+            ]
+        );
     }
 
     #[test]

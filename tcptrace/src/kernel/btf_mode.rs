@@ -10,11 +10,12 @@ use aya::{
     programs::{BtfTracePoint, ProgramFd},
 };
 use tcptrace_common::{
-    CONTAINER_FILTER_GLOBAL, ContainerFilter, KERNEL_CGROUP_TAGGED, KERNEL_HAS_CGROUP,
-    KERNEL_HAS_IPV6, KERNEL_HAS_NETNS, KERNEL_RETRANSMIT_DETAIL, KERNEL_RETRANSMIT_ERR,
-    KERNEL_RST_REASON, KernelOffsets, LISTEN_DROP_LAYOUT_GLOBAL, LISTEN_DROPS_MAP,
-    ListenDropLayout, OFFSETS_GLOBAL, RETRANSMIT_LAYOUT_GLOBAL, SND_CWND_OFFSET_GLOBAL,
-    SYNACK_LAYOUT_GLOBAL, TRACE_CONGESTION, TRACE_LISTEN_DROPS, TRACE_RETRANSMITS, TRACE_SNAPSHOT,
+    CONTAINER_FILTER_GLOBAL, ContainerFilter, KERNEL_CGROUP_TAGGED, KERNEL_FIN_TIME,
+    KERNEL_HAS_CGROUP, KERNEL_HAS_IPV6, KERNEL_HAS_NETNS, KERNEL_RETRANSMIT_DETAIL,
+    KERNEL_RETRANSMIT_ERR, KERNEL_RST_REASON, KernelOffsets, LISTEN_DROP_LAYOUT_GLOBAL,
+    LISTEN_DROPS_MAP, ListenDropLayout, OFFSETS_GLOBAL, RETRANSMIT_LAYOUT_GLOBAL,
+    SND_CWND_OFFSET_GLOBAL, SYNACK_LAYOUT_GLOBAL, TRACE_CONGESTION, TRACE_LISTEN_DROPS,
+    TRACE_RETRANSMITS, TRACE_SNAPSHOT,
 };
 
 use super::{
@@ -436,6 +437,16 @@ fn offsets(btf: &vmlinux::Btf) -> anyhow::Result<KernelOffsets> {
         offsets.skc_net = skc_net + net;
         offsets.net_inum = ns + inum;
         offsets.features |= KERNEL_HAS_NETNS;
+        // The FIN timeout of a connection handed over in FIN_WAIT2 (`tcp_fin_time`).
+        if let Some((linger2, (ipv4, fin_timeout))) = btf.member_offset("tcp_sock", "linger2").zip(
+            btf.member_offset("net", "ipv4")
+                .zip(btf.member_offset("netns_ipv4", "sysctl_tcp_fin_timeout")),
+        ) && offsets.features & KERNEL_RETRANSMIT_DETAIL != 0
+        {
+            offsets.tcp_linger2 = linger2;
+            offsets.net_fin_timeout = ipv4 + fin_timeout;
+            offsets.features |= KERNEL_FIN_TIME;
+        }
     }
     Ok(offsets)
 }

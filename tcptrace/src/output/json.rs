@@ -82,6 +82,7 @@ pub fn event(out: &mut BytesMut, event: &TcpEvent, wall_ns: u64, cgroup: Option<
             old,
             new,
             duration_ns,
+            ..
         } => {
             write::put(out, b",\"oldstate\":");
             state(out, old);

@@ -124,6 +124,7 @@ impl Text {
                 old,
                 new,
                 duration_ns: Some(ns),
+                ..
             } => {
                 write!(
                     out,
@@ -141,6 +142,7 @@ impl Text {
                 old,
                 new,
                 duration_ns: None,
+                ..
             } => write!(out, "{old:<12} -> {new:<12} -"),
             Kind::Retransmit { state, err } => {
                 // An attempt the kernel reports as failed sent nothing.
