@@ -352,10 +352,12 @@ impl Timewait {
         }
     }
 
-    /// When the timer of a connection handed over in FIN_WAIT2 ran out at the earliest: the
-    /// kernel arms it for its FIN timeout, less the 60 s of TIME_WAIT when longer (the socket
-    /// spent those in FIN_WAIT2 before the hand-over), a tick before the hand-over's time at most.
-    /// None when the tick rate is not known (neither from the build configuration nor measured).
+    /// When the timer of a connection handed over in FIN_WAIT2 ran out at the earliest. The
+    /// kernel arms it for the FIN timeout, or, when that is longer than TIME_WAIT's 60 s, for
+    /// what exceeds them (as long as the full socket waited in FIN_WAIT2 before its hand-over);
+    /// counted from the hand-over less a tick, as the timer may have been armed up to a tick
+    /// before. None when the tick rate is not known (neither from the build configuration nor
+    /// measured).
     /// https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/tcp.c (__tcp_close)
     /// https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/tcp_timer.c (tcp_keepalive_timer)
     fn fin_deadline_ns(&self, followed: &Followed) -> Option<u64> {
